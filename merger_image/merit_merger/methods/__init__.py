@@ -1,0 +1,1 @@
+"""Merge methods, one small module each, registered by name."""

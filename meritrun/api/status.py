@@ -1,0 +1,104 @@
+"""The MeritRun status: what the pipeline has observed and decided.
+
+Attempt counters and terminal states live here, never re-derived from which children exist,
+so a deleted Job cannot reset a retry budget.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ._base import ApiModel
+
+Phase = Literal["Pending", "Profiling", "Training", "Merging", "Searching", "Succeeded",
+                "Failed", "Suspended"]
+StageState = Literal["Pending", "Running", "BackingOff", "Succeeded", "Failed"]
+PartitionState = Literal["Pending", "Running", "BackingOff", "AwaitingContribution",
+                         "Succeeded", "Failed"]
+TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
+
+
+class Condition(ApiModel):
+    """A standard Kubernetes condition."""
+
+    type: str = Field(description="Condition type, e.g. Ready, Profiled, Trained, Merged.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str = Field(description="RFC 3339 time of the last status change.")
+    observed_generation: int | None = Field(None, description="Spec generation observed.")
+
+
+class ArtifactRef(ApiModel):
+    """Where a stage's output lives and how to check it."""
+
+    uri: str = Field(description="Storage URI of the artifact directory.")
+    sha256: str | None = Field(None, description="sha256 of its manifest.json.")
+    bytes: int | None = Field(None, ge=0, description="Total size of its files.")
+
+
+class StageStatus(ApiModel):
+    """One single-Job stage (profile, merge, search)."""
+
+    state: StageState = Field("Pending", description="Stage state.")
+    attempt: int = Field(0, ge=0, description="Current attempt (0 before the first).")
+    job: str | None = Field(None, description="Job of the current attempt.")
+    retry_after: str | None = Field(None, description="Backoff end (RFC 3339).")
+    start_time: str | None = Field(None, description="When the first attempt started.")
+    completion_time: str | None = Field(None, description="When the stage finished.")
+    message: str | None = Field(None, description="Last failure or refusal.")
+    artifact: ArtifactRef | None = Field(None, description="The stage's output.")
+
+
+class PartitionStatus(StageStatus):
+    """One partition of the mixture."""
+
+    name: str = Field(description="Partition name (p0, p1, ...).")
+    index: int = Field(ge=0, description="Partition index k (training seed = seed + k).")
+    sources: list[str] = Field(description="Sources trained together in this partition.")
+    site: str | None = Field(None, description="Site that trains it (none: this cluster).")
+    tokens: int | None = Field(None, ge=0, description="Supervised tokens it trained on.")
+    state: PartitionState = Field("Pending", description="Partition state.")  # type: ignore[assignment]
+
+
+class PlanSummary(ApiModel):
+    """The partition plan chosen by the profile stage."""
+
+    strategy: str = Field(description="Strategy used.")
+    partitions: int = Field(ge=1, description="Number of partitions K.")
+    explained_variance: list[float] | None = Field(None, description="Per PCA axis.")
+    uri: str | None = Field(None, description="plan.json in storage.")
+
+
+class MergeStatus(StageStatus):
+    """The one merge."""
+
+    method: str | None = Field(None, description="Merge method used.")
+    included: list[str] | None = Field(None, description="Partitions merged.")
+    left_out: list[str] | None = Field(None, description="Partitions left out (quorum).")
+
+
+class SearchStatus(StageStatus):
+    """Mixture search by merging."""
+
+    best: dict[str, float] | None = Field(None, description="Best mixture weights by partition.")
+
+
+class MeritRunStatus(ApiModel):
+    """Observed state of a MeritRun."""
+
+    phase: Phase = Field("Pending", description="Coarse phase for the printer column.")
+    observed_generation: int | None = Field(None, description="Last spec generation acted on.")
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
+    start_time: str | None = Field(None, description="When the run started.")
+    completion_time: str | None = Field(None, description="When it reached a terminal phase.")
+    progress: str | None = Field(None, description="Partitions done/total, e.g. 3/4.")
+    profile: StageStatus = Field(default_factory=StageStatus, description="Profile stage.")
+    plan: PlanSummary | None = Field(None, description="Chosen partition plan.")
+    partitions: list[PartitionStatus] = Field(default_factory=list, description="Partitions.")
+    merge: MergeStatus = Field(default_factory=MergeStatus, description="Merge stage.")
+    search: SearchStatus | None = Field(None, description="Mixture search stage.")
+    model_uri: str | None = Field(None, description="The merged model directory.")
+    message: str | None = Field(None, description="Why the run is where it is.")

@@ -1,0 +1,130 @@
+"""The artifact contract: what every trainer writes and the merger reads, and where.
+
+A partition artifact is a directory with a Hugging Face model directory (full safetensors
+weights, or a peft LoRA adapter), an optional `optimizer_v.safetensors` (Adam second moments,
+full or rank-1 factors) and `manifest.json`. The manifest lists the sha256 and size of every
+other file, so a contribution from a machine we do not control can be checked before use.
+In storage the attempt number is part of every key (write fencing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "manifest.json"
+OPTIMIZER_V_NAME = "optimizer_v.safetensors"
+FORMAT_VERSION = "meritrun.partition/v1"
+TOKEN_DEFINITION = "supervised = response/assistant tokens after truncation, summed over epochs"
+_CHUNK = 8 << 20
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class TokenCounts(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    supervised: int = Field(ge=0, description="Response/assistant tokens trained on.")
+    total: int = Field(ge=0, description="All tokens fed to the model.")
+    definition: str = TOKEN_DEFINITION
+
+
+class SecondMoments(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str = OPTIMIZER_V_NAME
+    kind: Literal["rank1", "full"]
+    beta2: float
+    step: int = Field(ge=0)
+    bias_corrected: bool = False
+
+
+class PartitionManifest(BaseModel):
+    """manifest.json of a partition artifact (format meritrun.partition/v1)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    format: str = FORMAT_VERSION
+    run: str
+    partition: str
+    attempt: int = Field(ge=1)
+    site: str | None = None
+    sources: list[str]
+    tokens: TokenCounts
+    base: str = Field(description="Fingerprint of the base weights (base_fingerprint).")
+    weights: Literal["full", "lora"] = "full"
+    model_dir: str = Field("model", description="Subdirectory holding the HF model/adapter.")
+    training: dict = Field(default_factory=dict, description="Hyperparameters used.")
+    second_moments: SecondMoments | None = None
+    files: dict[str, FileEntry] = Field(description="Every other file: relative path -> hash.")
+    signature: str | None = Field(None, description="Optional ed25519 signature (base64).")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path, *, exclude: frozenset[str] = frozenset({MANIFEST_NAME})) -> dict[str, FileEntry]:
+    """sha256 and size of every file under root, keyed by POSIX relative path."""
+    entries = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel not in exclude:
+            entries[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+    return entries
+
+
+def base_fingerprint(model_dir: Path) -> str:
+    """Fingerprint of a model's weights: sha256 over (name, sha256) of its safetensors files.
+
+    Independent of config/tokenizer files, so the same weights give the same fingerprint on
+    any machine. Sharding changes it (a resharded base is a different upload to check).
+    """
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def write_manifest(artifact_dir: Path, manifest: PartitionManifest) -> Path:
+    path = artifact_dir / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.model_dump(mode="json", exclude_none=True), indent=2))
+    return path
+
+
+def read_manifest(artifact_dir: Path) -> PartitionManifest:
+    return PartitionManifest.model_validate_json((artifact_dir / MANIFEST_NAME).read_text())
+
+
+# --- storage layout: every key of an attempt carries the attempt number -------------------
+
+def run_prefix(run: str) -> str:
+    return f"runs/{run}"
+
+
+def plan_prefix(run: str, attempt: int) -> str:
+    return f"{run_prefix(run)}/plan/attempt-{attempt}"
+
+
+def partition_prefix(run: str, partition: str, attempt: int) -> str:
+    return f"{run_prefix(run)}/partitions/{partition}/attempt-{attempt}"
+
+
+def merged_prefix(run: str, attempt: int) -> str:
+    return f"{run_prefix(run)}/merged/attempt-{attempt}"
+
+
+def search_prefix(run: str, attempt: int) -> str:
+    return f"{run_prefix(run)}/search/attempt-{attempt}"

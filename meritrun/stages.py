@@ -1,0 +1,105 @@
+"""Stage parameters: the contract between a backend and the images' entry points.
+
+A backend (local processes or Kubernetes Jobs) writes one of these as JSON (a file locally, a
+ConfigMap in Kubernetes) and runs the stage command with `--params PATH`. Credentials never
+travel here: S3 keys reach a stage only through its environment (the spec's Secret).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .api import DataSpec, MergeSpec, MixtureSearchSpec, PartitioningSpec, ProfilingSpec
+from .api import TrainingSpec
+
+PARAMS_ENV = "MERITRUN_PARAMS"
+STAGE_MODULES = {
+    "profile": "merit_trainer.stage",
+    "train": "merit_trainer.stage",
+    "merge": "merit_merger.stage",
+    "search": "merit_merger.stage",
+}
+
+
+class StorageParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    uri: str = Field(description="Storage root: s3://bucket/prefix or file:///path.")
+    endpoint: str | None = None
+    region: str | None = None
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    run: str
+    attempt: int = Field(ge=1)
+    storage: StorageParams
+    base_model: str = Field(description="URI of the base model directory.")
+    output: str = Field(description="Key prefix (under storage) this attempt writes.")
+
+
+class ProfileParams(_Params):
+    stage: str = "profile"
+    data: DataSpec
+    profiling: ProfilingSpec
+    partitioning: PartitioningSpec
+    sites: dict[str, str] = Field(default_factory=dict, description="source -> site binding.")
+
+
+class TrainParams(_Params):
+    stage: str = "train"
+    partition: str
+    index: int = Field(ge=0)
+    sources: list[str]
+    site: str | None = None
+    data: DataSpec
+    training: TrainingSpec
+
+
+class PartitionInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    prefix: str = Field(description="Key prefix of the partition artifact (with attempt).")
+
+
+class MergeParams(_Params):
+    stage: str = "merge"
+    partitions: list[PartitionInput]
+    merge: MergeSpec
+    held_out: str | None = Field(None, description="Held-out JSONL URI for the report.")
+
+
+class SearchParams(_Params):
+    stage: str = "search"
+    partitions: list[PartitionInput]
+    search: MixtureSearchSpec
+    held_out: str = Field(description="Held-out JSONL URI scoring the candidates.")
+
+
+class PlannedPartition(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    index: int
+    sources: list[str]
+    tokens: int = Field(ge=0, description="Supervised tokens of its sources (one epoch).")
+    site: str | None = None
+
+
+class Plan(BaseModel):
+    """plan.json: the partition plan written by the profile stage."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    strategy: str
+    partitions: list[PlannedPartition]
+    source_tokens: dict[str, int] = Field(default_factory=dict)
+    scores: dict[str, list[float]] | None = None
+    explained_variance: list[float] | None = None
+    settings: dict = Field(default_factory=dict)
+
+
+def stage_command(stage: str, params_path: str, *, python: str = "python") -> list[str]:
+    """argv that runs a stage, identical for a local process and a Job's container."""
+    return [python, "-m", STAGE_MODULES[stage], stage, "--params", params_path]
+
+
+def partition_name(index: int) -> str:
+    return f"p{index}"

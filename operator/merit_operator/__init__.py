@@ -1,0 +1,1 @@
+"""merit_operator."""

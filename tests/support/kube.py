@@ -1,0 +1,1 @@
+"""Test support: kube (filled in by its owner)."""

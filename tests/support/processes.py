@@ -1,0 +1,1 @@
+"""Test support: processes (filled in by its owner)."""

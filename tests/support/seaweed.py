@@ -1,0 +1,1 @@
+"""Test support: seaweed (filled in by its owner)."""

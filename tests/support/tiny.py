@@ -1,0 +1,1 @@
+"""Test support: tiny (filled in by its owner)."""
