@@ -1,18 +1,21 @@
 """Turning examples into token ids and supervised labels, and the supervised loss.
 
 Supervised tokens are the final assistant turn (plus EOS); everything before it is context
-with label -100. Shared by training, profiling and evaluation so all three count and score
-the same tokens.
+with label -100. Shared by training, profiling and evaluation (trainer and merger images) so
+all three count and score the same tokens. torch is imported inside the functions that need
+it: the core package never imports torch at module level.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from .data import Example
 
-from meritrun.data import Example
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 _USER, _ASSISTANT, _SYSTEM = "<|user|>\n", "<|assistant|>\n", "<|system|>\n"
@@ -54,6 +57,8 @@ def encode_example(tokenizer, example: Example, *, max_len: int) -> Encoded:
 
 def collate(batch: Sequence[Encoded], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors: input_ids, attention_mask, labels (padding ignored)."""
+    import torch
+
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -71,6 +76,8 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 
     Summing (not averaging) lets callers weight micro-batches by tokens exactly.
     """
+    import torch
+
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     logits = logits[:, :-1].float()
