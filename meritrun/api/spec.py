@@ -227,3 +227,18 @@ class MeritRunSpec(ApiModel):
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail after this long.")
     suspend: bool = Field(False, description="Create no new Jobs while true.")
     delete_artifacts: bool = Field(False, description="Delete artifacts with the run.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MeritRunSpec:
+        if self.mixture_search.enabled and not self.data.held_out_uri:
+            raise ValueError("mixtureSearch.enabled needs data.heldOutUri to score mixtures")
+        if self.merge.method == "ota" and self.training.method == "lora":
+            raise ValueError("merge.method ota needs full fine-tuning: LoRA partitions carry "
+                             "no second moments of the merged weights")
+        if self.merge.method == "ota" and self.training.second_moments == "none":
+            raise ValueError("merge.method ota needs training.secondMoments rank1 or full")
+        sites = {s.name for s in self.sites or []}
+        for i, src in enumerate(self.data.sources or []):
+            if src.site and src.site not in sites:
+                raise ValueError(f"data.sources[{i}].site {src.site!r} is not in spec.sites")
+        return self

@@ -1,0 +1,175 @@
+"""The local backend: the same pipeline as the operator, with stages as local processes.
+
+Each CreateJob becomes a process running the same entry point a Job's container runs
+(`python -m merit_trainer.stage train --params ...`). The status is saved to
+`WORKDIR/status.json` after every round, so an interrupted run resumes where it stopped:
+a stage whose process vanished is started again under the same attempt, and a stage whose
+artifact is already complete is not run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .api import TERMINAL_PHASES, MeritRun, MeritRunStatus, StorageSpec
+from .conditions import now_utc
+from .jobs import CreateJob
+from .observe import observe_storage
+from .pipeline import DeleteJob, Event, JobObservation, Observed, Policy, decide
+from .stages import stage_command
+
+log = logging.getLogger(__name__)
+ERROR_MARKER = "MERITRUN_ERROR:"
+LOCAL_POLICY = Policy(backoff_base_seconds=1.0, backoff_max_seconds=10.0)
+
+
+@dataclass
+class _Proc:
+    job: CreateJob
+    log_path: Path
+    popen: subprocess.Popen | None = None
+
+
+def last_error_line(log_path: Path) -> str | None:
+    """The stage's own one-line reason, if it printed one."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith(ERROR_MARKER):
+            return line[len(ERROR_MARKER):].strip()[:500]
+    return lines[-1][:500] if lines else None
+
+
+class LocalBackend:
+    """Runs stage processes, at most `max_parallel` at a time, in creation order."""
+
+    def __init__(self, workdir: Path, *, max_parallel: int = 1,
+                 env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.max_parallel = max_parallel
+        self.env = {**os.environ, **(env or {})}
+        self.procs: dict[str, _Proc] = {}
+
+    def create(self, job: CreateJob) -> None:
+        if job.name in self.procs:
+            return  # idempotent: already queued or running
+        job_dir = self.workdir / "jobs" / job.name
+        job_dir.mkdir(parents=True, exist_ok=True)
+        params_path = job_dir / "params.json"
+        params_path.write_text(job.params.model_dump_json(indent=2))
+        self.procs[job.name] = _Proc(job, job_dir / "log.txt")
+
+    def delete(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc and proc.popen and proc.popen.poll() is None:
+            proc.popen.terminate()
+            proc.popen.wait(timeout=30)
+
+    def _start_queued(self) -> None:
+        running = sum(1 for p in self.procs.values() if p.popen and p.popen.poll() is None)
+        for name, proc in self.procs.items():
+            if running >= self.max_parallel:
+                break
+            if proc.popen is None:
+                job_dir = proc.log_path.parent
+                argv = stage_command(proc.job.stage, str(job_dir / "params.json"),
+                                     python=sys.executable)
+                argv += ["--workdir", str(job_dir / "work")]
+                log.debug("starting %s: %s", name, " ".join(argv))
+                with proc.log_path.open("ab") as out:
+                    proc.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                                  env=self.env, cwd=job_dir)
+                running += 1
+
+    def observe(self) -> dict[str, JobObservation]:
+        self._start_queued()
+        seen = {}
+        for name, proc in self.procs.items():
+            code = proc.popen.poll() if proc.popen else None
+            if code is None:
+                seen[name] = JobObservation("Active")
+            elif code == 0:
+                seen[name] = JobObservation("Succeeded")
+            else:
+                reason = last_error_line(proc.log_path) or f"exit code {code}"
+                seen[name] = JobObservation("Failed", f"exit code {code}: {reason}")
+        return seen
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.delete(name)
+
+
+def load_status(path: Path) -> MeritRunStatus | None:
+    if not path.exists():
+        return None
+    return MeritRunStatus.model_validate_json(path.read_text())
+
+
+def save_status(path: Path, status: MeritRunStatus) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status.to_wire(), indent=2))
+    tmp.replace(path)
+
+
+def with_local_storage(run: MeritRun, workdir: Path) -> MeritRun:
+    """The embedded default: artifacts in WORKDIR/store when the spec names no storage."""
+    if run.spec.storage is not None:
+        return run
+    store = (workdir / "store").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    spec = run.spec.model_copy(update={"storage": StorageSpec(uri=store.as_uri())})
+    return run.model_copy(update={"spec": spec})
+
+
+def run_local(
+    run: MeritRun, *, workdir: Path, max_parallel: int = 1, poll_seconds: float = 0.5,
+    policy: Policy = LOCAL_POLICY, on_round: Callable[[MeritRunStatus, list[Event]], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> MeritRunStatus:
+    """Drive one MeritRun to a terminal phase on this machine; returns the final status."""
+    from .storage import open_storage
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = with_local_storage(run, workdir)
+    storage_spec = run.spec.storage
+    assert storage_spec is not None
+    storage = open_storage(storage_spec.root_uri(), endpoint=storage_spec.endpoint,
+                           region=storage_spec.region)
+    status_path = workdir / "status.json"
+    status = load_status(status_path)
+    backend = LocalBackend(workdir, max_parallel=max_parallel, env=env)
+    name = run.metadata.name
+    try:
+        while True:
+            observed = Observed(run=name, now=now_utc(), generation=run.metadata.generation,
+                                jobs=backend.observe(), **observe_storage(storage, name, status))
+            decision = decide(run.spec, status, observed, policy=policy)
+            status = decision.status
+            save_status(status_path, status)
+            for action in decision.actions:
+                if isinstance(action, CreateJob):
+                    backend.create(action)
+                elif isinstance(action, DeleteJob):
+                    backend.delete(action.name)
+            for event in decision.events:
+                (log.warning if event.type == "Warning" else log.info)(
+                    "%s: %s", event.reason, event.message)
+            if on_round:
+                on_round(status, list(decision.events))
+            if status.phase in TERMINAL_PHASES:
+                return status
+            if not decision.actions:
+                time.sleep(poll_seconds)
+    finally:
+        backend.stop_all()

@@ -1,0 +1,92 @@
+"""Reading what the stages wrote to storage, for both backends.
+
+The pipeline decides from observations; this module gathers the storage half of them (the
+cluster half is the backend's). A stage's output counts only once its completion marker
+exists (plan.json, manifest.json, merge_report.json, search.json are always written last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from . import artifacts
+from .api import ArtifactRef, MeritRunStatus
+from .errors import ObjectNotFound
+from .pipeline import MergeOutcome, PartitionResult
+from .stages import Plan
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(storage, key: str) -> dict | None:
+    try:
+        return json.loads(storage.get_bytes(key))
+    except ObjectNotFound:
+        return None
+
+
+def read_plan(storage, run: str, attempt: int) -> tuple[Plan | None, str]:
+    key = f"{artifacts.plan_prefix(run, attempt)}/plan.json"
+    raw = _read_json(storage, key)
+    return (Plan.model_validate(raw) if raw else None), storage.uri_for(key)
+
+
+def read_partition_result(storage, run: str, partition: str, attempt: int) -> PartitionResult | None:
+    prefix = artifacts.partition_prefix(run, partition, attempt)
+    try:
+        storage_bytes = storage.get_bytes(f"{prefix}/{artifacts.MANIFEST_NAME}")
+    except ObjectNotFound:
+        return None
+    try:
+        manifest = artifacts.PartitionManifest.model_validate_json(storage_bytes)
+    except ValueError as e:
+        # A malformed manifest is not a result; the merge's verification reports it in full.
+        log.warning("partition %s attempt %d: unreadable manifest: %s", partition, attempt,
+                    str(e)[:200])
+        return None
+    return PartitionResult(
+        tokens=manifest.tokens.supervised,
+        artifact=ArtifactRef(uri=storage.uri_for(prefix),
+                             sha256=hashlib.sha256(storage_bytes).hexdigest(),
+                             bytes=sum(f.bytes for f in manifest.files.values())),
+    )
+
+
+def read_merge_outcome(storage, run: str, attempt: int) -> MergeOutcome | None:
+    prefix = artifacts.merged_prefix(run, attempt)
+    report = _read_json(storage, f"{prefix}/merge_report.json")
+    if report is None:
+        return None
+    refused = {r["partition"]: f"{r.get('check')}: {r.get('detail', '')}"
+               for r in report.get("refused", [])}
+    ok = report.get("status", "succeeded") == "succeeded"
+    return MergeOutcome(model_uri=storage.uri_for(f"{prefix}/model") if ok else None,
+                        refused=refused)
+
+
+def read_search_best(storage, run: str, attempt: int) -> dict[str, float] | None:
+    raw = _read_json(storage, f"{artifacts.search_prefix(run, attempt)}/search.json")
+    return None if raw is None else {k: float(v) for k, v in raw["best"].items()}
+
+
+def observe_storage(storage, run: str, status: MeritRunStatus | None) -> dict:
+    """Keyword arguments for pipeline.Observed, read for the attempts the status points at."""
+    out: dict = {}
+    if status is None:
+        return out
+    if status.plan is None and status.profile.attempt >= 1:
+        out["plan"], out["plan_uri"] = read_plan(storage, run, status.profile.attempt)
+    results = {}
+    for p in status.partitions:
+        if p.state in ("Running", "AwaitingContribution") and p.attempt >= 1:
+            res = read_partition_result(storage, run, p.name, p.attempt)
+            if res is not None:
+                results[p.name] = res
+    out["partition_results"] = results
+    if status.merge.attempt >= 1 and status.merge.state == "Running":
+        out["merge_outcome"] = read_merge_outcome(storage, run, status.merge.attempt)
+    if status.search is not None and status.search.attempt >= 1 and status.search.state == "Running":
+        out["search_best"] = read_search_best(storage, run, status.search.attempt)
+    return out
