@@ -1,0 +1,138 @@
+"""The `meritrun` command line: the presentation layer over the pipeline and the stages.
+
+Heavy subcommands (profile, merge, eval, search, contribute) live in the images' packages
+and are imported only when called, so `meritrun validate` works with the core alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from .errors import MeritRunError
+
+# Subcommands implemented in the trainer/merger packages: name -> (module:function, help).
+DELEGATED = {
+    "profile": ("merit_trainer.profiling.cli:main", "profile gradient conflicts, write a plan"),
+    "merge": ("merit_merger.cli_merge:main", "merge partition artifacts into one model"),
+    "eval": ("merit_merger.cli_eval:main", "evaluate a model directory on held-out JSONL"),
+    "search": ("merit_merger.cli_search:main", "rank data mixtures by merging experts"),
+    "contribute": ("merit_trainer.contribute:main", "train and upload a site's partition"),
+}
+
+
+def _delegate(target: str, argv: list[str]) -> int:
+    module, func = target.split(":")
+    try:
+        entry = getattr(importlib.import_module(module), func)
+    except ImportError as e:
+        print(f"error: this subcommand needs the trainer/merger extras "
+              f"(pip install 'meritrun[train,merge]'): {e}", file=sys.stderr)
+        return 2
+    return int(entry(argv) or 0)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validation import document_errors, load_documents
+
+    failed = 0
+    for path in args.files:
+        try:
+            docs = load_documents(Path(path))
+        except MeritRunError as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "MeritRun"]
+        if not runs:
+            print(f"{path}: no MeritRun document", file=sys.stderr)
+            failed += 1
+        for doc in runs:
+            name = (doc.get("metadata") or {}).get("name", "?")
+            errors = document_errors(doc)
+            for err in errors:
+                print(f"{path}: {name}: {err}", file=sys.stderr)
+            failed += bool(errors)
+            if not errors:
+                print(f"{path}: {name}: valid")
+    return 1 if failed else 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from .crd import render_crd_yaml
+
+    sys.stdout.write(render_crd_yaml())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner_cli import run_file
+
+    if not args.local:
+        print("error: without a cluster use --local; on Kubernetes: kubectl apply -f FILE",
+              file=sys.stderr)
+        return 2
+    return run_file(Path(args.file), workdir=Path(args.workdir), parallel=args.parallel)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.workdir), strategy=args.strategy, parallel=args.parallel)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meritrun", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="tiny model + synthetic mixture, end to end, locally")
+    p.add_argument("--workdir", default="meritrun-demo")
+    p.add_argument("--strategy", default="conflictPCA",
+                   choices=["conflictPCA", "random", "manual"])
+    p.add_argument("--parallel", type=int, default=1, help="stage processes at once")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run a MeritRun YAML end to end")
+    p.add_argument("file")
+    p.add_argument("--local", action="store_true", help="run on this machine (no cluster)")
+    p.add_argument("--workdir", default="meritrun-work")
+    p.add_argument("--parallel", type=int, default=1)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check MeritRun YAML against the CRD schema")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("crd", help="print the CustomResourceDefinition")
+    p.set_defaults(func=cmd_crd)
+
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv[:1] or "--verbose" in argv[:1]
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    rest = argv[1:] if verbose else argv
+    if rest and rest[0] in DELEGATED:
+        return _delegate(DELEGATED[rest[0]][0], rest[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MeritRunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""`meritrun run FILE --local`: load, validate, run with the local backend, show progress."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .api import MeritRun, MeritRunStatus
+from .local import run_local
+from .pipeline import Event
+from .validation import load_run
+
+_URI_SCHEMES = ("s3://", "file://", "http://", "https://")
+
+
+def _absolute(uri: str | None, base: Path) -> str | None:
+    """Relative paths in a YAML are relative to the YAML file, not to the shell's cwd."""
+    if uri is None or uri.startswith(_URI_SCHEMES) or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())
+
+
+def resolve_paths(run: MeritRun, base: Path) -> MeritRun:
+    spec = run.spec
+    data = spec.data.model_copy(update={
+        "uri": _absolute(spec.data.uri, base),
+        "held_out_uri": _absolute(spec.data.held_out_uri, base),
+        "sources": [s.model_copy(update={"uri": _absolute(s.uri, base)})
+                    for s in spec.data.sources] if spec.data.sources else None,
+    })
+    model = spec.base_model.model_copy(update={"uri": _absolute(spec.base_model.uri, base)})
+    updates = {"data": data, "base_model": model}
+    if spec.storage is not None and spec.storage.uri and "://" not in spec.storage.uri:
+        root = Path(_absolute(spec.storage.uri, base) or "")
+        updates["storage"] = spec.storage.model_copy(update={"uri": root.as_uri()})
+    return run.model_copy(update={"spec": spec.model_copy(update=updates)})
+
+
+class ProgressView:
+    """One tqdm bar over stages (profile, each partition, merge) plus event lines."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=3, unit="stage", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, status: MeritRunStatus, events: list[Event]) -> None:
+        for e in events:
+            self.bar.write(f"[{e.type.lower():7}] {e.reason}: {e.message}")
+        parts = status.partitions
+        self.bar.total = 2 + max(len(parts), 1) + (status.search is not None)
+        done = (status.plan is not None) + sum(p.state in ("Succeeded", "Failed") for p in parts)
+        done += status.merge.state in ("Succeeded", "Failed")
+        done += status.search is not None and status.search.state in ("Succeeded", "Failed")
+        self.bar.n = done
+        self.bar.set_description(status.phase)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def print_summary(status: MeritRunStatus) -> None:
+    print(f"phase: {status.phase}" + (f" ({status.message})" if status.message else ""))
+    if status.partitions:
+        print(f"{'partition':<10} {'state':<12} {'attempt':>7} {'tokens':>9}  sources")
+        for p in status.partitions:
+            print(f"{p.name:<10} {p.state:<12} {p.attempt:>7} {p.tokens or 0:>9}  "
+                  f"{', '.join(p.sources)}")
+    if status.model_uri:
+        print(f"merged model: {status.model_uri}")
+
+
+def run_file(path: Path, *, workdir: Path, parallel: int = 1) -> int:
+    run = resolve_paths(load_run(path), path.parent.resolve())
+    view = ProgressView()
+    try:
+        status = run_local(run, workdir=workdir.resolve(), max_parallel=parallel, on_round=view)
+    finally:
+        view.close()
+    print_summary(status)
+    print(f"status: {workdir / 'status.json'}   logs: {workdir / 'jobs'}")
+    return 0 if status.phase == "Succeeded" else 1
