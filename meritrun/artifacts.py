@@ -73,7 +73,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def hash_tree(root: Path, *, exclude: frozenset[str] = frozenset({MANIFEST_NAME})) -> dict[str, FileEntry]:
+def hash_tree(
+    root: Path, *, exclude: frozenset[str] = frozenset({MANIFEST_NAME})
+) -> dict[str, FileEntry]:
     """sha256 and size of every file under root, keyed by POSIX relative path."""
     entries = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):

@@ -60,10 +60,9 @@ def prepare_demo(workdir: Path, *, strategy: str) -> Path:
 
 
 def run_demo(workdir: Path, *, strategy: str = "conflictPCA", parallel: int = 1) -> int:
-    from .report import write_demo_report
-    from .runner_cli import print_summary, resolve_paths
     from .local import run_local
-    from .runner_cli import ProgressView
+    from .report import write_demo_report
+    from .runner_cli import ProgressView, print_summary, resolve_paths
     from .validation import load_run
 
     workdir = workdir.resolve()

@@ -12,7 +12,12 @@ from typing import Literal
 from . import artifacts
 from .api import MeritRunSpec, PartitionStatus
 from .stages import (
-    MergeParams, PartitionInput, ProfileParams, SearchParams, StorageParams, TrainParams,
+    MergeParams,
+    PartitionInput,
+    ProfileParams,
+    SearchParams,
+    StorageParams,
+    TrainParams,
 )
 
 Stage = Literal["profile", "train", "merge", "search"]

@@ -134,7 +134,8 @@ def with_local_storage(run: MeritRun, workdir: Path) -> MeritRun:
 
 def run_local(
     run: MeritRun, *, workdir: Path, max_parallel: int = 1, poll_seconds: float = 0.5,
-    policy: Policy = LOCAL_POLICY, on_round: Callable[[MeritRunStatus, list[Event]], None] | None = None,
+    policy: Policy = LOCAL_POLICY,
+    on_round: Callable[[MeritRunStatus, list[Event]], None] | None = None,
     env: dict[str, str] | None = None,
 ) -> MeritRunStatus:
     """Drive one MeritRun to a terminal phase on this machine; returns the final status."""

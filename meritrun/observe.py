@@ -33,7 +33,9 @@ def read_plan(storage, run: str, attempt: int) -> tuple[Plan | None, str]:
     return (Plan.model_validate(raw) if raw else None), storage.uri_for(key)
 
 
-def read_partition_result(storage, run: str, partition: str, attempt: int) -> PartitionResult | None:
+def read_partition_result(
+    storage, run: str, partition: str, attempt: int
+) -> PartitionResult | None:
     prefix = artifacts.partition_prefix(run, partition, attempt)
     try:
         storage_bytes = storage.get_bytes(f"{prefix}/{artifacts.MANIFEST_NAME}")
@@ -87,6 +89,7 @@ def observe_storage(storage, run: str, status: MeritRunStatus | None) -> dict:
     out["partition_results"] = results
     if status.merge.attempt >= 1 and status.merge.state == "Running":
         out["merge_outcome"] = read_merge_outcome(storage, run, status.merge.attempt)
-    if status.search is not None and status.search.attempt >= 1 and status.search.state == "Running":
-        out["search_best"] = read_search_best(storage, run, status.search.attempt)
+    search = status.search
+    if search is not None and search.attempt >= 1 and search.state == "Running":
+        out["search_best"] = read_search_best(storage, run, search.attempt)
     return out

@@ -8,59 +8,27 @@ which children exist, so a deleted Job cannot reset a retry budget.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Literal
 
 from . import jobs
 from .api import (
-    TERMINAL_PHASES, ArtifactRef, MeritRunSpec, MeritRunStatus, PartitionStatus, PlanSummary,
+    TERMINAL_PHASES,
+    ArtifactRef,
+    MeritRunSpec,
+    MeritRunStatus,
+    PartitionStatus,
+    PlanSummary,
     StageStatus,
 )
 from .conditions import from_rfc3339, set_condition, to_rfc3339
 from .jobs import CreateJob
-from .stages import Plan
+from .observations import JobObservation, MergeOutcome, Observed, PartitionResult
 
-JobState = Literal["Active", "Succeeded", "Failed"]
-
-
-@dataclass(frozen=True)
-class JobObservation:
-    state: JobState
-    message: str | None = None
-
-
-@dataclass(frozen=True)
-class PartitionResult:
-    """A complete artifact (its manifest exists) for a partition's current attempt."""
-
-    tokens: int
-    artifact: ArtifactRef
-
-
-@dataclass(frozen=True)
-class MergeOutcome:
-    """What the merge stage reported (merge_report.json), success or not."""
-
-    model_uri: str | None
-    refused: Mapping[str, str] = field(default_factory=dict)  # partition -> reason
-
-
-@dataclass(frozen=True)
-class Observed:
-    """Everything a backend saw this round, read from the cluster and from storage."""
-
-    run: str
-    now: datetime
-    generation: int | None = None
-    jobs: Mapping[str, JobObservation] = field(default_factory=dict)
-    plan: Plan | None = None
-    plan_uri: str | None = None
-    partition_results: Mapping[str, PartitionResult] = field(default_factory=dict)
-    merge_outcome: MergeOutcome | None = None
-    search_best: Mapping[str, float] | None = None
-
+__all__ = ["Decision", "DeleteJob", "Event", "JobObservation", "MergeOutcome", "Observed",
+           "PartitionResult", "Policy", "decide"]
 
 @dataclass(frozen=True)
 class DeleteJob:

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api import DataSpec, MergeSpec, MixtureSearchSpec, PartitioningSpec, ProfilingSpec
-from .api import TrainingSpec
+from .api import (
+    DataSpec,
+    MergeSpec,
+    MixtureSearchSpec,
+    PartitioningSpec,
+    ProfilingSpec,
+    TrainingSpec,
+)
 
 PARAMS_ENV = "MERITRUN_PARAMS"
 STAGE_MODULES = {

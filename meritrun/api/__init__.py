@@ -11,13 +11,32 @@ from pydantic import Field
 
 from ._base import ApiModel
 from .spec import (
-    DataSpec, JobTemplate, LoraSpec, MergeSpec, MeritRunSpec, MixtureSearchSpec, ModelRef,
-    OtaSpec, PartitioningSpec, ProfilingSpec, SecretRef, SiteSpec, SourceSpec, StorageSpec,
+    DataSpec,
+    JobTemplate,
+    LoraSpec,
+    MergeSpec,
+    MeritRunSpec,
+    MixtureSearchSpec,
+    ModelRef,
+    OtaSpec,
+    PartitioningSpec,
+    ProfilingSpec,
+    SecretRef,
+    SiteSpec,
+    SourceSpec,
+    StorageSpec,
     TrainingSpec,
 )
 from .status import (
-    TERMINAL_PHASES, ArtifactRef, Condition, MergeStatus, MeritRunStatus, PartitionStatus,
-    PlanSummary, SearchStatus, StageStatus,
+    TERMINAL_PHASES,
+    ArtifactRef,
+    Condition,
+    MergeStatus,
+    MeritRunStatus,
+    PartitionStatus,
+    PlanSummary,
+    SearchStatus,
+    StageStatus,
 )
 
 KIND = "MeritRun"

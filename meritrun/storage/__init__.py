@@ -18,8 +18,18 @@ from meritrun.storage.policies import MultipartPolicy, RetryPolicy
 from meritrun.storage.s3 import BucketNotFound, S3Storage
 
 __all__ = [
-    "BucketNotFound", "LocalStorage", "MultipartPolicy", "ObjectInfo", "Progress", "RetryPolicy",
-    "S3Storage", "Storage", "fetch_path", "open_storage", "split_uri", "validate_key",
+    "BucketNotFound",
+    "LocalStorage",
+    "MultipartPolicy",
+    "ObjectInfo",
+    "Progress",
+    "RetryPolicy",
+    "S3Storage",
+    "Storage",
+    "fetch_path",
+    "open_storage",
+    "split_uri",
+    "validate_key",
 ]
 
 
@@ -71,8 +81,14 @@ def open_storage(
     if root_uri.startswith("s3://"):
         bucket, prefix = _parse_s3(root_uri)
         return S3Storage(
-            bucket, prefix, endpoint=endpoint, region=region, access_key=access_key,
-            secret_key=secret_key, retry=retry, multipart=multipart,
+            bucket,
+            prefix,
+            endpoint=endpoint,
+            region=region,
+            access_key=access_key,
+            secret_key=secret_key,
+            retry=retry,
+            multipart=multipart,
         )
     return LocalStorage(_local_root(root_uri))
 

@@ -55,7 +55,7 @@ def validate_key(key: str, *, allow_empty: bool = False) -> str:
 
 
 def join_key(prefix: str, rel: str) -> str:
-    return f"{prefix}/{rel}" if prefix else rel
+    return f"{prefix}/{rel}" if prefix and rel else prefix or rel
 
 
 def under_prefix(key: str, prefix: str) -> bool:
@@ -197,8 +197,10 @@ class Storage(ABC):
                 if sha256_file(target) == entry.sha256:
                     continue
             self.get_file(
-                join_key(prefix, rel), target,
-                sha256=entry.sha256 if entry else None, size=entry.bytes if entry else None,
+                join_key(prefix, rel),
+                target,
+                sha256=entry.sha256 if entry else None,
+                size=entry.bytes if entry else None,
             )
             if progress is not None:
                 progress(target.stat().st_size)

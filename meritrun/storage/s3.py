@@ -31,12 +31,13 @@ from meritrun.storage.base import (
     ObjectInfo,
     Storage,
     commit_partial,
+    copy_hashing,
     join_key,
     partial_file,
     under_prefix,
     validate_key,
 )
-from meritrun.storage.policies import MiB, MultipartPolicy, RetryPolicy
+from meritrun.storage.policies import MultipartPolicy, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,9 +45,16 @@ DEFAULT_ENDPOINT = "https://s3.amazonaws.com"
 CREDENTIAL_ENV = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
 _META_SHA256 = "x-amz-meta-sha256"
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
-_CREDENTIAL_CODES = {
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-}
+_CREDENTIAL_CODES = set(
+    "AccessDenied InvalidAccessKeyId SignatureDoesNotMatch InvalidToken ExpiredToken".split()
+)
+_CLIENT_ERRORS = (
+    MinioException,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+    TimeoutError,
+    ValueError,
+)  # ValueError: minio's argument checks (bucket name, expiry)
 _MISSING_KEY_CODES = {"NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound"}
 
 
@@ -91,8 +99,12 @@ class S3Storage(Storage):
             ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         )
         self.client = Minio(
-            url.netloc, access_key, secret_key, session_token=os.environ.get("AWS_SESSION_TOKEN"),
-            secure=url.scheme == "https", region=region or os.environ.get("AWS_REGION") or None,
+            url.netloc,
+            access_key,
+            secret_key,
+            session_token=os.environ.get("AWS_SESSION_TOKEN"),
+            secure=url.scheme == "https",
+            region=region or os.environ.get("AWS_REGION") or None,
             http_client=http,
         )
         self._bucket_seen = False
@@ -108,8 +120,7 @@ class S3Storage(Storage):
                 result = fn()
                 self._bucket_seen = self._bucket_seen or what != "presign"
                 return result
-            except (MinioException, urllib3.exceptions.HTTPError, ConnectionError,
-                    TimeoutError, ValueError) as e:
+            except _CLIENT_ERRORS as e:
                 err = self._translate(e, what, key)
                 if not isinstance(err, TransientError):
                     raise err from e
@@ -147,7 +158,7 @@ class S3Storage(Storage):
         if code in _TRANSIENT_CODES or status >= 500:
             return TransientError(f"{where}: server error {code or status}")
         detail = f"{code}: {e.message}" if isinstance(e, S3Error) else str(e)
-        return StorageError(f"{where}: {detail}")
+        return StorageError(f"{where}: {detail[:500]}")  # a proxy's error page can be long
 
     def _bucket_missing(self) -> bool:
         """A HEAD on a key of a missing bucket says 404 NoSuchKey; ask about the bucket once."""
@@ -170,22 +181,37 @@ class S3Storage(Storage):
 
     def stat(self, key: str) -> ObjectInfo:
         obj = self._call("stat", key, lambda: self.client.stat_object(self.bucket, self._name(key)))
-        return ObjectInfo(validate_key(key), obj.size or 0, obj.metadata.get(_META_SHA256))
+        return ObjectInfo(validate_key(key), obj.size or 0, (obj.metadata or {}).get(_META_SHA256))
 
     def _put(self, key: str, path: Path, sha256: str) -> ObjectInfo:
         size = path.stat().st_size
-        self._call("upload", key, lambda: self.client.fput_object(
-            self.bucket, self._name(key), str(path), metadata={"sha256": sha256},
-            part_size=self.multipart.part_size_for(size),
-            num_parallel_uploads=self.multipart.parallel,
-        ))
+        self._call(
+            "upload",
+            key,
+            lambda: self.client.fput_object(
+                self.bucket,
+                self._name(key),
+                str(path),
+                metadata={"sha256": sha256},
+                part_size=self.multipart.part_size_for(size),
+                num_parallel_uploads=self.multipart.parallel,
+            ),
+        )
         return ObjectInfo(validate_key(key), size, sha256)
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
         digest = hashlib.sha256(data).hexdigest()
-        self._call("upload", key, lambda: self.client.put_object(
-            self.bucket, self._name(key), io.BytesIO(data), len(data), metadata={"sha256": digest}
-        ))
+        self._call(
+            "upload",
+            key,
+            lambda: self.client.put_object(
+                self.bucket,
+                self._name(key),
+                io.BytesIO(data),
+                len(data),
+                metadata={"sha256": digest},
+            ),
+        )
         return ObjectInfo(validate_key(key), len(data), digest)
 
     def get_bytes(self, key: str) -> bytes:
@@ -210,20 +236,16 @@ class S3Storage(Storage):
         def fetch() -> tuple[Path, tuple[str, int], str | None]:
             resp = self.client.get_object(self.bucket, self._name(key))
             out, tmp = partial_file(dest)
-            h, n = hashlib.sha256(), 0
             try:
                 with out:
-                    for chunk in resp.stream(MiB):
-                        h.update(chunk)
-                        out.write(chunk)
-                        n += len(chunk)
+                    got = copy_hashing(resp, out)  # type: ignore[arg-type]
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
             finally:
                 resp.close()
                 resp.release_conn()
-            return tmp, (h.hexdigest(), n), resp.headers.get(_META_SHA256)
+            return tmp, got, resp.headers.get(_META_SHA256)
 
         tmp, got, recorded = self._call("download", key, fetch)
         return commit_partial(tmp, dest, key=key, got=got, sha256=sha256 or recorded, size=size)
@@ -239,34 +261,40 @@ class S3Storage(Storage):
 
     def list_keys(self, prefix: str) -> list[str]:
         prefix = validate_key(prefix, allow_empty=True)
-        names = self._call("list", prefix, lambda: [
-            o.object_name for o in self.client.list_objects(
-                self.bucket, prefix=self._name(prefix, allow_empty=True) or None, recursive=True
-            ) if not o.is_dir and o.object_name
-        ])
-        cut = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(k for k in (n[cut:] for n in names) if k and under_prefix(k, prefix))
+        full = self._name(prefix, allow_empty=True)
+
+        def names() -> list[str]:
+            found = self.client.list_objects(self.bucket, prefix=full or None, recursive=True)
+            return [o.object_name for o in found if o.object_name and not o.is_dir]
+
+        cut = len(self.prefix) + 1 if self.prefix else 0  # S3 prefixes are plain string prefixes
+        found = [n[cut:] for n in self._call("list", prefix, names) if under_prefix(n, full)]
+        return sorted(k for k in found if k)
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list_keys(prefix)
         if keys:
             doomed = [DeleteObject(self._name(k)) for k in keys]
-            errors = self._call("delete", prefix, lambda: list(
-                self.client.remove_objects(self.bucket, doomed)
-            ))
+            errors = self._call(
+                "delete", prefix, lambda: list(self.client.remove_objects(self.bucket, doomed))
+            )
             if errors:
                 raise StorageError(f"delete under {self.uri_for(prefix)} failed: {errors[0]}")
         return len(keys)
 
     def presigned_get(self, key: str, expires: timedelta) -> str:
-        return self._call("presign", key, lambda: self.client.presigned_get_object(
-            self.bucket, self._name(key), expires=expires
-        ))
+        return self._call(
+            "presign",
+            key,
+            lambda: self.client.presigned_get_object(self.bucket, self._name(key), expires=expires),
+        )
 
     def presigned_put(self, key: str, expires: timedelta) -> str:
-        return self._call("presign", key, lambda: self.client.presigned_put_object(
-            self.bucket, self._name(key), expires=expires
-        ))
+        return self._call(
+            "presign",
+            key,
+            lambda: self.client.presigned_put_object(self.bucket, self._name(key), expires=expires),
+        )
 
 
 def _status_of(e: Exception) -> int:

@@ -38,6 +38,7 @@ GRPC_OFFSET = 10000
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 2.0
 ADMIN_ACTIONS = ("Admin", "Read", "Write", "List", "Tagging")
+_SERVICES = ("s3", "master", "volume", "filer", "admin")
 _RUNNING: set[SeaweedServer] = set()
 
 
@@ -128,8 +129,12 @@ class SeaweedServer:
 
         who = identity or self.admin
         return Minio(
-            f"127.0.0.1:{self.ports['s3']}", who.access_key, who.secret_key, secure=False,
-            region="us-east-1", http_client=urllib3.PoolManager(retries=False, timeout=10.0),
+            f"127.0.0.1:{self.ports['s3']}",
+            who.access_key,
+            who.secret_key,
+            secure=False,
+            region="us-east-1",
+            http_client=urllib3.PoolManager(retries=False, timeout=10.0),
         )
 
     def make_bucket(self, name: str | None = None) -> str:
@@ -150,13 +155,14 @@ class SeaweedServer:
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="seaweed-")
             self.workdir = Path(self._tmp.name)
-        config = {"identities": [i.to_json() for i in (self.admin, *map(_as_identity,
-                                                                         self.identities))]}
+        config = {
+            "identities": [i.to_json() for i in (self.admin, *map(_as_identity, self.identities))]
+        }
         (self.workdir / "s3.json").write_text(json.dumps(config))
         for attempt in range(3):  # a port taken by a concurrent test run between pick and bind
             shutil.rmtree(self.workdir / "data", ignore_errors=True)
             (self.workdir / "data").mkdir()
-            self.ports = dict(zip(("s3", "master", "volume", "filer", "admin"), pick_ports(5)))
+            self.ports = dict(zip(_SERVICES, pick_ports(len(_SERVICES)), strict=True))
             self._spawn()
             try:
                 self._wait_ready()
@@ -173,17 +179,33 @@ class SeaweedServer:
         env.update(GOMEMLIMIT="256MiB", TMPDIR=str(self.workdir))
         p = self.ports
         cmd = [
-            find_weed(), "mini", f"-dir={self.workdir / 'data'}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
-            f"-filer.port={p['filer']}", f"-admin.port={p['admin']}",
-            f"-s3.config={self.workdir / 's3.json'}", "-s3.autoCreateBucket=false",
+            find_weed(),
+            "mini",
+            f"-dir={self.workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.port={p['s3']}",
+            f"-master.port={p['master']}",
+            f"-volume.port={p['volume']}",
+            f"-filer.port={p['filer']}",
+            f"-admin.port={p['admin']}",
+            f"-s3.config={self.workdir / 's3.json'}",
+            "-s3.autoCreateBucket=false",
+            "-volume.preStopSeconds=0",  # stops in about 1 s instead of 2
             *self.extra_args,
         ]
         log = (self.workdir / "weed.log").open("ab")
         self._proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
             start_new_session=True,
         )
         log.close()
@@ -212,7 +234,7 @@ class SeaweedServer:
     def stop(self, *, keep_workdir: bool = False) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # weed may take 30 s on SIGTERM: short grace, then kill
+            proc.send_signal(signal.SIGTERM)  # weed may take 30 s to stop: short grace, then kill
             try:
                 proc.wait(STOP_GRACE_S)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,52 @@
+"""What a backend observed in one round: child Jobs from the cluster, stage outputs from
+storage. Plain frozen data; `meritrun.pipeline.decide` reads it, backends fill it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from .api import ArtifactRef
+from .stages import Plan
+
+JobState = Literal["Active", "Succeeded", "Failed"]
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    state: JobState
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class PartitionResult:
+    """A complete artifact (its manifest exists) for a partition's current attempt."""
+
+    tokens: int
+    artifact: ArtifactRef
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    """What the merge stage reported (merge_report.json), success or not."""
+
+    model_uri: str | None
+    refused: Mapping[str, str] = field(default_factory=dict)  # partition -> reason
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything a backend saw this round, read from the cluster and from storage."""
+
+    run: str
+    now: datetime
+    generation: int | None = None
+    jobs: Mapping[str, JobObservation] = field(default_factory=dict)
+    plan: Plan | None = None
+    plan_uri: str | None = None
+    partition_results: Mapping[str, PartitionResult] = field(default_factory=dict)
+    merge_outcome: MergeOutcome | None = None
+    search_best: Mapping[str, float] | None = None
