@@ -1,0 +1,126 @@
+"""The trainer image's entry point: `python -m merit_trainer.stage {train,profile} --params P`.
+
+This is the process boundary between a backend (a local process or a Kubernetes Job) and the
+training code: it reads the stage parameters, runs the stage, and turns the outcome into an exit
+status plus a last stderr line `MERITRUN_ERROR: <reason>` that the backend copies into the
+MeritRun's status. Exit 2: a MeritRunError (bad params, bad data, storage refused); exit 1: a
+bug (the traceback is logged). No training logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from meritrun.errors import MeritRunError, SpecError
+from meritrun.stages import PARAMS_ENV, ProfileParams, TrainParams
+
+log = logging.getLogger("merit_trainer.stage")  # not __name__: that is "__main__" under -m
+
+ERROR_PREFIX = "MERITRUN_ERROR: "
+EXIT_ERROR, EXIT_INTERNAL = 2, 1
+
+
+def read_params(path: Path, model: type[BaseModel]) -> BaseModel:
+    """Stage parameters from JSON; a missing or invalid file is a SpecError naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"cannot read {path}: {e.strerror}", path="--params") from e
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise SpecError(f"{path}: {where}: {first['msg']} ({e.error_count()} error(s))",
+                        path="--params") from e
+
+
+def run_train(params_path: Path, workdir: Path) -> None:
+    params = read_params(params_path, TrainParams)
+    from .training import train_partition  # torch-heavy: bad params fail before importing it
+
+    manifest = train_partition(params, workdir=workdir)
+    log.info("trained %s: %d supervised tokens", manifest.partition, manifest.tokens.supervised)
+
+
+def run_profile(params_path: Path, workdir: Path) -> None:
+    params = read_params(params_path, ProfileParams)
+    from .profiling import run_profile_stage  # another module; torch-heavy, import late
+
+    run_profile_stage(params, workdir=workdir)
+
+
+STAGES: dict[str, Callable[[Path, Path], None]] = {"train": run_train, "profile": run_profile}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that also ends a usage error with the MERITRUN_ERROR line backends look for."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{ERROR_PREFIX}{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m merit_trainer.stage",
+                     description="Run one MeritRun trainer stage.")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for name in STAGES:
+        cmd = sub.add_parser(name, help=f"run the {name} stage")
+        from_env = os.environ.get(PARAMS_ENV)
+        cmd.add_argument("--params", type=Path, required=not from_env, default=from_env,
+                         help=f"stage parameters (JSON); default ${PARAMS_ENV}")
+        cmd.add_argument("--workdir", type=Path, default=None,
+                         help="scratch and checkpoint directory, kept for resume "
+                              "(default: $MERITRUN_WORKDIR, else a temporary directory)")
+    return parser
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("MERITRUN_PROGRESS") != "1":
+        try:  # transformers' own bars would flood a Job's log with carriage returns
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def _fail(reason: str, code: int) -> int:
+    sys.stderr.flush()
+    print(ERROR_PREFIX + " ".join(reason.split()), file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging()
+    workdir = args.workdir or os.environ.get("MERITRUN_WORKDIR")
+    try:
+        if workdir:
+            STAGES[args.stage](args.params, Path(workdir))
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"meritrun-{args.stage}-") as tmp:
+                STAGES[args.stage](args.params, Path(tmp))
+    except MeritRunError as e:
+        log.error("%s stage failed: %s", args.stage, e)
+        return _fail(str(e), EXIT_ERROR)
+    except Exception as e:  # process boundary: report any bug instead of dying silently
+        log.exception("%s stage crashed", args.stage)
+        return _fail(f"internal error: {type(e).__name__}: {e}", EXIT_INTERNAL)
+    log.info("%s stage succeeded", args.stage)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
