@@ -70,8 +70,10 @@ def run_demo(workdir: Path, *, strategy: str = "conflictPCA", parallel: int = 1)
     print(f"demo: tiny base, {len(DEMO_SOURCES)} sources, run spec {yaml_path}")
     run = resolve_paths(load_run(yaml_path), workdir)
     view = ProgressView()
+    env = {"MERITRUN_TORCH_THREADS": "1"}  # a tiny model: one thread per stage is fastest
     try:
-        status = run_local(run, workdir=workdir / "run", max_parallel=parallel, on_round=view)
+        status = run_local(run, workdir=workdir / "run", max_parallel=parallel, on_round=view,
+                           env=env)
     finally:
         view.close()
     print_summary(status)

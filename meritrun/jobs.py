@@ -57,7 +57,7 @@ def profile_job(run: str, spec: MeritRunSpec, attempt: int) -> CreateJob:
         run=run, attempt=attempt, storage=storage_params(spec),
         base_model=spec.base_model.uri, output=artifacts.plan_prefix(run, attempt),
         data=spec.data, profiling=spec.profiling, partitioning=spec.partitioning,
-        sites=source_sites(spec),
+        sites=source_sites(spec), max_seq_len=spec.training.max_seq_len,
     )
     return CreateJob("profile", job_name(run, "profile", attempt), attempt, params)
 

@@ -57,7 +57,9 @@ class LocalBackend:
                  env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.max_parallel = max_parallel
-        self.env = {**os.environ, **(env or {})}
+        # Stages share the cores: oversubscribed torch threads slow tiny models down ~10x.
+        threads = str(max(1, (os.cpu_count() or 1) // max_parallel))
+        self.env = {"MERITRUN_TORCH_THREADS": threads, **os.environ, **(env or {})}
         self.procs: dict[str, _Proc] = {}
 
     def create(self, job: CreateJob) -> None:

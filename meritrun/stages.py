@@ -49,6 +49,7 @@ class ProfileParams(_Params):
     profiling: ProfilingSpec
     partitioning: PartitioningSpec
     sites: dict[str, str] = Field(default_factory=dict, description="source -> site binding.")
+    max_seq_len: int = Field(512, ge=8, description="Truncation used to count tokens (training's).")
 
 
 class TrainParams(_Params):
