@@ -42,19 +42,24 @@ class ProgressView:
     def __init__(self) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=3, unit="stage", file=sys.stderr, dynamic_ncols=True)
+        # disable=None: a bar on a terminal, plain event lines in logs and CI.
+        self.bar = tqdm(total=3, unit="stage", file=sys.stderr, dynamic_ncols=True,
+                        disable=None)
+        self._shown: tuple = ()
 
     def __call__(self, status: MeritRunStatus, events: list[Event]) -> None:
         for e in events:
             self.bar.write(f"[{e.type.lower():7}] {e.reason}: {e.message}")
         parts = status.partitions
-        self.bar.total = 2 + max(len(parts), 1) + (status.search is not None)
+        total = 2 + max(len(parts), 1) + (status.search is not None)
         done = (status.plan is not None) + sum(p.state in ("Succeeded", "Failed") for p in parts)
         done += status.merge.state in ("Succeeded", "Failed")
         done += status.search is not None and status.search.state in ("Succeeded", "Failed")
-        self.bar.n = done
-        self.bar.set_description(status.phase)
-        self.bar.refresh()
+        if (total, done, status.phase) != self._shown:  # redraw on change only
+            self._shown = (total, done, status.phase)
+            self.bar.total, self.bar.n = total, done
+            self.bar.set_description(status.phase, refresh=False)
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
