@@ -21,6 +21,7 @@ DELEGATED = {
     "eval": ("merit_merger.cli_eval:main", "evaluate a model directory on held-out JSONL"),
     "search": ("merit_merger.cli_search:main", "rank data mixtures by merging experts"),
     "contribute": ("merit_trainer.contribute:main", "train and upload a site's partition"),
+    "keygen": ("meritrun.keys:main", "create a site's ed25519 manifest-signing key"),
 }
 
 

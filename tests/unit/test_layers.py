@@ -9,7 +9,8 @@ import pytest
 
 CORE = ["meritrun.api", "meritrun.pipeline", "meritrun.jobs", "meritrun.crd",
         "meritrun.validation", "meritrun.local", "meritrun.cli", "meritrun.storage",
-        "meritrun.textenc", "meritrun.partitioning"]
+        "meritrun.textenc", "meritrun.partitioning", "meritrun.access", "meritrun.assignment",
+        "meritrun.signing", "meritrun.keys"]
 
 
 def _imported(module: str) -> set[str]:
