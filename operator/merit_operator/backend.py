@@ -1,0 +1,198 @@
+"""The Kubernetes backend: carries out the pipeline's actions and observes child Jobs.
+
+Every action is idempotent, because a round can be repeated after a crash or a stale read:
+create checks nothing up front but accepts 409 AlreadyExists and adopts what it finds (a
+child of an earlier run with the same name is deleted instead, and the round retried); delete
+accepts 404. Children are found by label and checked by owner uid. Blocking calls: the
+handlers run these methods in worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from meritrun import API_GROUP, API_VERSION
+from meritrun.api import PLURAL, MeritRunSpec
+from meritrun.errors import SpecError, TransientError
+from meritrun.jobs import CreateJob
+from meritrun.pipeline import JobObservation
+
+from .kubeapi import ApiError, KubeApi
+from .manifests import (
+    LABEL_RUN,
+    LABEL_RUN_UID,
+    Images,
+    RunRef,
+    build_params_configmap,
+    build_stage_job,
+    job_observation,
+    params_configmap_name,
+    run_selector,
+)
+from .remote import RemoteClusters
+
+log = logging.getLogger(__name__)
+ERROR_MARKER = "MERITRUN_ERROR:"
+
+
+def run_path(namespace: str, name: str | None = None, *, subresource: str | None = None) -> str:
+    path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
+    if name:
+        path += f"/{name}"
+    return path + (f"/{subresource}" if subresource else "")
+
+
+def jobs_path(namespace: str, name: str | None = None) -> str:
+    return f"/apis/batch/v1/namespaces/{namespace}/jobs" + (f"/{name}" if name else "")
+
+
+def core_path(namespace: str, plural: str, name: str | None = None) -> str:
+    return f"/api/v1/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
+
+
+def is_ours(obj: dict[str, Any], run: RunRef) -> bool:
+    """A child of this incarnation of the run (not of a deleted run with the same name)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return labels.get(LABEL_RUN) == run.name and labels.get(LABEL_RUN_UID) in (None, run.uid)
+
+
+def termination_reason(pods: list[dict[str, Any]]) -> str | None:
+    """The stage's own one-line reason, from its pod's termination message (the log tail)."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or ""
+            for line in reversed(message.splitlines()):
+                if line.startswith(ERROR_MARKER):
+                    return line[len(ERROR_MARKER):].strip()[:300]
+    return None
+
+
+class KubeBackend:
+    """This cluster's API (and remote clusters' for kubeconfig sites)."""
+
+    def __init__(self, api: KubeApi, *, images: Images,
+                 remotes: RemoteClusters | None = None) -> None:
+        self.api = api
+        self.images = images
+        self.remotes = remotes or RemoteClusters(api)
+
+    # --- the MeritRun itself --------------------------------------------------------------
+
+    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.api.get(run_path(namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge-patch the status subresource; False when the run is gone."""
+        try:
+            self.api.merge_patch(run_path(namespace, name, subresource="status"),
+                                 {"status": patch})
+            return True
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    # --- children ---------------------------------------------------------------------------
+
+    def _where(self, run: RunRef, spec: MeritRunSpec,
+               cluster: str | None) -> tuple[KubeApi, RunRef]:
+        if cluster is None:
+            return self.api, run
+        api, namespace = self.remotes.client_for(run.namespace, spec, cluster)
+        return api, replace(run, namespace=namespace)
+
+    def _clusters(self, spec: MeritRunSpec) -> list[str | None]:
+        return [None] + [s.name for s in spec.sites or [] if s.mode == "kubeconfig"]
+
+    def observe_jobs(self, run: RunRef, spec: MeritRunSpec) -> dict[str, JobObservation]:
+        seen: dict[str, JobObservation] = {}
+        for cluster in self._clusters(spec):
+            api, where = self._where(run, spec, cluster)
+            for obj in api.list(jobs_path(where.namespace), labels=run_selector(run)):
+                if not is_ours(obj, run):
+                    continue  # a leftover of an earlier run with this name: not evidence
+                name = obj["metadata"]["name"]
+                observation = job_observation(obj)
+                if observation.state == "Failed":
+                    observation = self._with_reason(api, where.namespace, name, observation)
+                seen[name] = observation
+        return seen
+
+    def _with_reason(self, api: KubeApi, namespace: str, job: str,
+                     observation: JobObservation) -> JobObservation:
+        try:
+            pods = api.list(core_path(namespace, "pods"), labels=f"job-name={job}")
+        except ApiError as e:  # the message is a nicety; lacking it must not stop the round
+            log.debug("cannot list pods of job %s: %s", job, e)
+            return observation
+        pods = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {})
+                .get("job-name") == job]
+        reason = termination_reason(pods)
+        return JobObservation("Failed", reason) if reason else observation
+
+    def create_job(self, action: CreateJob, *, run: RunRef, spec: MeritRunSpec) -> bool:
+        """Create the params ConfigMap and the Job; True if the Job is new."""
+        api, where = self._where(run, spec, action.cluster)
+        owned = action.cluster is None
+        configmap = build_params_configmap(action, run=where, owned=owned)
+        job = build_stage_job(action, run=where, spec=spec, images=self.images, owned=owned)
+        cm_path = core_path(where.namespace, "configmaps")
+        if not self._create(api, cm_path, configmap, run):
+            # Same name, same run, same attempt: the params may differ only if the spec changed.
+            api.merge_patch(f"{cm_path}/{configmap['metadata']['name']}",
+                            {"data": configmap["data"]})
+        return self._create(api, jobs_path(where.namespace), job, run)
+
+    def _create(self, api: KubeApi, path: str, body: dict[str, Any], run: RunRef) -> bool:
+        name = body["metadata"]["name"]
+        try:
+            api.create(path, body)
+            return True
+        except ApiError as e:
+            if e.status == 422:
+                raise SpecError(f"the API server rejected {body['kind']} {name}: {e.message}",
+                                path="spec.template") from e
+            if e.status != 409:
+                raise
+        existing = api.get(f"{path}/{name}")
+        if is_ours(existing, run):
+            return False  # adopted: an earlier round (or an earlier operator) created it
+        log.warning("%s %s belongs to an earlier run named %s; deleting it", body["kind"],
+                    name, run.name)
+        self._delete(api, f"{path}/{name}")
+        raise TransientError(f"{body['kind']} {name} was left by an earlier run; retrying")
+
+    @staticmethod
+    def _delete(api: KubeApi, path: str) -> bool:
+        try:
+            api.delete(path, propagation="Background")
+            return True
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def delete_job(self, name: str, *, run: RunRef, spec: MeritRunSpec,
+                   cluster: str | None = None) -> None:
+        api, where = self._where(run, spec, cluster)
+        self._delete(api, jobs_path(where.namespace, name))
+        self._delete(api, core_path(where.namespace, "configmaps", params_configmap_name(name)))
+
+    def delete_children(self, run: RunRef, spec: MeritRunSpec | None) -> int:
+        """Every Job and ConfigMap of the run, on every cluster it used; returns the count."""
+        deleted = 0
+        clusters = self._clusters(spec) if spec is not None else [None]
+        for cluster in clusters:
+            api, where = self._where(run, spec, cluster) if spec else (self.api, run)
+            for path in (jobs_path(where.namespace), core_path(where.namespace, "configmaps")):
+                for obj in api.list(path, labels=run_selector(run)):
+                    if is_ours(obj, run):
+                        deleted += self._delete(api, f"{path}/{obj['metadata']['name']}")
+        return deleted

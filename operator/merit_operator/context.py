@@ -1,0 +1,113 @@
+"""The operator's runtime: one object built at startup and shared by every handler.
+
+It owns the API client, the reconciler, the metrics and the worker threads, and it
+serializes rounds per run (a lock each), so the daemon, the create/update/resume fast paths
+and Job events never decide on the same run at once. Errors are translated here: expected
+MeritRunErrors back off per run (doubling up to a cap); anything else is a bug and is
+logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from meritrun.errors import MeritRunError
+
+from .backend import KubeBackend
+from .kubeapi import ApiConfig, KubeApi
+from .manifests import Images
+from .metrics import Metrics
+from .reconcile import Reconciler, RoundOutcome
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+
+
+def api_config(settings: Settings) -> ApiConfig:
+    if settings.kubeconfig:
+        return ApiConfig.from_kubeconfig(settings.kubeconfig)
+    return ApiConfig.in_cluster()
+
+
+class OperatorContext:
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics(process_collectors=True)
+        self.api = KubeApi(api_config(settings), pool_size=max(settings.workers, 1) * 2)
+        images = Images(trainer=settings.trainer_image, merger=settings.merger_image,
+                        python=settings.job_python)
+        self.reconciler = Reconciler(KubeBackend(self.api, images=images), settings=settings,
+                                     metrics=self.metrics)
+        self.executor = ThreadPoolExecutor(max_workers=max(settings.workers, 1),
+                                           thread_name_prefix="reconcile")
+        self._locks: dict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._wakers: dict[Key, asyncio.Event] = defaultdict(asyncio.Event)
+        self._error_delay: dict[Key, float] = {}
+        self._metrics_server: Any = None
+
+    def serve_metrics(self) -> None:
+        if not self.settings.metrics_port:
+            return
+        from prometheus_client import start_http_server
+
+        self._metrics_server, _ = start_http_server(
+            self.settings.metrics_port, addr=self.settings.metrics_address,
+            registry=self.metrics.registry)
+        log.info("metrics on %s:%d", self.settings.metrics_address, self.settings.metrics_port)
+
+    def close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def blocking(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def waker(self, namespace: str, name: str) -> asyncio.Event:
+        return self._wakers[(namespace, name)]
+
+    def wake(self, namespace: str, name: str) -> None:
+        waker = self._wakers.get((namespace, name))  # no daemon yet: it starts with a round
+        if waker is not None:
+            waker.set()
+
+    def forget(self, namespace: str, name: str) -> None:
+        for table in (self._wakers, self._locks, self._error_delay):
+            table.pop((namespace, name), None)
+
+    async def reconcile(self, handler: str, namespace: str, name: str) -> RoundOutcome:
+        """One serialized round; expected errors become a backoff delay, not an exception."""
+        key = (namespace, name)
+        async with self._locks[key]:
+            try:
+                outcome = await self.blocking(self._timed_round, handler, namespace, name)
+            except MeritRunError as e:
+                delay = self._backoff(key)
+                log.warning("run %s/%s: %s (retry in %.1fs)", namespace, name,
+                            str(e)[:300], delay)
+                return RoundOutcome(delay_seconds=delay, error=e)
+            except Exception as e:  # noqa: BLE001 - a bug; keep serving the other runs
+                delay = self._backoff(key)
+                log.exception("run %s/%s: reconcile failed (retry in %.1fs)", namespace, name,
+                              delay)
+                return RoundOutcome(delay_seconds=delay, error=e)
+        self._error_delay.pop(key, None)
+        return outcome
+
+    def _timed_round(self, handler: str, namespace: str, name: str) -> RoundOutcome:
+        # Timed in the worker thread: the histogram shows the round, not its wait for a thread.
+        with self.metrics.round(handler):
+            return self.reconciler.round(namespace, name)
+
+    def _backoff(self, key: Key) -> float:
+        s = self.settings
+        delay = self._error_delay.get(key, s.error_backoff_seconds / 2) * 2
+        delay = min(delay, s.error_backoff_max_seconds)
+        self._error_delay[key] = delay
+        return delay

@@ -1,0 +1,189 @@
+"""Pure builders of the child objects the operator creates, and readers of what they report.
+
+Every function here takes plain data and returns a dict (or reads one), so a manifest is
+tested without a cluster. Label and annotation keys live here, under our API group, and
+nowhere else. Credentials never appear in a manifest: a stage gets its S3 keys through
+`secretKeyRef` entries naming the Secret of `spec.storage.secretRef`, resolved by the kubelet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from meritrun import API_GROUP, API_VERSION
+from meritrun.api import KIND, JobTemplate, MeritRunSpec
+from meritrun.jobs import CreateJob
+from meritrun.pipeline import JobObservation
+from meritrun.stages import PARAMS_ENV, stage_command
+
+LABEL_RUN = f"{API_GROUP}/run"
+LABEL_RUN_UID = f"{API_GROUP}/run-uid"
+LABEL_STAGE = f"{API_GROUP}/stage"
+LABEL_PARTITION = f"{API_GROUP}/partition"
+LABEL_ATTEMPT = f"{API_GROUP}/attempt"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "meritrun-operator"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+FINALIZER = f"{API_GROUP}/finalizer"
+ANNOTATION_PREFIX = API_GROUP
+
+PARAMS_DIR = "/etc/meritrun"
+PARAMS_KEY = "params.json"
+WORK_DIR = "/work"
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+CONTAINER_NAME = "stage"
+# Merge and search stream tensors on CPUs; a GPU request there would idle an accelerator.
+CPU_ONLY_STAGES = frozenset({"merge", "search"})
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """The identity of the MeritRun that owns a child."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class Images:
+    """Default images (from the chart's values) for runs whose template names none."""
+
+    trainer: str
+    merger: str
+    python: str = "python"
+
+
+def run_selector(run: RunRef) -> str:
+    return f"{LABEL_RUN}={run.name}"
+
+
+def owner_reference(run: RunRef) -> dict[str, Any]:
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": run.name,
+            "uid": run.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def child_labels(job: CreateJob, *, run: RunRef) -> dict[str, str]:
+    labels = {LABEL_RUN: run.name, LABEL_RUN_UID: run.uid, LABEL_STAGE: job.stage,
+              LABEL_ATTEMPT: str(job.attempt), LABEL_MANAGED_BY: MANAGED_BY}
+    if job.partition is not None:
+        labels[LABEL_PARTITION] = job.partition
+    return labels
+
+
+def _metadata(name: str, job: CreateJob, *, run: RunRef, owned: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": run.namespace,
+                            "labels": child_labels(job, run=run)}
+    if owned:  # an owner on another cluster would make its garbage collector delete the child
+        meta["ownerReferences"] = [owner_reference(run)]
+    return meta
+
+
+def params_configmap_name(job_name: str) -> str:
+    return f"{job_name}-params"
+
+
+def build_params_configmap(job: CreateJob, *, run: RunRef, owned: bool = True) -> dict[str, Any]:
+    """The stage's params JSON, mounted read-only at PARAMS_DIR/PARAMS_KEY."""
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": _metadata(params_configmap_name(job.name), job, run=run, owned=owned),
+        "data": {PARAMS_KEY: job.params.model_dump_json(indent=2)},
+    }
+
+
+def stage_image(stage: str, template: JobTemplate, images: Images) -> str:
+    if stage in CPU_ONLY_STAGES:
+        return template.merge_image or images.merger
+    return template.image or images.trainer
+
+
+def stage_resources(stage: str, template: JobTemplate) -> dict[str, Any] | None:
+    if not template.resources:
+        return None
+    if stage not in CPU_ONLY_STAGES:
+        return template.resources
+    return {kind: {k: v for k, v in amounts.items() if "gpu" not in k.lower()}
+            for kind, amounts in template.resources.items() if isinstance(amounts, dict)}
+
+
+def _container_env(spec: MeritRunSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": PARAMS_ENV, "value": f"{PARAMS_DIR}/{PARAMS_KEY}"}]
+    secret = spec.storage.secret_ref if spec.storage else None
+    if secret is not None:
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
+                for key in CREDENTIAL_KEYS]
+    return env + list(spec.template.env or [])
+
+
+def _pod_spec(job: CreateJob, spec: MeritRunSpec, images: Images) -> dict[str, Any]:
+    template = spec.template
+    command = stage_command(job.stage, f"{PARAMS_DIR}/{PARAMS_KEY}", python=images.python)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": stage_image(job.stage, template, images),
+        "command": [*command, "--workdir", WORK_DIR],
+        "env": _container_env(spec),
+        "volumeMounts": [{"name": "params", "mountPath": PARAMS_DIR, "readOnly": True},
+                         {"name": "work", "mountPath": WORK_DIR}],
+        # The stage's last words (its MERITRUN_ERROR line) become the pod's termination message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    resources = stage_resources(job.stage, template)
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # stages talk to storage, never to the API
+        "containers": [container],
+        "volumes": [
+            {"name": "params", "configMap": {"name": params_configmap_name(job.name)}},
+            {"name": "work", "emptyDir": {}},
+        ],
+    }
+    if template.service_account_name:
+        pod["serviceAccountName"] = template.service_account_name
+    if template.node_selector:
+        pod["nodeSelector"] = template.node_selector
+    if template.tolerations:
+        pod["tolerations"] = template.tolerations
+    return pod
+
+
+def build_stage_job(job: CreateJob, *, run: RunRef, spec: MeritRunSpec, images: Images,
+                    owned: bool = True) -> dict[str, Any]:
+    """A batch/v1 Job running one attempt of one stage.
+
+    backoffLimit is 0: retries are the pipeline's, each under a new attempt-fenced name.
+    """
+    meta = _metadata(job.name, job, run=run, owned=owned)
+    queue = spec.template.queue_name
+    if queue:
+        meta["labels"][KUEUE_QUEUE_LABEL] = queue
+    job_spec: dict[str, Any] = {
+        "backoffLimit": 0, "completions": 1, "parallelism": 1,
+        "template": {"metadata": {"labels": dict(meta["labels"])},
+                     "spec": _pod_spec(job, spec, images)},
+    }
+    if spec.template.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.template.ttl_seconds_after_finished
+    if spec.active_deadline_seconds is not None:
+        # No stage may outlive the whole run; the pipeline enforces the run's own deadline.
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if queue:
+        job_spec["suspend"] = True  # Kueue unsuspends the Job once the queue admits it
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def job_observation(obj: dict[str, Any]) -> JobObservation:
+    """What the Job controller reports, in the pipeline's terms."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return JobObservation("Succeeded")
+        if cond.get("type") == "Failed":
+            reason, message = cond.get("reason") or "Failed", cond.get("message") or ""
+            return JobObservation("Failed", f"{reason}: {message}".rstrip(": ")[:500])
+    return JobObservation("Active")

@@ -1,0 +1,108 @@
+"""Pure helpers for the MeritRun status as the operator writes it.
+
+The pipeline decides the status of a valid run; this module covers what only the operator
+meets: a spec Kubernetes accepted but the models reject (InvalidSpec), the merge patch that
+turns an old status into a new one (keys that disappeared are sent as null, so the status
+subresource never keeps a stale `retryAfter` or `message`), and when to look again.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from meritrun.api import TERMINAL_PHASES, MeritRunSpec, MeritRunStatus, ObjectMeta
+from meritrun.conditions import from_rfc3339, get_condition, set_condition, to_rfc3339
+from meritrun.errors import SpecError
+from meritrun.validation import parse_spec, pydantic_errors
+
+INVALID_SPEC = "InvalidSpec"
+
+
+def validated_spec(body: dict[str, Any]) -> MeritRunSpec:
+    """The run's spec as a model, or SpecError naming the first bad field."""
+    try:  # child Job names append a stage and an attempt to the run's name
+        ObjectMeta.model_validate(body.get("metadata") or {})
+    except ValidationError as e:
+        path, _, message = pydantic_errors(e, prefix="metadata")[0].partition(": ")
+        raise SpecError(message, path=path) from e
+    spec = parse_spec(body.get("spec") or {})
+    if spec.storage is None:
+        raise SpecError("Field required: runs on Kubernetes need S3 storage shared by every "
+                        "stage (endpoint, bucket, secretRef)", path="spec.storage")
+    try:
+        root = spec.storage.root_uri()
+    except ValueError as e:
+        raise SpecError(str(e), path="spec.storage") from e
+    if not root.startswith("s3://"):
+        raise SpecError(f"{root!r} is not reachable from stage pods; use an s3:// uri or a "
+                        "bucket", path="spec.storage.uri")
+    return spec
+
+
+def parse_status(raw: dict[str, Any] | None) -> MeritRunStatus | None:
+    return MeritRunStatus.model_validate(raw) if raw else None
+
+
+def failed_for_spec(status: MeritRunStatus | None) -> bool:
+    if status is None or status.phase != "Failed":
+        return False
+    cond = get_condition(status.conditions, "Failed")
+    return cond is not None and cond.reason == INVALID_SPEC
+
+
+def invalid_spec_status(old: MeritRunStatus | None, error: SpecError, *, now: datetime,
+                        generation: int | None) -> MeritRunStatus:
+    """Failed, with a Failed/InvalidSpec condition whose message names the field."""
+    st = (old or MeritRunStatus()).model_copy(deep=True)
+    message = str(error)
+    st.phase, st.message, st.observed_generation = "Failed", message, generation
+    st.completion_time = to_rfc3339(now)
+    for type_ in ("Failed", "Ready"):
+        st.conditions = set_condition(st.conditions, type=type_,
+                                      status="True" if type_ == "Failed" else "False",
+                                      reason=INVALID_SPEC, message=message, now=now,
+                                      generation=generation)
+    return st
+
+
+def already_reported(old: MeritRunStatus | None, error: SpecError,
+                     generation: int | None) -> bool:
+    """The same verdict on the same generation is on record: nothing to write or announce."""
+    return (failed_for_spec(old) and old is not None and old.observed_generation == generation
+            and old.message == str(error))
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """RFC 7386 merge patch turning old into new (None when equal); lists are replaced."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None if old == new else new
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+            continue
+        sub = merge_patch(old[key], value)
+        if sub is not None or (value is None and old[key] is not None):
+            patch[key] = sub if isinstance(value, dict) else value
+    return patch or None
+
+
+def next_delay(status: MeritRunStatus, *, now: datetime, resync_seconds: float,
+               idle_seconds: float) -> float:
+    """Seconds until the next round: at the latest resync, sooner when a backoff ends."""
+    if status.phase in TERMINAL_PHASES:
+        return idle_seconds
+    delay = resync_seconds
+    stages = [status.profile, status.merge, *status.partitions]
+    if status.search is not None:
+        stages.append(status.search)
+    for stage in stages:
+        if stage.state == "BackingOff" and stage.retry_after:
+            until = (from_rfc3339(stage.retry_after) - now).total_seconds()
+            delay = min(delay, max(until, 0.0) + 0.05)
+    return delay

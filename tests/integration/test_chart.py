@@ -1,0 +1,101 @@
+"""The Helm chart: lints strictly, renders valid Kubernetes objects, keeps its CRD in step
+with the API models, rejects bad values, and its dashboard queries metrics that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import kubernetes_validate
+import pytest
+import yaml
+from merit_operator.metrics import Metrics
+from support.kube import REPO
+
+from meritrun.crd import build_crd
+
+CHART = REPO / "charts" / "meritrun"
+VARIANTS = {
+    "defaults": [],
+    "namespaced": ["--set", "watchNamespaces={team-a,team-b}"],
+    "everything": ["--set", "minio.enabled=true", "--set", "minio.persistence.enabled=true",
+                   "--set", "dashboards.enabled=true", "--set", "remoteSites.enabled=true",
+                   "--set", "metrics.serviceMonitor.enabled=true"],
+}
+
+
+def render(helm, *args: str) -> list[dict]:
+    out = helm.run("template", "mr", str(CHART), "--namespace", "meritrun-system",
+                   "--include-crds", *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_helm_lint_strict_is_clean(helm):
+    done = helm.run("lint", "--strict", str(CHART), *VARIANTS["everything"])
+    assert "[WARNING]" not in done.stdout and "[ERROR]" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rendered_manifests_are_valid_kubernetes(helm, variant):
+    docs = render(helm, *VARIANTS[variant])
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "CustomResourceDefinition"} <= kinds
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com"):
+            continue  # a CRD of the Prometheus Operator: no schema offline
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+
+
+def test_chart_crd_is_the_generated_one():
+    chart_crd = (CHART / "crds" / "meritrun.yaml").read_text()
+    assert chart_crd == (REPO / "crds" / "meritrun.yaml").read_text()
+    assert yaml.safe_load(chart_crd) == build_crd()
+
+
+def test_operator_runs_once_with_the_settings_it_needs(helm):
+    (deploy,) = [d for d in render(helm) if d["kind"] == "Deployment"]
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    pod = deploy["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MERITRUN_NAMESPACES"]["value"] == ""
+    assert env["MERITRUN_TRAINER_IMAGE"]["value"].startswith("ghcr.io/")
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "meritrun-storage"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_no_secret_access_unless_remote_sites_are_enabled(helm):
+    def secret_rules(docs):
+        return [r for d in docs if d["kind"] in ("Role", "ClusterRole")
+                for r in d["rules"] if "secrets" in r["resources"]]
+
+    assert secret_rules(render(helm)) == []
+    assert secret_rules(render(helm, "--set", "remoteSites.enabled=true"))[0]["verbs"] == ["get"]
+
+
+def test_namespaced_install_grants_namespaced_rights_only_there(helm):
+    docs = render(helm, *VARIANTS["namespaced"])
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    cluster_rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
+    assert {res for r in cluster_rules for res in r["resources"]} == {
+        "namespaces", "customresourcedefinitions"}
+
+
+@pytest.mark.parametrize("bad", ["operator.workers=0", "image.pullPolicy=Sometimes",
+                                 "watchNamespaces={Not_A_Namespace}", "minio.rootPassword=short"])
+def test_values_schema_rejects_bad_values(helm, bad):
+    done = helm.run("template", "mr", str(CHART), "--set", bad, check=False)
+    assert done.returncode != 0 and "schema" in done.stderr.lower(), done.stderr
+
+
+def test_dashboard_queries_only_existing_metrics():
+    dashboard = json.loads((CHART / "dashboards" / "meritrun-grafana.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\bmeritrun_[a-z_]+", e)}
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],
+                "info": ["_info"], "gauge": [""]}
+    exposed = {f.name + suffix for f in Metrics().registry.collect()
+               for suffix in suffixes[f.type]}
+    assert used and used <= exposed, used - exposed

@@ -1,0 +1,158 @@
+"""Faults on the emulated cluster, all in one scenario to pay for the stage processes once.
+
+Five runs are applied together to one operator: `retry` (its p1 fails once), `quorum-half`
+(p1 always fails, quorum 0.5), `quorum-full` (p1 always fails, quorum 1.0), `bad-spec`
+(learningRate 0) and `no-storage`. While `retry` trains, the operator is killed with SIGKILL
+and a new one started. Failures are injected by the node (by Job name: a real process that
+exits 1 with a MERITRUN_ERROR line); every other Job runs the real stage entry points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from support.kube import KubeCluster, OperatorProcess, wait_until
+from support.kube_e2e import apply, node_options, render_example, upload_inputs, wait_phase
+
+pytestmark = pytest.mark.slow
+SCENARIO_TIMEOUT_S = 300.0
+
+
+def injected(job: str) -> bool:
+    return job == "retry-p1-a1" or job.startswith(("quorum-half-p1-", "quorum-full-p1-"))
+
+
+@dataclass
+class Scenario:
+    status: dict[str, dict[str, Any]]
+    creations: dict[str, int]
+    events: list[dict[str, Any]]
+    phase_at_kill: str
+    jobs_at_kill: list[str]
+    survivor_alive: bool
+    logs: list[str]
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory, seaweed, tiny_base, tiny_mixture) -> Scenario:
+    from meritrun.storage import open_storage
+
+    tmp = tmp_path_factory.mktemp("faults")
+    bucket = seaweed.make_bucket()
+    upload_inputs(open_storage(f"s3://{bucket}", endpoint=seaweed.endpoint,
+                               access_key=seaweed.access_key, secret_key=seaweed.secret_key),
+                  tiny_base, tiny_mixture)
+    creds = {"AWS_ACCESS_KEY_ID": seaweed.access_key,
+             "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
+
+    def run(name: str, **changes: Any) -> dict[str, Any]:
+        return render_example(bucket=bucket, endpoint=seaweed.endpoint, name=name,
+                              changes={"training.maxSteps": 2, **changes})
+
+    no_storage = run("no-storage")
+    del no_storage["spec"]["storage"]
+    docs = [run("retry"), run("quorum-half", **{"merge.quorum": 0.5, "backoffLimit": 1}),
+            run("quorum-full", **{"merge.quorum": 1.0, "backoffLimit": 0}),
+            run("bad-spec", **{"training.learningRate": 0}), no_storage]
+    cluster = KubeCluster(tmp).start()
+    operators = [OperatorProcess(cluster, env=creds), OperatorProcess(cluster, env=creds)]
+    try:
+        cluster.start_node(node_options(fail=injected))
+        cluster.create_secret("meritrun-storage", creds)
+        operators[0].start()
+        for doc in docs:
+            apply(cluster, doc)
+        wait_until(lambda: cluster.get("batch/v1/jobs", "retry-p0-a1"), timeout=120,
+                   what="retry's partition Jobs")
+        phase_at_kill = cluster.run_status("retry").get("phase", "")
+        operators[0].kill()
+        jobs_at_kill = sorted(o["metadata"]["name"] for o in cluster.objects("batch/v1/jobs"))
+        operators[1].start()
+        status = {}
+        for name, phases in [("retry", ("Succeeded", "Failed")),
+                             ("quorum-half", ("Succeeded", "Failed")),
+                             ("quorum-full", ("Failed", "Succeeded")),
+                             ("bad-spec", ("Failed",)), ("no-storage", ("Failed",))]:
+            status[name] = wait_phase(cluster, name, phases, timeout=SCENARIO_TIMEOUT_S)
+        survivor_alive = operators[1].proc is not None and operators[1].proc.poll() is None
+        return Scenario(status=status, creations=cluster.created("batch/v1/jobs"),
+                        events=cluster.objects("v1/events"), phase_at_kill=phase_at_kill,
+                        jobs_at_kill=jobs_at_kill, survivor_alive=survivor_alive,
+                        logs=[op.log() for op in operators])
+    finally:
+        for op in operators:
+            op.stop()
+        cluster.stop()
+        seaweed.remove_bucket(bucket)
+
+
+def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def events_of(scenario: Scenario, run: str) -> list[dict[str, Any]]:
+    return [e for e in scenario.events if e["involvedObject"]["name"] == run]
+
+
+def test_a_failed_attempt_is_retried_and_the_run_succeeds(scenario):
+    st = scenario.status["retry"]
+    assert st["phase"] == "Succeeded", st.get("message")
+    p1 = next(p for p in st["partitions"] if p["name"] == "p1")
+    assert p1["attempt"] == 2 and p1["job"] == "retry-p1-a2"
+    assert p1["artifact"]["uri"].endswith("/partitions/p1/attempt-2")
+    assert scenario.creations["retry-p1-a1"] == scenario.creations["retry-p1-a2"] == 1
+    retrying = [e for e in events_of(scenario, "retry") if e["reason"] == "Retrying"]
+    # The stage's own last words (its pod's termination message) explain the retry.
+    assert retrying and "injected failure" in retrying[0]["message"]
+
+
+def test_quorum_half_merges_the_partitions_that_succeeded(scenario):
+    st = scenario.status["quorum-half"]
+    assert st["phase"] == "Succeeded", st.get("message")
+    assert st["merge"]["included"] == ["p0"] and st["merge"]["leftOut"] == ["p1"]
+    p1 = next(p for p in st["partitions"] if p["name"] == "p1")
+    assert p1["state"] == "Failed" and p1["attempt"] == 2  # backoffLimit 1: two attempts
+    assert st["modelUri"]
+
+
+def test_quorum_full_fails_with_a_clear_condition(scenario):
+    st = scenario.status["quorum-full"]
+    assert st["phase"] == "Failed"
+    failed = conditions(st)["Failed"]
+    assert failed["status"] == "True" and failed["reason"] == "QuorumNotMet"
+    assert "p1" in failed["message"] and "quorum 1.0" in failed["message"]
+    assert "quorum-full-merge-a1" not in scenario.creations
+
+
+@pytest.mark.parametrize(("run", "message"), [
+    ("bad-spec", "spec.training.learningRate: Input should be greater than 0"),
+    ("no-storage", "spec.storage: Field required"),
+])
+def test_a_bad_spec_gets_a_condition_not_a_crash(scenario, run, message):
+    st = scenario.status[run]
+    assert st["phase"] == "Failed"
+    failed = conditions(st)["Failed"]
+    assert failed["reason"] == "InvalidSpec" and failed["message"].startswith(message)
+    assert failed["observedGeneration"] == 1
+    assert not [j for j in scenario.creations if j.startswith(f"{run}-")]
+    warnings = [e for e in events_of(scenario, run) if e["reason"] == "InvalidSpec"]
+    assert warnings and warnings[0]["type"] == "Warning"
+    # ...and the operator kept serving the others.
+    assert scenario.survivor_alive
+    assert scenario.status["retry"]["phase"] == "Succeeded"
+
+
+def test_a_restarted_operator_resumes_without_duplicate_jobs(scenario):
+    assert scenario.phase_at_kill in ("Profiling", "Training")
+    assert "retry-p0-a1" in scenario.jobs_at_kill
+    duplicated = {name: n for name, n in scenario.creations.items() if n != 1}
+    assert not duplicated, f"Jobs created more than once: {duplicated}"
+    assert scenario.creations.keys() >= {"retry-profile-a1", "retry-p0-a1", "retry-merge-a1",
+                                         "quorum-half-merge-a1"}
+
+
+def test_operators_logged_no_exception(scenario):
+    for log in scenario.logs:
+        assert log and "Traceback" not in log, log[-3000:]
