@@ -60,9 +60,12 @@ def _median_split(
     axes: int,
     ranks: Mapping[str, int],
 ) -> list[list[str]]:
-    """Split group into (up to) k parts, sorting by axis depth % axes at each level."""
+    """Split group into (up to) k parts, sorting by axis depth % axes at each level.
+
+    A part that is not cut further keeps its members in the order of the last cut's axis.
+    """
     if k <= 1 or len(group) <= 1:
-        return [sorted(group, key=lambda s: (scores[s][0], ranks[s]))] if group else []
+        return [list(group)] if group else []
     axis = depth % axes
     ordered = sorted(group, key=lambda s: (scores[s][axis], ranks[s]))
     k_left = k // 2
