@@ -1,1 +1,162 @@
-"""Merge methods, one small module each, registered by name."""
+"""Merge methods, one small module each, registered by name (mergekit's shape).
+
+A method is a pure function of ONE tensor: the base block theta0 (fp32, or None when the
+method does not read it), the experts' blocks theta_k (fp32), their token weights (already
+renormalised over the included partitions), and optionally their second moments v_k and FFG
+thresholds t_k -> the merged block in fp32. The engine owns all I/O, streaming and casting;
+it asks each method what it needs (`needs_base`, `needs_moments`, `needs_thresholds`) and
+whether it may be fed blocks of rows (`elementwise`) or needs whole tensors.
+
+Names: kebab keys (`token-weighted`) and the spec's camelCase names (`tokenWeighted`) both
+resolve through `get_method`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from meritrun.errors import SpecError
+
+
+@dataclass
+class TensorStats:
+    """Per-expert counters a method may fill while merging one tensor (summed over blocks)."""
+
+    kept: list[int] | None = None  # FFG: elements each expert's mask kept
+    fallback: int = 0  # elements where every expert was masked (base value used)
+
+
+@dataclass(frozen=True)
+class Rank1Moment:
+    """A block of rank-1 second moments, v = outer(row, col) / total, kept factored: its
+    power v^p = outer((row / total)^p, col^p) costs one outer product, not three passes."""
+
+    row: torch.Tensor  # the block's rows only
+    col: torch.Tensor
+    total: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.row.numel(), self.col.numel())
+
+    def dense(self) -> torch.Tensor:
+        if self.total == 0.0:  # never had a gradient: v = 0, not NaN
+            return torch.zeros(self.shape, device=self.row.device)
+        return torch.outer(self.row / self.total, self.col)
+
+    def power(self, p: float) -> torch.Tensor:
+        if self.total == 0.0:
+            return torch.zeros(self.shape, device=self.row.device)
+        if p == 0.5:
+            return torch.outer((self.row / self.total).sqrt_(), self.col.sqrt())
+        return torch.outer((self.row / self.total).pow_(p), self.col.pow(p))
+
+
+Moment = torch.Tensor | Rank1Moment
+
+
+def dense_moment(v: Moment, shape: torch.Size) -> torch.Tensor:
+    return (v.dense() if isinstance(v, Rank1Moment) else v).reshape(shape)
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    name: str
+    base: torch.Tensor | None
+    experts: Sequence[torch.Tensor]
+    weights: Sequence[float]
+    moments: Sequence[Moment] | None = None
+    thresholds: Sequence[float] | None = None
+    stats: TensorStats = field(default_factory=TensorStats)
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+class MergeMethod:
+    """Base of every method: declares its key, spec name, parameters and needs."""
+
+    key: ClassVar[str]
+    spec_name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    needs_base: ClassVar[bool] = True
+    needs_moments: ClassVar[bool] = False
+    uses_token_weights: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = True
+    accepts_lora: ClassVar[bool] = True
+    mergekit: ClassVar[str | None] = None  # the mergekit method reproducing it, if any
+
+    def parse_params(self, values: Mapping[str, Any], *, strict: bool = True) -> Any:
+        """The method's Params from a dict; unknown keys are an error (strict) or dropped."""
+        known = {f.name for f in dataclasses.fields(self.Params)}
+        unknown = sorted(k for k, v in values.items() if k not in known and v is not None)
+        if unknown and strict:
+            raise SpecError(f"method {self.key} takes no parameter(s) {unknown}; "
+                            f"it takes {sorted(known) or 'none'}", path="merge")
+        given = {k: v for k, v in values.items() if k in known and v is not None}
+        try:
+            return self.Params(**given)
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"method {self.key}: {e}", path="merge") from e
+
+    def needs_thresholds(self, params: Any) -> bool:
+        return False
+
+    def uses_base(self, params: Any) -> bool:
+        """Whether merging reads theta0 (a weighted average of full models does not)."""
+        return self.needs_base
+
+    def saliency(self, base: torch.Tensor, expert: torch.Tensor, moment: torch.Tensor,
+                 params: Any) -> torch.Tensor:
+        raise NotImplementedError(f"{self.key} has no per-model pre-pass")
+
+    def merge(self, inputs: MergeInputs, params: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: make a method available under its kebab key and spec name."""
+    METHODS[cls.key] = cls()
+    return cls
+
+
+def method_key(name: str) -> str:
+    """`tokenWeighted`, `token_weighted`, `token-weighted` -> `token-weighted`."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", name.strip()).replace("_", "-").lower()
+
+
+def get_method(name: str) -> MergeMethod:
+    method = METHODS.get(method_key(name))
+    if method is None:
+        raise SpecError(f"unknown merge method {name!r}; known: {sorted(METHODS)}",
+                        path="merge.method")
+    return method
+
+
+def normalized(weights: Sequence[float]) -> list[float]:
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must have a positive sum")
+    return [float(w) / total for w in weights]
+
+
+def check_density(density: float | None) -> None:
+    if density is not None and not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+
+
+from . import dare, ota, task_arithmetic, ties, token_weighted, uniform  # noqa: E402,F401
+
+__all__ = ["METHODS", "MergeInputs", "MergeMethod", "Moment", "Rank1Moment", "TensorStats",
+           "dense_moment", "get_method", "method_key", "normalized", "register"]

@@ -1,0 +1,174 @@
+"""The streaming merge engine: base + K partitions -> one HF model dir, block by block.
+
+For every tensor of the base (in file order) the engine reads the same block of rows from
+the base (when needed), every expert and every second-moment file, converts them to fp32,
+hands them to the merge method, casts the result to the output dtype and writes it straight
+to its place in a pre-planned output shard. Element-wise methods get blocks of at most
+`chunk_elements` elements; TIES and DARE get whole tensors. A reader thread loads the next
+block while the current one is merged (see `blocks`), so reading overlaps the math. Peak
+memory is a few blocks per input (for whole-tensor methods, a few copies of the largest
+tensor per input) plus the method's temporaries, never the model or an output shard.
+
+It does not verify contributions (see `verification`) and does not write the report (see
+`report`): it merges what it is given and says what it did in a MergeResult.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .blocks import BlockLoader, Item, block_rows
+from .io import ModelReader, copy_model_files
+from .methods import MergeInputs, MergeMethod, TensorStats, get_method, normalized
+from .selection import KthLargest, ffg_k
+from .sources import ExpertReader, PartitionSource, open_moments
+from .writer import OutputTensor, ShardedWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 20  # 1M elements: 4 MiB per fp32 buffer, K + 1 of them per slot
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    method: str
+    params: dict[str, Any]
+    partitions: list[str]
+    weights: dict[str, float]
+    output_dtype: str
+    files: list[Path] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] | None = None
+    tensor_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
+    dtype = getattr(torch, aliases.get(value, value), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"unknown floating dtype {value!r}")
+    return dtype
+
+
+def ffg_thresholds(method: MergeMethod, params: Any, inputs: BlockLoader,
+                   items: Sequence[Item], *, density: float,
+                   device: torch.device) -> list[float]:
+    """Pre-pass: each expert's global FFG threshold t_i (two streaming passes, exact)."""
+    floats = [it for it in items if inputs.base.meta(it[0]).dtype.is_floating_point]
+    numel = sum(inputs.base.meta(n).numel for n in dict.fromkeys(n for n, _ in floats))
+    selectors = [KthLargest(ffg_k(numel, density)) for _ in inputs.experts]
+    for first in (True, False):
+        for block in inputs.blocks(floats, device):
+            for i, sel in enumerate(selectors):
+                s = method.saliency(block.base, block.experts[i], block.moments[i], params)
+                (sel.add_first if first else sel.add_second)(s)
+        if first:
+            for sel in selectors:
+                sel.end_first()
+    return [sel.result() for sel in selectors]
+
+
+def merge_models(
+    *,
+    base_dir: Path,
+    partitions: Sequence[PartitionSource],
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    out_dir: Path,
+    shard_size_bytes: int,
+    output_dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> MergeResult:
+    """Merge the partitions into an HF model dir at out_dir; see the module docstring."""
+    if not partitions:
+        raise ValueError("nothing to merge: no partitions")
+    started, dev = time.monotonic(), torch.device(device)
+    impl = get_method(method)
+    p = impl.parse_params(dict(params or {}))
+    dtype = parse_dtype(output_dtype)
+    weights = normalized([s.tokens for s in partitions])
+    base = ModelReader(base_dir)
+    experts = [ExpertReader(s, base) for s in partitions]
+    moments = open_moments(list(partitions)) if impl.needs_moments else None
+    inputs = BlockLoader(base, experts, moments, need_base=impl.uses_base(p))
+    floats = [base.meta(n).dtype for n in base.names if base.meta(n).dtype.is_floating_point]
+    result = MergeResult(Path(out_dir), impl.key, _params_dict(p), [s.name for s in partitions],
+                         dict(zip([s.name for s in partitions], weights, strict=True)),
+                         str(dtype or (floats[0] if floats else "none")).removeprefix("torch."))
+    try:
+        metas = [base.meta(n) for n in base.names]
+        items = [(m.name, rows) for m in metas
+                 for rows in block_rows(m, chunk_elements, elementwise=impl.elementwise)]
+        thresholds = None
+        if impl.needs_thresholds(p):
+            thresholds = ffg_thresholds(impl, p, inputs, items, density=p.density, device=dev)
+            result.thresholds = dict(zip(result.partitions, thresholds, strict=True))
+            result.seconds["prepass"] = round(time.monotonic() - started, 3)
+        outputs = [OutputTensor(m.name, dtype if dtype and m.dtype.is_floating_point else m.dtype,
+                                m.shape) for m in metas]
+        writer = ShardedWriter(Path(out_dir), outputs, shard_size_bytes=shard_size_bytes)
+        out_dtypes = {o.name: o.dtype for o in outputs}
+        total = sum(o.nbytes for o in outputs)
+        merge_started = time.monotonic()
+        stats: dict[str, TensorStats] = {}
+        try:
+            for block in inputs.blocks(items, dev):
+                if block.raw is not None:
+                    out = block.raw
+                else:
+                    tstats = stats.setdefault(block.name, TensorStats())
+                    merged = impl.merge(MergeInputs(block.name, block.base, block.experts,
+                                                    weights, block.moments, thresholds, tstats), p)
+                    out = merged.to(out_dtypes[block.name]).cpu()
+                writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
+                if progress is not None:
+                    progress(writer.bytes_written, total)
+            result.files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        result.files += copy_model_files(Path(base_dir), Path(out_dir), dtype=dtype)
+        result.seconds["merge"] = round(time.monotonic() - merge_started, 3)
+        result.bytes_written = writer.bytes_written
+        result.tensor_stats = _tensor_stats(stats, base, len(partitions), result.partitions)
+    finally:
+        result.bytes_read = inputs.bytes_read()
+        inputs.close()
+    result.seconds["total"] = round(time.monotonic() - started, 3)
+    log.info("merged %d partitions with %s in %.1f s (%.2f GB read, %.2f GB written)",
+             len(partitions), impl.key, result.seconds["total"], result.bytes_read / 1e9,
+             result.bytes_written / 1e9)
+    return result
+
+
+def _params_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
+
+
+def _tensor_stats(stats: Mapping[str, TensorStats], base: ModelReader, k: int,
+                  names: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, s in stats.items():
+        entry: dict[str, Any] = {"numel": base.meta(name).numel}
+        if s.kept is not None:
+            entry["kept_fraction"] = {p: kept / max(1, entry["numel"])
+                                      for p, kept in zip(names, s.kept, strict=True)}
+            entry["fallback_elements"] = s.fallback
+        out[name] = entry
+    return out

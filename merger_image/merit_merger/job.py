@@ -1,0 +1,144 @@
+"""One merge job, as the stage and the CLI both run it: verify, check quorum, merge, report.
+
+Inputs are local: a base model dir and, per partition, either a PartitionSource (fetched and
+ready to verify) or the ContributionRejected that fetching it already produced. Outputs go
+to one local dir laid out like the stage's storage prefix: `model/`, `merge_report.json`,
+`merge_layers.png` and, where mergekit has the method, `mergekit.yaml`. The report is
+written even when the quorum is not met (then QuorumNotMet is raised after writing it).
+Fetching and uploading belong to the callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meritrun.api import MergeSpec
+from meritrun.artifacts import base_fingerprint
+from meritrun.errors import ContributionRejected
+
+from .engine import Progress, merge_models
+from .methods import get_method
+from .recipe import NO_EQUIVALENT, RECIPE_NAME, mergekit_recipe, write_recipe
+from .report import PLOT_NAME, build_report, plot_layers, write_report
+from .sources import PartitionSource
+from .verification import QuorumNotMet, require_quorum, verify_partitions
+
+log = logging.getLogger(__name__)
+
+MB = 1_000_000
+Candidate = PartitionSource | ContributionRejected
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """Everything that decides a merge besides its inputs."""
+
+    method: str = "token-weighted"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    quorum: float = 1.0
+    outlier_factor: float = 5.0
+    refuse_outliers: bool = False
+    shard_size_bytes: int = 2000 * MB
+    output_dtype: str | None = None
+    device: str = "cpu"
+    strict_dtype: bool = False
+
+
+def settings_from_spec(spec: MergeSpec, *, device: str = "cpu") -> MergeSettings:
+    """MergeSettings from the MeritRun spec's merge section (density from ota or merge)."""
+    ota = spec.ota
+    density = spec.density
+    if spec.method == "ota" and ota is not None and ota.density is not None:
+        density = ota.density
+    values: dict[str, Any] = {"density": density, "scale": spec.scale}
+    if ota is not None:
+        values |= {"power": ota.power, "epsilon": ota.epsilon}
+    method = get_method(spec.method)
+    params = method.parse_params(values, strict=False)
+    return MergeSettings(
+        method=method.key, params=dataclasses.asdict(params), quorum=spec.quorum,
+        outlier_factor=spec.outlier_factor, refuse_outliers=spec.refuse_outliers,
+        shard_size_bytes=spec.shard_size_mb * MB, device=device,
+    )
+
+
+@dataclass
+class JobOutcome:
+    out_dir: Path
+    model_dir: Path
+    report_path: Path
+    report: dict[str, Any]
+    extra_files: list[Path]
+
+
+def run_merge_job(
+    *, base_dir: Path, candidates: Sequence[Candidate], settings: MergeSettings, out_dir: Path,
+    base_uri: str | None = None, locations: Mapping[str, str] | None = None,
+    hashes_verified: frozenset[str] = frozenset(), progress: Progress | None = None,
+) -> JobOutcome:
+    """Verify, merge and report; `locations` names each partition's model for the recipe."""
+    started, out_dir = time.monotonic(), Path(out_dir)
+    method = get_method(settings.method)
+    params = method.parse_params(dict(settings.params))
+    names = [c.name if isinstance(c, PartitionSource) else c.partition for c in candidates]
+    sources = {c.name: c for c in candidates if isinstance(c, PartitionSource)}
+    refused = [c for c in candidates if isinstance(c, ContributionRejected)]
+    timings: dict[str, float] = {}
+    verification = verify_partitions(
+        list(sources.values()), base_dir=base_dir, method=method,
+        outlier_factor=settings.outlier_factor, refuse_outliers=settings.refuse_outliers,
+        hashes_verified=hashes_verified, strict_dtype=settings.strict_dtype)
+    refused += verification.refused
+    timings["verify"] = verification.seconds
+    base_info = {"uri": base_uri or str(base_dir), "fingerprint": base_fingerprint(base_dir)}
+    common = dict(method=method, params=settings.params, candidates=names, sources=sources,
+                  refused=refused, verification=verification, quorum=settings.quorum,
+                  base=base_info)
+    try:
+        require_quorum(len(verification.accepted), len(candidates), settings.quorum, refused)
+    except QuorumNotMet as e:
+        timings["total"] = round(time.monotonic() - started, 3)
+        report = build_report(**common, result=None, status="failed", reason=str(e),
+                              timings=timings)
+        write_report(out_dir, report)
+        raise
+    for r in refused:
+        log.warning("partition %s refused (%s): %s", r.partition, r.check, r.detail)
+    accepted = verification.accepted
+    result = merge_models(
+        base_dir=base_dir, partitions=accepted, method=method.key, params=settings.params,
+        out_dir=out_dir / "model", shard_size_bytes=settings.shard_size_bytes,
+        output_dtype=settings.output_dtype, device=settings.device, progress=progress)
+    timings |= {f"merge_{k}": v for k, v in result.seconds.items()}
+    extra, mergekit = [], _recipe(method, params, base_info["uri"], accepted, result.weights,
+                                  result.output_dtype, locations, out_dir)
+    if mergekit.get("recipe"):
+        extra.append(out_dir / RECIPE_NAME)
+    timings["total"] = round(time.monotonic() - started, 3)
+    report = build_report(**common, result=result, status="succeeded", timings=timings,
+                          mergekit=mergekit, output={"model": "model"})
+    plot = plot_layers(out_dir / PLOT_NAME, report)
+    if plot is not None:
+        extra.append(plot)
+        report["plots"] = [plot.name]
+    path = write_report(out_dir, report)
+    return JobOutcome(out_dir, out_dir / "model", path, report, extra)
+
+
+def _recipe(method, params, base_uri: str, accepted: Sequence[PartitionSource],
+            weights: Mapping[str, float], dtype: str, locations: Mapping[str, str] | None,
+            out_dir: Path) -> dict[str, Any]:
+    parts = [(s.name, (locations or {}).get(s.name, str(s.model_dir)), s.weights)
+             for s in accepted]
+    recipe = mergekit_recipe(method=method, params=dataclasses.asdict(params), base=base_uri,
+                             partitions=parts, weights=weights, dtype=dtype)
+    if recipe is None:
+        return {"recipe": None, "note": NO_EQUIVALENT.format(method=method.key.upper())}
+    write_recipe(out_dir / RECIPE_NAME, recipe, method=method)
+    return {"recipe": RECIPE_NAME, "method": method.mergekit}

@@ -1,0 +1,39 @@
+"""Task arithmetic: add the scaled sum of the task vectors to the base.
+
+Formula: theta = theta0 + lambda * sum_k tau_k, tau_k = theta_k - theta0.
+Parameters: scale (lambda, default 1.0). Unlike the averages it adds the updates up, so with
+K partitions lambda around 1/K keeps the update size of one partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import MergeInputs, MergeMethod, register
+
+
+@dataclass(frozen=True)
+class TaskArithmeticParams:
+    scale: float = 1.0
+
+
+def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], *,
+                    scale: float) -> torch.Tensor:
+    total = torch.zeros_like(base, dtype=torch.float32)
+    for theta in experts:
+        total.add_(theta).sub_(base)
+    return total.mul_(scale).add_(base)
+
+
+@register
+class TaskArithmeticMerge(MergeMethod):
+    key = "task-arithmetic"
+    spec_name = "taskArithmetic"
+    Params = TaskArithmeticParams
+    mergekit = "task_arithmetic"
+
+    def merge(self, inputs: MergeInputs, params: TaskArithmeticParams) -> torch.Tensor:
+        return task_arithmetic(inputs.base, inputs.experts, scale=params.scale)

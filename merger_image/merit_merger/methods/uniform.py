@@ -1,0 +1,29 @@
+"""The plain average of the partitions (linear merge with equal weights).
+
+Formula: theta = (1/K) sum_k theta_k. Parameters: none. The baseline that ignores how much
+data each partition saw; it never reads the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import MergeInputs, MergeMethod, register
+from .token_weighted import token_weighted
+
+
+def uniform(experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return token_weighted(experts, [1.0] * len(experts))
+
+
+@register
+class UniformMerge(MergeMethod):
+    key = "uniform"
+    spec_name = "uniform"
+    needs_base = False
+    mergekit = "linear"
+
+    def merge(self, inputs: MergeInputs, params: object) -> torch.Tensor:
+        return uniform(inputs.experts)

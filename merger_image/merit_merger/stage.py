@@ -1,0 +1,172 @@
+"""Entry point of the merger image: `python -m merit_merger.stage merge|search --params P`.
+
+`merge` reads MergeParams, fetches the base and every partition artifact from storage
+(sha256-verified against its manifest on the way; a corrupt or missing file is a refusal of
+that partition, not a crash), runs the merge job (verify, quorum, merge, report) in the
+workdir and uploads `{output}/model/`, the plot and recipe, and `{output}/merge_report.json`
+LAST (its presence means the merge is complete). When the quorum is not met only the report
+is uploaded. `search` hands SearchParams to the mixture search (merit_merger.search).
+
+Exit codes: 0 success; 1 unexpected error (traceback logged); 2 MeritRunError; 3 quorum not
+met after refusals. Every failure ends with `MERITRUN_ERROR: <reason>` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from meritrun.artifacts import MANIFEST_NAME
+from meritrun.errors import (
+    ContributionRejected,
+    IntegrityError,
+    MeritRunError,
+    ObjectNotFound,
+    SpecError,
+)
+from meritrun.stages import MergeParams, SearchParams
+
+from .job import Candidate, run_merge_job, settings_from_spec
+from .report import REPORT_NAME
+from .verification import QuorumNotMet, load_partition
+
+log = logging.getLogger(__name__)
+
+EXIT_ERROR, EXIT_MERITRUN, EXIT_QUORUM = 1, 2, 3
+
+
+def open_stage_storage(params: MergeParams | SearchParams):
+    from meritrun.storage import open_storage
+
+    return open_storage(params.storage.uri, endpoint=params.storage.endpoint,
+                        region=params.storage.region,
+                        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+
+
+def local_root(storage) -> Path | None:
+    """The directory of a local storage root (artifacts are read in place), else None."""
+    from meritrun.storage import LocalStorage
+
+    return storage.root if isinstance(storage, LocalStorage) else None
+
+
+def fetch_partition(storage, name: str, prefix: str, dest: Path) -> tuple[Candidate, bool]:
+    """(source or refusal, whether its files were sha256-verified while downloading)."""
+    root = local_root(storage)
+    try:
+        if root is not None:
+            return load_partition(root / prefix, name), False
+        try:
+            storage.get_file(f"{prefix}/{MANIFEST_NAME}", dest / MANIFEST_NAME)
+        except ObjectNotFound as e:
+            raise ContributionRejected(name, "missing-file", f"{MANIFEST_NAME}: {e}") from e
+        source = load_partition(dest, name)
+        try:
+            storage.download_dir(prefix, dest, expected=source.manifest.files)
+        except IntegrityError as e:
+            raise ContributionRejected(name, "sha256", str(e)) from e
+        except ObjectNotFound as e:
+            raise ContributionRejected(name, "missing-file", str(e)) from e
+        return source, True
+    except ContributionRejected as rejection:
+        return rejection, False
+
+
+def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
+    """Fetch, merge, upload; returns the report (raises QuorumNotMet after uploading it)."""
+    from meritrun.storage import fetch_path
+
+    storage, workdir = open_stage_storage(params), Path(workdir)
+    where = {"endpoint": params.storage.endpoint, "region": params.storage.region}
+    base_dir = fetch_path(params.base_model, workdir / "cache", **where)
+    candidates, verified, locations = [], set(), {}
+    for part in params.partitions:
+        candidate, checked = fetch_partition(storage, part.name, part.prefix,
+                                             workdir / "partitions" / part.name)
+        candidates.append(candidate)
+        if checked:
+            verified.add(part.name)
+        locations[part.name] = storage.uri_for(f"{part.prefix}/model")
+    out_dir = workdir / "merged"
+    storage.delete_prefix(f"{params.output}/{REPORT_NAME}")  # a stale report must not vouch
+    try:
+        outcome = run_merge_job(
+            base_dir=base_dir, candidates=candidates, settings=settings_from_spec(params.merge),
+            out_dir=out_dir, base_uri=params.base_model, locations=locations,
+            hashes_verified=frozenset(verified))
+    except QuorumNotMet:
+        if (out_dir / REPORT_NAME).is_file():
+            storage.put_file(f"{params.output}/{REPORT_NAME}", out_dir / REPORT_NAME)
+        raise
+    storage.upload_dir(outcome.model_dir, f"{params.output}/model", skip_existing=False)
+    for path in outcome.extra_files:
+        storage.put_file(f"{params.output}/{path.name}", path)
+    storage.put_file(f"{params.output}/{REPORT_NAME}", outcome.report_path)
+    log.info("merged model at %s", storage.uri_for(f"{params.output}/model"))
+    return outcome.report
+
+
+def run_search(params: SearchParams, *, workdir: Path) -> dict:
+    try:
+        from .search import run_search_stage
+    except ImportError:  # the search engineer's entry point may live in cli_search
+        from .cli_search import run_search_stage
+    return run_search_stage(params, workdir=workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m merit_merger.stage")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for stage in ("merge", "search"):
+        p = sub.add_parser(stage)
+        p.add_argument("--params", required=True, type=Path, help="stage params JSON")
+        p.add_argument("--workdir", type=Path, help="scratch dir (default: a temp dir)")
+    return parser
+
+
+def _load(stage: str, path: Path) -> MergeParams | SearchParams:
+    model = MergeParams if stage == "merge" else SearchParams
+    try:
+        return model.model_validate_json(Path(path).read_text())
+    except (OSError, ValidationError) as e:
+        raise SpecError(f"bad {stage} params {path}: {e}", path="params") from e
+
+
+def _fail(code: int, reason: str) -> int:
+    print(f"MERITRUN_ERROR: {' '.join(reason.split())}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = _load(args.stage, args.params)
+        with tempfile.TemporaryDirectory(prefix=f"meritrun-{args.stage}-") as tmp:
+            workdir = args.workdir or Path(tmp)
+            if args.stage == "merge":
+                run_merge_stage(params, workdir=workdir)
+            else:
+                run_search(params, workdir=workdir)
+        return 0
+    except QuorumNotMet as e:
+        log.error("%s", e)
+        return _fail(EXIT_QUORUM, str(e))
+    except MeritRunError as e:
+        log.error("%s", e)
+        return _fail(EXIT_MERITRUN, str(e))
+    except Exception as e:  # noqa: BLE001 - the process boundary: log the traceback, exit 1
+        log.exception("%s stage failed", args.stage)
+        return _fail(EXIT_ERROR, f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The merge stage and the merge CLI end to end: file:// storage as a subprocess, S3 (real
+SeaweedFS) with a corrupted upload, quorum failures and exit codes, report and recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from merit_merger import stage
+from merit_merger.cli_merge import main as cli_main
+from support.experts import load_state, make_experts
+
+from meritrun.api import MergeSpec, OtaSpec
+from meritrun.stages import MergeParams, PartitionInput, StorageParams
+
+RUN, OUTPUT = "r1", "runs/r1/merged/attempt-1"
+
+
+def prefix(name: str) -> str:
+    return f"runs/{RUN}/partitions/{name}/attempt-1"
+
+
+@pytest.fixture(scope="module")
+def pristine(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
+    return make_experts(tmp_path_factory.mktemp("stage-experts"), tiny_base, 3)
+
+
+@pytest.fixture
+def store(pristine, tiny_base: Path, tmp_path: Path) -> Path:
+    """A file:// storage root holding the base and three partition artifacts."""
+    root = tmp_path / "store"
+    shutil.copytree(tiny_base, root / "models" / "base")
+    for a in pristine.artifacts:
+        shutil.copytree(a, root / prefix(a.name))
+    return root
+
+
+def params(root_uri: str, base_uri: str, merge: MergeSpec, **storage) -> MergeParams:
+    return MergeParams(
+        run=RUN, attempt=1, storage=StorageParams(uri=root_uri, **storage), base_model=base_uri,
+        output=OUTPUT, partitions=[PartitionInput(name=p, prefix=prefix(p))
+                                   for p in ("p0", "p1", "p2")], merge=merge)
+
+
+def write_params(tmp_path: Path, p: MergeParams) -> Path:
+    path = tmp_path / "params.json"
+    path.write_text(p.model_dump_json())
+    return path
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_stage_subprocess_merges_on_a_file_root(store, tmp_path, tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    p = params(store.as_uri(), (store / "models" / "base").as_uri(),
+               MergeSpec(method="ota", ota=OtaSpec(density=0.3)))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "merit_merger.stage", "merge", "--params",
+         str(write_params(tmp_path, p)), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = store / OUTPUT
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["status"] == "succeeded" and report["included"] == ["p0", "p1", "p2"]
+    assert report["method"] == "ota" and report["parameters"]["density"] == 0.3
+    assert all(p["ffg_threshold"] > 0 for p in report["partitions"])
+    assert report["mergekit"]["recipe"] is None and "no equivalent" in report["mergekit"]["note"]
+    assert (out / "merge_layers.png").stat().st_size > 1000
+    assert set(load_state(out / "model")) == set(load_state(tiny_base))
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+def test_quorum_not_met_exits_3_and_still_reports(store, tmp_path, capsys):
+    corrupt(store / prefix("p1") / "model" / "model.safetensors")
+    p = params(store.as_uri(), (store / "models" / "base").as_uri(), MergeSpec(quorum=1.0))
+    code = stage.main(["merge", "--params", str(write_params(tmp_path, p))])
+    assert code == 3
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("MERITRUN_ERROR: quorum")
+    report = json.loads((store / OUTPUT / "merge_report.json").read_text())
+    assert report["status"] == "failed"
+    assert report["refused"] == [{"partition": "p1", "check": "sha256", "detail": report[
+        "refused"][0]["detail"]}]
+    assert not (store / OUTPUT / "model").exists()
+
+
+def test_quorum_met_merges_the_rest_with_renormalized_weights(store, tmp_path):
+    corrupt(store / prefix("p1") / "model" / "model.safetensors")
+    p = params(store.as_uri(), (store / "models" / "base").as_uri(), MergeSpec(quorum=0.6))
+    report = stage.run_merge_stage(p, workdir=tmp_path / "work")
+    weights = {x["name"]: x["weight"] for x in report["partitions"]}
+    assert weights == {"p0": pytest.approx(0.25), "p1": None, "p2": pytest.approx(0.75)}
+    assert [x["status"] for x in report["partitions"]] == ["included", "refused", "included"]
+    recipe = yaml.safe_load((store / OUTPUT / "mergekit.yaml").read_text())
+    assert recipe["merge_method"] == "linear"
+    assert [m["parameters"]["weight"] for m in recipe["models"]] == pytest.approx([0.25, 0.75])
+    assert recipe["models"][0]["model"].endswith(f"{prefix('p0')}/model")
+
+
+def test_bad_params_exit_2(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text('{"run": "x"}')
+    assert stage.main(["merge", "--params", str(tmp_path / "bad.json")]) == 2
+    assert "MERITRUN_ERROR: params" in capsys.readouterr().err
+
+
+def test_s3_corrupted_upload_is_a_sha256_refusal(pristine, tiny_base, s3_bucket, tmp_path,
+                                                 monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_bucket.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_bucket.secret_key)
+    storage = s3_bucket.open()
+    storage.upload_dir(tiny_base, "models/base")
+    for a in pristine.artifacts:
+        storage.upload_dir(a, prefix(a.name))
+    bad = tmp_path / "bad.safetensors"
+    shutil.copyfile(pristine.artifacts[2] / "model" / "model.safetensors", bad)
+    corrupt(bad)
+    storage.put_file(f"{prefix('p2')}/model/model.safetensors", bad)
+    p = params(s3_bucket.root_uri, f"{s3_bucket.root_uri}/models/base",
+               MergeSpec(method="ties", density=0.5, scale=0.8, quorum=0.5),
+               endpoint=s3_bucket.endpoint)
+    report = stage.run_merge_stage(p, workdir=tmp_path / "work")
+    assert [(r["partition"], r["check"]) for r in report["refused"]] == [("p2", "sha256")]
+    assert report["included"] == ["p0", "p1"]
+    keys = storage.list_keys(OUTPUT)
+    assert f"{OUTPUT}/merge_report.json" in keys and f"{OUTPUT}/model/config.json" in keys
+    recipe = yaml.safe_load(storage.get_bytes(f"{OUTPUT}/mergekit.yaml"))
+    assert recipe["merge_method"] == "ties" and recipe["parameters"]["lambda"] == 0.8
+    assert recipe["models"][0]["parameters"] == {"weight": 1.0, "density": 0.5}
+    assert recipe["base_model"] == f"{s3_bucket.root_uri}/models/base"
+
+
+def test_cli_prints_the_table_and_refuses_foreign_flags(pristine, tiny_base, tmp_path, capsys):
+    args = ["--base", str(tiny_base), "--out", str(tmp_path / "out"),
+            *map(str, pristine.artifacts)]
+    assert cli_main(["--method", "tokenWeighted", "--density", "0.3", *args]) == 2
+    assert "takes no parameter" in capsys.readouterr().err
+    assert cli_main(["--method", "dare", "--density", "0.5", "--shard-size-mb", "1", *args]) == 0
+    out = capsys.readouterr().out
+    assert "p0" in out and "included" in out and str(tmp_path / "out" / "model") in out
+    recipe = yaml.safe_load((tmp_path / "out" / "mergekit.yaml").read_text())
+    assert recipe["merge_method"] == "dare_linear"
+    assert recipe["models"][2]["model"] == str(pristine.artifacts[2] / "model")
+
+
+def test_settings_from_the_spec():
+    from merit_merger.job import settings_from_spec
+
+    ota = settings_from_spec(MergeSpec(method="ota", ota=OtaSpec(density=0.3, power=1.0),
+                                       shard_size_mb=5))
+    assert ota.method == "ota" and ota.shard_size_bytes == 5_000_000
+    assert ota.params == {"power": 1.0, "epsilon": 1e-26, "density": 0.3}
+    ties = settings_from_spec(MergeSpec(method="ties", scale=0.5, ota=OtaSpec(density=0.3)))
+    assert ties.params == {"density": 0.2, "scale": 0.5}  # ota.density is OTA's alone
+    assert settings_from_spec(MergeSpec(method="tokenWeighted")).params == {}
