@@ -24,6 +24,7 @@ import torch
 
 CHUNK = 1 << 20  # elements per hash chunk; part of the projection's definition, never change
 PROJECTION = "count-sketch/mt19937-sha256-v1"
+DEFAULT_CACHE_BYTES = 256 << 20
 
 
 def chunk_seed(seed: int, name: str, chunk: int) -> int:
@@ -46,7 +47,7 @@ class CountSketch:
     trades memory for speed: the result is the same either way.
     """
 
-    def __init__(self, dim: int, *, seed: int, cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, dim: int, *, seed: int, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         if not 1 <= dim < 1 << 30:
             raise ValueError(f"sketch dimension must be in [1, 2^30), got {dim}")
         self.dim, self.seed, self.cache_bytes = dim, seed, cache_bytes

@@ -28,7 +28,7 @@ from .calibration import (
     encode_supervised,
 )
 from .gradients import GradientSketcher, load_base
-from .sketch import PROJECTION, CountSketch
+from .sketch import DEFAULT_CACHE_BYTES, PROJECTION, CountSketch
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,18 @@ def profile_sketches(
     *,
     max_seq_len: int = DEFAULT_MAX_LEN,
     device=None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> SketchSet:
-    """Calibrate, take every source's mean-loss gradient at the base and sketch it."""
+    """Calibrate, take every source's mean-loss gradient at the base and sketch it.
+
+    cache_bytes bounds the hash cache on the model's device (4 bytes per sketched element):
+    parameters beyond it have their hashes regenerated on the CPU for every micro-batch.
+    """
     model, tokenizer = load_base(Path(model_dir), device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     calib = build_calibration(examples_by_source, stride=settings.stride,
                               samples=settings.calibration_samples, seed=settings.seed)
-    sketch = CountSketch(settings.projection_dim, seed=settings.seed)
+    sketch = CountSketch(settings.projection_dim, seed=settings.seed, cache_bytes=cache_bytes)
     sketcher = GradientSketcher(model, settings.parameters, sketch)
     rows, tokens = [], {}
     try:

@@ -20,7 +20,7 @@ import numpy as np
 
 from meritrun.api import PartitioningSpec, ProfilingSpec
 from meritrun.data import Example
-from meritrun.errors import MeritRunError, SpecError, StageFailed
+from meritrun.errors import DataError, MeritRunError, SpecError, StageFailed
 from meritrun.partitioning import (
     by_site_split,
     conflict_split,
@@ -102,6 +102,8 @@ def profile_to_dir(
     out_dir.mkdir(parents=True, exist_ok=True)
     site_of, strategy = dict(site_of or {}), partitioning.strategy
     names = list(examples) + [s for s in remote if s not in examples]
+    if not names:
+        raise DataError("the data holds no examples: nothing to profile")
     k = partitioning.partition_count()
     wants_gradients = strategy == "conflictPCA" or (strategy == "bySite" and not remote)
     if strategy == "conflictPCA" and remote:
@@ -168,7 +170,7 @@ def run_profile_stage(params: ProfileParams, *, workdir: Path) -> Plan:
     plan = profile_to_dir(
         data.examples, model_dir, out_dir, profiling=params.profiling,
         partitioning=params.partitioning, site_of=site_bindings(params.data, params.sites),
-        remote=data.remote,
+        remote=data.remote, max_seq_len=params.max_seq_len,
     )
     files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != PLAN_NAME)
     for path in [*files, out_dir / PLAN_NAME]:  # plan.json last: it marks completion
