@@ -8,23 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+
 from merit_merger import cli_eval
 from merit_merger.evaluation import evaluate_dir, evaluate_model, format_eval_table, load_model
-
 from meritrun.data import Turn, group_by_source, read_examples
 from meritrun.textenc import render_context
 
 MAX_NEW = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two spinning
-    OpenMP threads ran about 10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

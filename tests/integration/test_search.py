@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from merit_merger import cli_search
 from merit_merger.cli_search import run_search_stage
 from merit_merger.evaluation import load_model
 from merit_merger.search import MergeProxy, load_expert_state, search_mixtures, simplex_grid
-from safetensors.torch import load_file
-
 from meritrun.api import MixtureSearchSpec
 from meritrun.artifacts import (
     PartitionManifest,
@@ -43,16 +43,6 @@ W_STAR = (0.125, 0.625, 0.25)
 NAMES = ["p0", "p1", "p2"]
 SOURCES = [("copy", "copy"), ("reverse", "reverse"), ("add", "add")]
 RANDOM_SCALE = 4.0  # r_i in units of each tensor's std: large enough to dominate the gradient
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine two spinning
-    OpenMP threads ran about 10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
