@@ -65,6 +65,9 @@ def run_demo(workdir: Path, *, strategy: str = "conflictPCA", parallel: int = 1)
     from .runner_cli import ProgressView, print_summary, resolve_paths
     from .validation import load_run
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per model load/save drowns the run's own
     workdir = workdir.resolve()
     yaml_path = prepare_demo(workdir, strategy=strategy)
     print(f"demo: tiny base, {len(DEMO_SOURCES)} sources, run spec {yaml_path}")

@@ -16,7 +16,7 @@ from .api import MeritRunStatus
 def format_report_table(models: dict[str, dict], sources: list[str]) -> str:
     """Rows: sources then the macro mean; columns: models; cells: loss (accuracy)."""
     names = list(models)
-    width = max(12, *(len(n) + 2 for n in names))
+    width = max(16, *(len(n) + 2 for n in names))
     lines = [f"{'held-out loss (acc)':<20}" + "".join(f"{n:>{width}}" for n in names)]
     for src in [*sources, "mean"]:
         cells = []
