@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_NAME = "manifest.json"
 OPTIMIZER_V_NAME = "optimizer_v.safetensors"
+VERDICT_NAME = "verdict.json"
 FORMAT_VERSION = "meritrun.partition/v1"
 TOKEN_DEFINITION = "supervised = response/assistant tokens after truncation, summed over epochs"
 _CHUNK = 8 << 20
@@ -130,3 +131,9 @@ def merged_prefix(run: str, attempt: int) -> str:
 
 def search_prefix(run: str, attempt: int) -> str:
     return f"{run_prefix(run)}/search/attempt-{attempt}"
+
+
+def verdict_prefix(run: str, partition: str, attempt: int) -> str:
+    """The hub's verdict on a contribution: outside the prefix the contributing site may
+    write, so a site can never forge its own acceptance."""
+    return f"{run_prefix(run)}/verdicts/{partition}/attempt-{attempt}"

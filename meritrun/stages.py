@@ -24,6 +24,7 @@ STAGE_MODULES = {
     "train": "merit_trainer.stage",
     "merge": "merit_merger.stage",
     "search": "merit_merger.stage",
+    "verify": "merit_merger.stage",
 }
 
 
@@ -49,6 +50,10 @@ class ProfileParams(_Params):
     profiling: ProfilingSpec
     partitioning: PartitioningSpec
     sites: dict[str, str] = Field(default_factory=dict, description="source -> site binding.")
+    site_sketches: dict[str, str] = Field(
+        default_factory=dict,
+        description="site -> key prefix (under storage) of the gradient sketches it uploaded "
+                    "for its own sources (sketch.npy + sketch.json): profiling without its data.")
     max_seq_len: int = Field(512, ge=8, description="Truncation used to count tokens (training's).")
 
 
@@ -66,6 +71,10 @@ class PartitionInput(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     prefix: str = Field(description="Key prefix of the partition artifact (with attempt).")
+    site: str | None = Field(None, description="Site expected to have trained it (manifest.site).")
+    public_key: str | None = Field(
+        None, description="The site's registered ed25519 key: the manifest must carry a valid "
+                          "signature by it.")
 
 
 class MergeParams(_Params):
@@ -73,6 +82,31 @@ class MergeParams(_Params):
     partitions: list[PartitionInput]
     merge: MergeSpec
     held_out: str | None = Field(None, description="Held-out JSONL URI for the report.")
+
+
+class VerifyParams(_Params):
+    """Check one contribution when it arrives, before it counts (pull sites).
+
+    `output` is the verdict prefix (artifacts.verdict_prefix); the stage writes
+    `{output}/verdict.json` (a Verdict) and exits 0 whether it accepts or refuses.
+    """
+
+    stage: str = "verify"
+    partition: PartitionInput
+    merge: MergeSpec = Field(description="Method (OTA needs second moments) and tolerances.")
+
+
+class Verdict(BaseModel):
+    """verdict.json: the hub's verdict on one contribution."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: str = "meritrun.verdict/v1"
+    partition: str
+    attempt: int
+    accepted: bool
+    check: str | None = Field(None, description="The failed check (refusals).")
+    detail: str | None = Field(None, description="What was wrong, for the status.")
+    manifest_sha256: str | None = Field(None, description="sha256 of the manifest it judged.")
 
 
 class SearchParams(_Params):

@@ -21,6 +21,7 @@ from typing import Any
 from meritrun.api import MergeSpec
 from meritrun.artifacts import base_fingerprint
 from meritrun.errors import ContributionRejected
+from meritrun.stages import PartitionInput
 
 from .engine import Progress, merge_models
 from .methods import get_method
@@ -81,8 +82,13 @@ def run_merge_job(
     *, base_dir: Path, candidates: Sequence[Candidate], settings: MergeSettings, out_dir: Path,
     base_uri: str | None = None, locations: Mapping[str, str] | None = None,
     hashes_verified: frozenset[str] = frozenset(), progress: Progress | None = None,
+    expected: Mapping[str, PartitionInput] | None = None, run: str | None = None,
 ) -> JobOutcome:
-    """Verify, merge and report; `locations` names each partition's model for the recipe."""
+    """Verify, merge and report; `locations` names each partition's model for the recipe.
+
+    `expected` (partition -> PartitionInput) adds the site and signature checks of
+    partitions from other sites, and `run` the run their signed manifests must name.
+    """
     started, out_dir = time.monotonic(), Path(out_dir)
     method = get_method(settings.method)
     params = method.parse_params(dict(settings.params))
@@ -93,7 +99,8 @@ def run_merge_job(
     verification = verify_partitions(
         list(sources.values()), base_dir=base_dir, method=method,
         outlier_factor=settings.outlier_factor, refuse_outliers=settings.refuse_outliers,
-        hashes_verified=hashes_verified, strict_dtype=settings.strict_dtype)
+        hashes_verified=hashes_verified, strict_dtype=settings.strict_dtype,
+        expected=expected, run=run)
     refused += verification.refused
     timings["verify"] = verification.seconds
     base_info = {"uri": base_uri or str(base_dir), "fingerprint": base_fingerprint(base_dir)}

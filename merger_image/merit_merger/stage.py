@@ -1,4 +1,4 @@
-"""Entry point of the merger image: `python -m merit_merger.stage merge|search --params P`.
+"""Entry point of the merger image: `python -m merit_merger.stage merge|search|verify --params P`.
 
 `merge` reads MergeParams, fetches the base and every partition artifact from storage
 (sha256-verified against its manifest on the way; a corrupt or missing file is a refusal of
@@ -6,6 +6,8 @@ that partition, not a crash), runs the merge job (verify, quorum, merge, report)
 workdir and uploads `{output}/model/`, the plot and recipe, and `{output}/merge_report.json`
 LAST (its presence means the merge is complete). When the quorum is not met only the report
 is uploaded. `search` hands SearchParams to the mixture search (merit_merger.search).
+`verify` judges one arriving contribution (merit_merger.verify) and writes its verdict; a
+refusal is a verdict, so it exits 0 too.
 
 Exit codes: 0 success; 1 unexpected error (traceback logged); 2 MeritRunError; 3 quorum not
 met after refusals. Every failure ends with `MERITRUN_ERROR: <reason>` on stderr.
@@ -30,7 +32,7 @@ from meritrun.errors import (
     ObjectNotFound,
     SpecError,
 )
-from meritrun.stages import MergeParams, SearchParams
+from meritrun.stages import MergeParams, SearchParams, VerifyParams
 
 from .job import Candidate, run_merge_job, settings_from_spec
 from .report import REPORT_NAME
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 EXIT_ERROR, EXIT_MERITRUN, EXIT_QUORUM = 1, 2, 3
 
 
-def open_stage_storage(params: MergeParams | SearchParams):
+def open_stage_storage(params: MergeParams | SearchParams | VerifyParams):
     from meritrun.storage import open_storage
 
     return open_storage(params.storage.uri, endpoint=params.storage.endpoint,
@@ -100,7 +102,8 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
         outcome = run_merge_job(
             base_dir=base_dir, candidates=candidates, settings=settings_from_spec(params.merge),
             out_dir=out_dir, base_uri=params.base_model, locations=locations,
-            hashes_verified=frozenset(verified))
+            hashes_verified=frozenset(verified),
+            expected={part.name: part for part in params.partitions}, run=params.run)
     except QuorumNotMet:
         if (out_dir / REPORT_NAME).is_file():
             storage.put_file(f"{params.output}/{REPORT_NAME}", out_dir / REPORT_NAME)
@@ -124,15 +127,18 @@ def run_search(params: SearchParams, *, workdir: Path) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m merit_merger.stage")
     sub = parser.add_subparsers(dest="stage", required=True)
-    for stage in ("merge", "search"):
+    for stage in ("merge", "search", "verify"):
         p = sub.add_parser(stage)
         p.add_argument("--params", required=True, type=Path, help="stage params JSON")
         p.add_argument("--workdir", type=Path, help="scratch dir (default: a temp dir)")
     return parser
 
 
-def _load(stage: str, path: Path) -> MergeParams | SearchParams:
-    model = MergeParams if stage == "merge" else SearchParams
+STAGE_PARAMS = {"merge": MergeParams, "search": SearchParams, "verify": VerifyParams}
+
+
+def _load(stage: str, path: Path) -> MergeParams | SearchParams | VerifyParams:
+    model = STAGE_PARAMS[stage]
     try:
         return model.model_validate_json(Path(path).read_text())
     except (OSError, ValidationError) as e:
@@ -154,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             workdir = args.workdir or Path(tmp)
             if args.stage == "merge":
                 run_merge_stage(params, workdir=workdir)
+            elif args.stage == "verify":
+                from .verify import run_verify_stage  # imports this module: not at the top
+
+                run_verify_stage(params, workdir=workdir)
             else:
                 run_search(params, workdir=workdir)
         return 0

@@ -1,7 +1,9 @@
 """Checks every contribution before it is merged; refuses with a named check, never skips.
 
 A partition may come from a machine we do not control, so before merging we check, in order:
-its manifest (`missing-file` if absent, `format` if unreadable or of an unknown version),
+its manifest (`missing-file` if absent, `format` if unreadable or of an unknown version), the
+site it claims (`site`) and its signature (`signature`) when the partition's expected site or
+registered key is known (MergeParams.partitions; a hub-trained partition has neither),
 every listed file's size and sha256 (`missing-file`, `sha256`; a file the manifest does not
 list is refused as `sha256` too: nothing vouches for it), the base fingerprint
 (`base-fingerprint`), the token count (`tokens`), tensor names, shapes and dtypes against the
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +29,8 @@ from pydantic import ValidationError
 
 from meritrun.artifacts import FORMAT_VERSION, MANIFEST_NAME, base_fingerprint, sha256_file
 from meritrun.errors import ContributionRejected, StageFailed
+from meritrun.signing import verify_manifest_signature
+from meritrun.stages import PartitionInput
 
 from .blocks import BlockLoader, block_rows
 from .engine import DEFAULT_CHUNK_ELEMENTS
@@ -39,7 +43,8 @@ from .sources import ExpertReader, PartitionSource
 log = logging.getLogger(__name__)
 
 CHECKS = ("sha256", "missing-file", "format", "base-fingerprint", "tensor-name", "tensor-shape",
-          "tensor-dtype", "non-finite", "tokens", "second-moments", "outlier-norm")
+          "tensor-dtype", "non-finite", "tokens", "second-moments", "outlier-norm", "site",
+          "signature")
 
 
 class QuorumNotMet(StageFailed):
@@ -82,6 +87,37 @@ def load_partition(artifact_dir: Path, name: str) -> PartitionSource:
         raise ContributionRejected(name, "format", f"manifest format {source.manifest.format!r}"
                                    f" is not the known {FORMAT_VERSION!r}")
     return source
+
+
+def check_identity(source: PartitionSource, expected: PartitionInput, *, run: str | None = None,
+                   attempt: int | None = None) -> None:
+    """Trained at the expected site, and signed by its registered key (when either is set).
+
+    A hub-trained partition has neither, so nothing is checked for it. A valid signature only
+    vouches for the manifest it covers, so the signed run/partition/attempt must name this
+    contribution: else a site's signed artifact could be replayed under another partition.
+    """
+    name, manifest = source.name, source.manifest
+    if manifest is None:
+        if expected.site or expected.public_key:
+            raise ContributionRejected(name, "format", "no manifest to check site and signature")
+        return
+    if expected.site and manifest.site != expected.site:
+        raise ContributionRejected(name, "site", f"the manifest says site {manifest.site!r}; "
+                                   f"the partition is assigned to site {expected.site!r}")
+    if not expected.public_key:
+        return
+    try:
+        verify_manifest_signature(manifest, expected.public_key)
+    except ContributionRejected as e:  # named after the manifest's claim: use ours
+        raise ContributionRejected(name, e.check, e.detail) from e
+    claims = {"run": (manifest.run, run), "partition": (manifest.partition, expected.name),
+              "attempt": (manifest.attempt, attempt)}
+    wrong = [f"{k} {got!r} (expected {want!r})" for k, (got, want) in claims.items()
+             if want is not None and got != want]
+    if wrong:
+        raise ContributionRejected(name, "signature", "the signed manifest is for another "
+                                   "contribution: " + ", ".join(wrong))
 
 
 def check_files(source: PartitionSource, *, hashes: bool = True) -> None:
@@ -263,11 +299,14 @@ def verify_partitions(
     outlier_factor: float = 5.0, refuse_outliers: bool = False,
     hashes_verified: Collection[str] = (),
     strict_dtype: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    expected: Mapping[str, PartitionInput] | None = None, run: str | None = None,
 ) -> Verification:
     """Run every check; the result lists accepted and refused partitions and outliers.
 
     `hashes_verified` names partitions whose files were sha256-checked on download (their
     sizes are still checked here; hashing them again would read every byte twice).
+    `expected` (partition -> its PartitionInput) adds the site and signature checks, and
+    `run` the run a signed manifest must name.
     """
     started, result = time.monotonic(), Verification()
     base_fp = base_fingerprint(Path(base_dir))
@@ -275,6 +314,8 @@ def verify_partitions(
     with ModelReader(Path(base_dir)) as base:
         for source in sources:
             try:
+                if (want := (expected or {}).get(source.name)) is not None:
+                    check_identity(source, want, run=run)
                 if source.manifest is not None:
                     check_files(source, hashes=source.name not in hashes_verified)
                 check_static(source, base, base_fp, method, strict_dtype=strict_dtype)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support.experts import load_state, make_experts, refresh_manifest
+
 from merit_merger import stage
 from merit_merger.cli_merge import main as cli_main
-from support.experts import load_state, make_experts
-
 from meritrun.api import MergeSpec, OtaSpec
 from meritrun.stages import MergeParams, PartitionInput, StorageParams
 
@@ -166,3 +166,27 @@ def test_settings_from_the_spec():
     ties = settings_from_spec(MergeSpec(method="ties", scale=0.5, ota=OtaSpec(density=0.3)))
     assert ties.params == {"density": 0.2, "scale": 0.5}  # ota.density is OTA's alone
     assert settings_from_spec(MergeSpec(method="tokenWeighted")).params == {}
+
+
+def test_bad_signature_is_refused_while_the_others_merge(store, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from meritrun.artifacts import read_manifest, write_manifest
+    from meritrun.signing import public_key_b64, sign_manifest
+
+    site_key = Ed25519PrivateKey.generate()
+    for name, key in (("p1", Ed25519PrivateKey.generate()), ("p2", site_key)):
+        artifact = store / prefix(name)
+        refresh_manifest(artifact, run=RUN, site="b")
+        write_manifest(artifact, sign_manifest(read_manifest(artifact), key))
+    site_b = {"site": "b", "public_key": public_key_b64(site_key)}
+    p = params(store.as_uri(), (store / "models" / "base").as_uri(), MergeSpec(quorum=0.6))
+    p = p.model_copy(update={"partitions": [
+        PartitionInput(name="p0", prefix=prefix("p0")),  # hub-trained: no site, no key
+        PartitionInput(name="p1", prefix=prefix("p1"), **site_b),
+        PartitionInput(name="p2", prefix=prefix("p2"), **site_b)]})
+    report = stage.run_merge_stage(p, workdir=tmp_path / "work")
+    assert [(r["partition"], r["check"]) for r in report["refused"]] == [("p1", "signature")]
+    assert "does not match" in report["refused"][0]["detail"]
+    assert report["status"] == "succeeded" and report["included"] == ["p0", "p2"]
+    assert (store / OUTPUT / "model" / "config.json").is_file()

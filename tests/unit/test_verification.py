@@ -8,14 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from merit_merger.methods import get_method
-from merit_merger.verification import (
-    CHECKS,
-    QuorumNotMet,
-    load_partition,
-    require_quorum,
-    verify_partitions,
-)
 from support.experts import (
     load_state,
     make_experts,
@@ -25,6 +17,14 @@ from support.experts import (
     write_partition,
 )
 
+from merit_merger.methods import get_method
+from merit_merger.verification import (
+    CHECKS,
+    QuorumNotMet,
+    load_partition,
+    require_quorum,
+    verify_partitions,
+)
 from meritrun.artifacts import MANIFEST_NAME, TokenCounts
 from meritrun.errors import ContributionRejected
 
@@ -193,3 +193,29 @@ def test_quorum():
     assert err.value.refused == [refusal]
     with pytest.raises(QuorumNotMet):
         require_quorum(0, 2, 0.1, [])
+
+
+def test_site_and_signature_are_checked_where_expected(parts, tiny_base):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from meritrun.artifacts import read_manifest, write_manifest
+    from meritrun.signing import public_key_b64, sign_manifest
+    from meritrun.stages import PartitionInput
+
+    key = Ed25519PrivateKey.generate()
+    for p, site in zip(parts, ("a", "b", "b"), strict=True):
+        refresh_manifest(p, site=site, run="r")
+        write_manifest(p, sign_manifest(read_manifest(p), key))
+    registered = public_key_b64(key)
+    expected = {"p0": PartitionInput(name="p0", prefix="x"),  # hub partition: nothing to check
+                "p1": PartitionInput(name="p1", prefix="x", site="c"),
+                "p2": PartitionInput(name="p2", prefix="x", site="b", public_key=registered)}
+    refused, result = verify(parts, tiny_base, expected=expected, run="r")
+    assert "site 'b'" in only_refusal(refused, "p1", "site").detail
+    assert [s.name for s in result.accepted] == ["p0", "p2"]
+    # The same valid signature does not vouch for another run (a replayed contribution).
+    refused, _ = verify(parts, tiny_base, expected={"p2": expected["p2"]}, run="r2")
+    assert "run 'r' (expected 'r2')" in only_refusal(refused, "p2", "signature").detail
+    refresh_manifest(parts[2], signature=None)  # unsigned although the site has a key
+    refused, _ = verify(parts, tiny_base, expected={"p2": expected["p2"]}, run="r")
+    assert "not signed" in only_refusal(refused, "p2", "signature").detail
