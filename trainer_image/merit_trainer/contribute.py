@@ -197,7 +197,8 @@ def contribute_sketch(ticket: Ticket, data: SiteData, *, base_dir: Path, workdir
 
     a = ticket.assignment
     groups = group_by_source(iter_examples(data.path, source_field=a.source_field))
-    sketches = profile_sketches(base_dir, {s: groups[s] for s in a.sources}, a.profiling)
+    sketches = profile_sketches(base_dir, {s: groups[s] for s in a.sources}, a.profiling,
+                                max_seq_len=a.training.max_seq_len)  # count tokens as the hub does
     npy, meta = save_sketch_set(sketches, workdir / "sketch" / "sketch")
     ticket.storage.put_file(f"{a.output}/{npy.name}", npy)
     ticket.storage.put_file(f"{a.output}/{meta.name}", meta)  # last: marks the sketch complete

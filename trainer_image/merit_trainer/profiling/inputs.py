@@ -3,8 +3,8 @@
 The profile stage needs all sources at once (token counts for the split; calibration examples
 for the gradients). Data comes from one mixture file (`data.uri`) and/or one file per source
 (`data.sources[].uri`), local or in S3. A source declared without a uri lives at a site that
-keeps its data: it is returned as remote, and only strategies that need no gradient of it can
-place it.
+keeps its data: it is returned as remote; its gradient can only come from the sketches its site
+uploads (remote.py), else only strategies that need no gradient of it can place it.
 """
 
 from __future__ import annotations

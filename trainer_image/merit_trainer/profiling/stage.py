@@ -3,9 +3,10 @@
 `profile_to_dir` is the one code path behind both the stage (`run_profile_stage`, which then
 uploads to storage) and the `meritrun profile` CLI (which writes a local folder). Strategies:
 conflictPCA sketches every source's gradient and splits along the PCA axes; bySite does the
-same inside each site when the hub can read every source's data, else balances tokens; random
-and manual need no gradient. plan.json is written (and uploaded) last, so its presence means
-the profile is complete.
+same inside each site when every source has a gradient, else balances tokens; random and
+manual need no gradient. A source whose data stays at its site gets its gradient from the
+sketch set that site uploaded (remote.py checks it), so the hub profiles it without its data.
+plan.json is written (and uploaded) last, so its presence means the profile is complete.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from meritrun.api import PartitioningSpec, ProfilingSpec
+from meritrun.artifacts import base_fingerprint
 from meritrun.data import Example
 from meritrun.errors import DataError, MeritRunError, SpecError, StageFailed
 from meritrun.partitioning import (
@@ -36,7 +38,8 @@ from .conflict import cosine_matrix, principal_axes
 from .gradients import load_tokenizer
 from .inputs import load_sources, site_bindings
 from .plots import plot_conflict, plot_pca
-from .sketchset import SketchSet, profile_sketches, save_sketch_set
+from .remote import check_site_sketches, expected_settings, fetch_site_sketches, reorder
+from .sketchset import SketchSet, combine_sketch_sets, profile_sketches, save_sketch_set
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,14 @@ def split_sources(
     raise SpecError(f"unknown strategy {strategy!r}", path="spec.partitioning.strategy")
 
 
+def _all_sketches(model_dir: Path, own: Mapping[str, Sequence[Example]],
+                  site_sets: Mapping[str, SketchSet], profiling: ProfilingSpec, *,
+                  order: Sequence[str], max_seq_len: int) -> SketchSet:
+    """The hub's sketches of the sources it reads, plus the sites' sets, rows in plan order."""
+    sets = [profile_sketches(model_dir, own, profiling, max_seq_len=max_seq_len)] if own else []
+    return reorder(combine_sketch_sets([*sets, *site_sets.values()]), order)
+
+
 def profile_to_dir(
     examples: Mapping[str, Sequence[Example]],
     model_dir: Path,
@@ -95,25 +106,43 @@ def profile_to_dir(
     partitioning: PartitioningSpec,
     site_of: Mapping[str, str | None] | None = None,
     remote: Sequence[str] = (),
+    site_sketches: Mapping[str, SketchSet] | None = None,
     max_seq_len: int = DEFAULT_MAX_LEN,
 ) -> Plan:
-    """Profile, split and write plan.json (+ conflict.npy, sketch.npy/json, PNGs) to out_dir."""
+    """Profile, split and write plan.json (+ conflict.npy, sketch.npy/json, PNGs) to out_dir.
+
+    site_sketches (site -> the sketch set it uploaded) stand in for the data of the site's
+    sources: checked (remote.check_site_sketches), then profiled like the hub's own.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    site_of, strategy = dict(site_of or {}), partitioning.strategy
+    site_of, strategy, site_sets = dict(site_of or {}), partitioning.strategy, site_sketches or {}
     names = list(examples) + [s for s in remote if s not in examples]
     if not names:
         raise DataError("the data holds no examples: nothing to profile")
     k = partitioning.partition_count()
-    wants_gradients = strategy == "conflictPCA" or (strategy == "bySite" and not remote)
-    if strategy == "conflictPCA" and remote:
-        raise SpecError(f"conflictPCA needs the data of every source; {remote[0]!r} has none "
-                        "here (use bySite, or give its uri)", path="spec.data.sources")
     settings: dict = {"partitions_requested": k, "max_seq_len": max_seq_len,
                       "seed": partitioning.seed}
+    if site_sets:
+        expected = expected_settings(profiling, base=base_fingerprint(Path(model_dir)),
+                                     max_seq_len=max_seq_len)
+        differences = check_site_sketches(site_sets, expected=expected, site_of=site_of,
+                                          sources=names, readable=list(examples))
+        settings["site_sketches"] = {site: list(s.names) for site, s in site_sets.items()}
+        if differences:
+            settings["site_sketch_differences"] = differences
+    sketched = {n for s in site_sets.values() for n in s.names}
+    own = {s: exs for s, exs in examples.items() if s not in sketched}  # the hub sketches
+    unknown = [s for s in remote if s not in sketched]  # no data and no sketch here
+    wants_gradients = strategy == "conflictPCA" or (strategy == "bySite" and not unknown)
+    if strategy == "conflictPCA" and unknown:
+        raise SpecError(f"conflictPCA needs the gradients of every source; {unknown[0]!r} has "
+                        "no data and no sketches here (give its uri, set sketches: true on its "
+                        "site, or use bySite)", path="spec.data.sources")
     scores, explained, analysis = None, None, None
     if wants_gradients:
-        sketches = profile_sketches(model_dir, examples, profiling, max_seq_len=max_seq_len)
+        sketches = _all_sketches(model_dir, own, site_sets, profiling, order=names,
+                                 max_seq_len=max_seq_len)
         tokens = dict(sketches.tokens)
         analysis = _conflict_outputs(sketches, axes=partitioning.axes,
                                      centered=profiling.centered, out_dir=out_dir)
@@ -129,10 +158,11 @@ def profile_to_dir(
             calibration=sketches.calibration, calibration_short=sketches.short,
         )
     else:
-        tokens = _token_counts(model_dir, examples, max_len=max_seq_len)
-    if remote:  # their sites count their own tokens; the merge weights by the manifests
-        tokens.update({s: 0 for s in remote})
-        settings["tokens_unknown"] = list(remote)
+        tokens = _token_counts(model_dir, own, max_len=max_seq_len)
+        tokens.update({n: c for s in site_sets.values() for n, c in s.tokens.items()})
+    if unknown:  # their sites count their own tokens; the merge weights by the manifests
+        tokens.update({s: 0 for s in unknown})
+        settings["tokens_unknown"] = list(unknown)
 
     parts = split_sources(partitioning, names, tokens, scores=scores, site_of=site_of,
                           settings=settings)
@@ -165,12 +195,14 @@ def run_profile_stage(params: ProfileParams, *, workdir: Path) -> Plan:
     except (MeritRunError, OSError) as e:
         raise StageFailed(f"cannot fetch base model {params.base_model}: {e}") from e
     data = load_sources(params.data, workdir / "cache", endpoint=endpoint, region=region)
-    out_dir = workdir / "profile"
-    shutil.rmtree(out_dir, ignore_errors=True)  # a retried attempt must not upload stale files
+    out_dir, sketch_dir = workdir / "profile", workdir / "site-sketches"
+    for stale in (out_dir, sketch_dir):  # a retried attempt must not reuse or upload old files
+        shutil.rmtree(stale, ignore_errors=True)
+    site_sets = fetch_site_sketches(storage, params.site_sketches, sketch_dir)
     plan = profile_to_dir(
         data.examples, model_dir, out_dir, profiling=params.profiling,
         partitioning=params.partitioning, site_of=site_bindings(params.data, params.sites),
-        remote=data.remote, max_seq_len=params.max_seq_len,
+        remote=data.remote, site_sketches=site_sets, max_seq_len=params.max_seq_len,
     )
     files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != PLAN_NAME)
     for path in [*files, out_dir / PLAN_NAME]:  # plan.json last: it marks completion
