@@ -60,12 +60,12 @@ def prepare_demo(workdir: Path, *, strategy: str) -> Path:
 
 
 def run_demo(workdir: Path, *, strategy: str = "conflictPCA", parallel: int = 1) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .local import run_local
     from .report import write_demo_report
     from .runner_cli import ProgressView, print_summary, resolve_paths
     from .validation import load_run
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per model load/save drowns the run's own
     workdir = workdir.resolve()

@@ -18,10 +18,11 @@ from .stages import (
     SearchParams,
     StorageParams,
     TrainParams,
+    VerifyParams,
 )
 
-Stage = Literal["profile", "train", "merge", "search"]
-StageParams = ProfileParams | TrainParams | MergeParams | SearchParams
+Stage = Literal["profile", "train", "merge", "search", "verify"]
+StageParams = ProfileParams | TrainParams | MergeParams | SearchParams | VerifyParams
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class CreateJob:
 
 
 def job_name(run: str, stage: str, attempt: int, partition: str | None = None) -> str:
-    middle = partition if stage == "train" else stage
+    middle = {"train": partition, "verify": f"{partition}-verify"}.get(stage, stage)
     return f"{run}-{middle}-a{attempt}"
 
 
@@ -52,12 +53,14 @@ def source_sites(spec: MeritRunSpec) -> dict[str, str]:
     return {s.name: s.site for s in spec.data.sources or [] if s.site}
 
 
-def profile_job(run: str, spec: MeritRunSpec, attempt: int) -> CreateJob:
+def profile_job(run: str, spec: MeritRunSpec, attempt: int, *,
+                site_sketches: dict[str, str] | None = None) -> CreateJob:
     params = ProfileParams(
         run=run, attempt=attempt, storage=storage_params(spec),
         base_model=spec.base_model.uri, output=artifacts.plan_prefix(run, attempt),
         data=spec.data, profiling=spec.profiling, partitioning=spec.partitioning,
         sites=source_sites(spec), max_seq_len=spec.training.max_seq_len,
+        site_sketches=dict(site_sketches or {}),
     )
     return CreateJob("profile", job_name(run, "profile", attempt), attempt, params)
 
@@ -75,16 +78,39 @@ def train_job(run: str, spec: MeritRunSpec, part: PartitionStatus, attempt: int,
                      partition=part.name, cluster=cluster)
 
 
-def partition_inputs(run: str, parts: list[PartitionStatus]) -> list[PartitionInput]:
-    return [PartitionInput(name=p.name, prefix=artifacts.partition_prefix(run, p.name, p.attempt))
-            for p in parts]
+def site_public_key(spec: MeritRunSpec, site: str | None) -> str | None:
+    return next((s.public_key for s in spec.sites or [] if s.name == site), None)
+
+
+def partition_input(run: str, spec: MeritRunSpec, part: PartitionStatus) -> PartitionInput:
+    """Where a partition's artifact is, and who must have made (and signed) it."""
+    return PartitionInput(name=part.name,
+                          prefix=artifacts.partition_prefix(run, part.name, part.attempt),
+                          site=part.site, public_key=site_public_key(spec, part.site))
+
+
+def partition_inputs(run: str, spec: MeritRunSpec,
+                     parts: list[PartitionStatus]) -> list[PartitionInput]:
+    return [partition_input(run, spec, p) for p in parts]
+
+
+def verify_job(run: str, spec: MeritRunSpec, part: PartitionStatus, attempt: int) -> CreateJob:
+    """Check a pull site's contribution (attempt = the partition's attempt) as it arrives."""
+    params = VerifyParams(
+        run=run, attempt=attempt, storage=storage_params(spec), base_model=spec.base_model.uri,
+        output=artifacts.verdict_prefix(run, part.name, attempt),
+        partition=partition_input(run, spec, part), merge=spec.merge,
+    )
+    return CreateJob("verify", job_name(run, "verify", attempt, part.name), attempt, params,
+                     partition=part.name)
 
 
 def merge_job(run: str, spec: MeritRunSpec, included: list[PartitionStatus],
               attempt: int) -> CreateJob:
     params = MergeParams(
         run=run, attempt=attempt, storage=storage_params(spec), base_model=spec.base_model.uri,
-        output=artifacts.merged_prefix(run, attempt), partitions=partition_inputs(run, included),
+        output=artifacts.merged_prefix(run, attempt),
+        partitions=partition_inputs(run, spec, included),
         merge=spec.merge, held_out=spec.data.held_out_uri,
     )
     return CreateJob("merge", job_name(run, "merge", attempt), attempt, params)
@@ -96,7 +122,8 @@ def search_job(run: str, spec: MeritRunSpec, included: list[PartitionStatus],
         raise ValueError("mixture search needs data.heldOutUri")
     params = SearchParams(
         run=run, attempt=attempt, storage=storage_params(spec), base_model=spec.base_model.uri,
-        output=artifacts.search_prefix(run, attempt), partitions=partition_inputs(run, included),
+        output=artifacts.search_prefix(run, attempt),
+        partitions=partition_inputs(run, spec, included),
         search=spec.mixture_search, held_out=spec.data.held_out_uri,
     )
     return CreateJob("search", job_name(run, "search", attempt), attempt, params)

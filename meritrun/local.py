@@ -4,7 +4,9 @@ Each CreateJob becomes a process running the same entry point a Job's container 
 (`python -m merit_trainer.stage train --params ...`). The status is saved to
 `WORKDIR/status.json` after every round, so an interrupted run resumes where it stopped:
 a stage whose process vanished is started again under the same attempt, and a stage whose
-artifact is already complete is not run twice.
+artifact is already complete is not run twice. A pull site's grant goes to
+`WORKDIR/grants/<run>-<partition>-grant.json` (0600): hand it to the site for
+`meritrun contribute --assignment FILE`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from .api import TERMINAL_PHASES, MeritRun, MeritRunStatus, StorageSpec
 from .conditions import now_utc
 from .jobs import CreateJob
 from .observe import observe_storage
-from .pipeline import DeleteJob, Event, JobObservation, Observed, Policy, decide
+from .pipeline import (
+    DeleteJob,
+    Event,
+    JobObservation,
+    Observed,
+    OfferAssignment,
+    Policy,
+    RevokeGrant,
+    decide,
+)
 from .stages import stage_command
 
 log = logging.getLogger(__name__)
@@ -134,6 +145,16 @@ def with_local_storage(run: MeritRun, workdir: Path) -> MeritRun:
     return run.model_copy(update={"spec": spec})
 
 
+def _carry_out(grants, action: OfferAssignment | RevokeGrant) -> None:
+    """Grant I/O; a failure is logged and made good by a later round (offers repeat)."""
+    from .errors import MeritRunError
+
+    try:
+        grants.offer(action) if isinstance(action, OfferAssignment) else grants.revoke(action)
+    except MeritRunError as e:
+        log.warning("%s %s: %s (retried)", type(action).__name__, action.grant, e)
+
+
 def run_local(
     run: MeritRun, *, workdir: Path, max_parallel: int = 1, poll_seconds: float = 0.5,
     policy: Policy = LOCAL_POLICY,
@@ -141,6 +162,7 @@ def run_local(
     env: dict[str, str] | None = None,
 ) -> MeritRunStatus:
     """Drive one MeritRun to a terminal phase on this machine; returns the final status."""
+    from .grants import FileGrantStore, GrantKeeper, issuer_from_env
     from .storage import open_storage
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +171,9 @@ def run_local(
     assert storage_spec is not None
     storage = open_storage(storage_spec.root_uri(), endpoint=storage_spec.endpoint,
                            region=storage_spec.region)
+    grants = GrantKeeper(storage, issuer_from_env(storage, endpoint=storage_spec.endpoint,
+                                                  region=storage_spec.region),
+                         FileGrantStore(workdir / "grants"), endpoint=storage_spec.endpoint)
     status_path = workdir / "status.json"
     status = load_status(status_path)
     backend = LocalBackend(workdir, max_parallel=max_parallel, env=env)
@@ -165,6 +190,8 @@ def run_local(
                     backend.create(action)
                 elif isinstance(action, DeleteJob):
                     backend.delete(action.name)
+                elif isinstance(action, OfferAssignment | RevokeGrant):
+                    _carry_out(grants, action)
             for event in decision.events:
                 (log.warning if event.type == "Warning" else log.info)(
                     "%s: %s", event.reason, event.message)
@@ -172,7 +199,7 @@ def run_local(
                 on_round(status, list(decision.events))
             if status.phase in TERMINAL_PHASES:
                 return status
-            if not decision.actions:
-                time.sleep(poll_seconds)
+            if not any(isinstance(a, CreateJob | DeleteJob) for a in decision.actions):
+                time.sleep(poll_seconds)  # repeated offers are no work: do not spin on them
     finally:
         backend.stop_all()

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Literal
 
 from .api import ArtifactRef
-from .stages import Plan
+from .stages import Plan, Verdict
 
 JobState = Literal["Active", "Succeeded", "Failed"]
 
@@ -50,3 +50,5 @@ class Observed:
     partition_results: Mapping[str, PartitionResult] = field(default_factory=dict)
     merge_outcome: MergeOutcome | None = None
     search_best: Mapping[str, float] | None = None
+    verdicts: Mapping[str, Verdict] = field(default_factory=dict)  # partition -> its verdict
+    sketches: Mapping[str, str] = field(default_factory=dict)  # site -> uri of its sketches

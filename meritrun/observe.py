@@ -13,9 +13,10 @@ import logging
 
 from . import artifacts
 from .api import ArtifactRef, MeritRunStatus
+from .assignment import sketch_output_prefix
 from .errors import ObjectNotFound
 from .pipeline import MergeOutcome, PartitionResult
-from .stages import Plan
+from .stages import Plan, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,18 @@ def read_merge_outcome(storage, run: str, attempt: int) -> MergeOutcome | None:
                         refused=refused)
 
 
+def read_verdict(storage, run: str, partition: str, attempt: int) -> Verdict | None:
+    prefix = artifacts.verdict_prefix(run, partition, attempt)
+    raw = _read_json(storage, f"{prefix}/{artifacts.VERDICT_NAME}")
+    return None if raw is None else Verdict.model_validate(raw)
+
+
+def read_sketches_uri(storage, run: str, site: str, attempt: int) -> str | None:
+    """The site's sketch prefix once its sketch.json (uploaded last) is there."""
+    prefix = sketch_output_prefix(run, site, attempt)
+    return storage.uri_for(prefix) if storage.exists(f"{prefix}/sketch.json") else None
+
+
 def read_search_best(storage, run: str, attempt: int) -> dict[str, float] | None:
     raw = _read_json(storage, f"{artifacts.search_prefix(run, attempt)}/search.json")
     return None if raw is None else {k: float(v) for k, v in raw["best"].items()}
@@ -87,6 +100,11 @@ def observe_storage(storage, run: str, status: MeritRunStatus | None) -> dict:
             if res is not None:
                 results[p.name] = res
     out["partition_results"] = results
+    out["verdicts"] = {p.name: v for p in status.partitions if p.state == "Verifying"
+                       and (v := read_verdict(storage, run, p.name, p.attempt)) is not None}
+    out["sketches"] = {sk.site: uri for sk in status.sketches or []
+                       if sk.state == "AwaitingContribution"
+                       and (uri := read_sketches_uri(storage, run, sk.site, sk.attempt))}
     if status.merge.attempt >= 1 and status.merge.state == "Running":
         out["merge_outcome"] = read_merge_outcome(storage, run, status.merge.attempt)
     search = status.search

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
-from . import jobs
+from . import contributions, jobs
 from .api import (
     TERMINAL_PHASES,
     ArtifactRef,
@@ -24,11 +24,12 @@ from .api import (
     StageStatus,
 )
 from .conditions import from_rfc3339, set_condition, to_rfc3339
+from .contributions import OfferAssignment, RevokeGrant
 from .jobs import CreateJob
 from .observations import JobObservation, MergeOutcome, Observed, PartitionResult
 
-__all__ = ["Decision", "DeleteJob", "Event", "JobObservation", "MergeOutcome", "Observed",
-           "PartitionResult", "Policy", "decide"]
+__all__ = ["Action", "Decision", "DeleteJob", "Event", "JobObservation", "MergeOutcome",
+           "Observed", "OfferAssignment", "PartitionResult", "Policy", "RevokeGrant", "decide"]
 
 @dataclass(frozen=True)
 class DeleteJob:
@@ -54,10 +55,13 @@ class Policy:
         return timedelta(seconds=min(seconds, self.backoff_max_seconds))
 
 
+Action = CreateJob | DeleteJob | OfferAssignment | RevokeGrant
+
+
 @dataclass(frozen=True)
 class Decision:
     status: MeritRunStatus
-    actions: tuple[CreateJob | DeleteJob, ...] = ()
+    actions: tuple[Action, ...] = ()
     events: tuple[Event, ...] = ()
 
 
@@ -90,6 +94,7 @@ class _Round:
         for name, job in self.obs.jobs.items():
             if job.state == "Active":
                 self.actions.append(DeleteJob(name))
+        contributions.outstanding_grants(self)
 
 
 def decide(spec: MeritRunSpec, status: MeritRunStatus | None, observed: Observed, *,
@@ -208,9 +213,13 @@ def _failed_attempt(r: _Round, stage: StageStatus, label: str, reason: str) -> N
 
 def _profile(r: _Round) -> None:
     st, obs = r.status, r.obs
+    site_sketches = contributions.sketches_ready(r)
+    if site_sketches is None:
+        return  # waiting for pull sites' sketches, or one of them failed the run
     has_plan = obs.plan is not None and st.profile.state == "Running"
     _step_job(r, st.profile, label="profile", has_result=has_plan,
-              make_job=lambda a: jobs.profile_job(obs.run, r.spec, a))
+              make_job=lambda a: jobs.profile_job(obs.run, r.spec, a,
+                                                  site_sketches=site_sketches))
     if st.profile.state == "Failed":
         r.fail("ProfileFailed", st.profile.message or "profile failed")
     elif st.profile.state == "Succeeded" and obs.plan is not None:
@@ -236,38 +245,16 @@ def _site_mode(spec: MeritRunSpec, site: str | None) -> str | None:
 
 def _partition(r: _Round, part: PartitionStatus) -> None:
     obs, spec = r.obs, r.spec
-    result = obs.partition_results.get(part.name)
     mode = _site_mode(spec, part.site)
     if mode == "pull":
-        _pull_partition(r, part, result)
+        contributions.pull_partition(r, part)
         return
+    result = obs.partition_results.get(part.name)
     cluster = part.site if mode == "kubeconfig" else None
     _step_job(r, part, label=f"partition {part.name}", has_result=result is not None,
               make_job=lambda a: jobs.train_job(obs.run, spec, part, a, cluster=cluster))
     if part.state == "Succeeded" and result is not None:
         part.tokens, part.artifact = result.tokens, result.artifact
-
-
-def _pull_partition(r: _Round, part: PartitionStatus, result: PartitionResult | None) -> None:
-    """A pull-mode site trains on its own; we wait for its artifact until its deadline."""
-    if part.state == "Pending":
-        part.state, part.attempt = "AwaitingContribution", max(part.attempt, 1)
-        part.start_time = to_rfc3339(r.obs.now)
-        r.event("AwaitingContribution", f"partition {part.name} waits for site {part.site}")
-    if part.state != "AwaitingContribution":
-        return
-    if result is not None:
-        part.state, part.tokens, part.artifact = "Succeeded", result.tokens, result.artifact
-        part.completion_time = to_rfc3339(r.obs.now)
-        r.event("ContributionReceived", f"partition {part.name} from site {part.site}")
-        return
-    site = next(s for s in r.spec.sites or [] if s.name == part.site)
-    if site.deadline_seconds and part.start_time:
-        waited = (r.obs.now - from_rfc3339(part.start_time)).total_seconds()
-        if waited > site.deadline_seconds:
-            part.state = "Failed"
-            part.message = f"site {site.name} missed its deadline ({site.deadline_seconds}s)"
-            r.event("SiteDeadlineExceeded", part.message, warning=True)
 
 
 def _merge(r: _Round) -> None:

@@ -36,6 +36,7 @@ from .status import (
     PartitionStatus,
     PlanSummary,
     SearchStatus,
+    SiteSketchStatus,
     StageStatus,
 )
 
@@ -73,5 +74,6 @@ __all__ = [
     "DataSpec", "JobTemplate", "LoraSpec", "MergeSpec", "MergeStatus", "MeritRun",
     "MeritRunSpec", "MeritRunStatus", "MixtureSearchSpec", "ModelRef", "ObjectMeta", "OtaSpec",
     "PartitionStatus", "PartitioningSpec", "PlanSummary", "ProfilingSpec", "SearchStatus",
-    "SecretRef", "SiteSpec", "SourceSpec", "StageStatus", "StorageSpec", "TrainingSpec",
+    "SecretRef", "SiteSketchStatus", "SiteSpec", "SourceSpec", "StageStatus", "StorageSpec",
+    "TrainingSpec",
 ]

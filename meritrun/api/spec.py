@@ -168,6 +168,9 @@ class SiteSpec(ApiModel):
     secret_ref: SecretRef | None = Field(None, description="kubeconfig Secret (kubeconfig mode).")
     deadline_seconds: int | None = Field(None, ge=1, description="Wait this long for the site.")
     public_key: str | None = Field(None, description="ed25519 public key (base64) for manifests.")
+    sketches: bool = Field(
+        False, description="pull: ask the site for gradient sketches of its sources before "
+                           "profiling, so the split is conflict-aware without seeing its data.")
 
 
 class OtaSpec(ApiModel):
@@ -237,8 +240,26 @@ class MeritRunSpec(ApiModel):
                              "no second moments of the merged weights")
         if self.merge.method == "ota" and self.training.second_moments == "none":
             raise ValueError("merge.method ota needs training.secondMoments rank1 or full")
-        sites = {s.name for s in self.sites or []}
+        sites = {s.name: s for s in self.sites or []}
         for i, src in enumerate(self.data.sources or []):
             if src.site and src.site not in sites:
                 raise ValueError(f"data.sources[{i}].site {src.site!r} is not in spec.sites")
+            site = sites.get(src.site or "")
+            if self.partitioning.strategy != "conflictPCA" or site is None:
+                continue
+            if site.mode == "pull":
+                raise ValueError(f"data.sources[{i}] ({src.name}) stays at pull site "
+                                 f"{site.name!r}: conflictPCA could put it in a partition with "
+                                 "other sites' sources; use strategy bySite (with "
+                                 "sites[].sketches: true the split within each site follows "
+                                 "the conflicts)")
+            if src.uri is None:
+                raise ValueError(f"data.sources[{i}] ({src.name}) has no uri: conflictPCA "
+                                 "needs its gradients at the hub; use strategy bySite")
+        for i, site in enumerate(self.sites or []):
+            if site.sketches and site.mode != "pull":
+                raise ValueError(f"sites[{i}].sketches: only pull sites upload sketches")
+            if site.public_key and site.mode != "pull":
+                raise ValueError(f"sites[{i}].publicKey: only pull sites sign their manifests "
+                                 "(a kubeconfig site runs the hub's own trainer Jobs)")
         return self

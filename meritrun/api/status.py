@@ -16,7 +16,8 @@ Phase = Literal["Pending", "Profiling", "Training", "Merging", "Searching", "Suc
                 "Failed", "Suspended"]
 StageState = Literal["Pending", "Running", "BackingOff", "Succeeded", "Failed"]
 PartitionState = Literal["Pending", "Running", "BackingOff", "AwaitingContribution",
-                         "Succeeded", "Failed"]
+                         "Verifying", "Succeeded", "Failed"]
+SketchState = Literal["AwaitingContribution", "Succeeded", "Failed"]
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
 
 
@@ -60,7 +61,22 @@ class PartitionStatus(StageStatus):
     sources: list[str] = Field(description="Sources trained together in this partition.")
     site: str | None = Field(None, description="Site that trains it (none: this cluster).")
     tokens: int | None = Field(None, ge=0, description="Supervised tokens it trained on.")
+    grant: str | None = Field(None, description="Pull sites: where the site's grant is (a "
+                              "Secret of the run's namespace, or a file for local runs).")
     state: PartitionState = Field("Pending", description="Partition state.")  # type: ignore[assignment]
+
+
+class SiteSketchStatus(ApiModel):
+    """Gradient sketches a pull site uploads so profiling needs none of its data."""
+
+    site: str = Field(description="The site.")
+    state: SketchState = Field("AwaitingContribution", description="Sketch state.")
+    attempt: int = Field(1, ge=1, description="Attempt of the sketch assignment.")
+    start_time: str | None = Field(None, description="When the hub started waiting.")
+    completion_time: str | None = Field(None, description="When the sketches arrived.")
+    grant: str | None = Field(None, description="Where the site's grant is.")
+    uri: str | None = Field(None, description="The uploaded sketches.")
+    message: str | None = Field(None, description="Why it failed.")
 
 
 class PlanSummary(ApiModel):
@@ -96,6 +112,8 @@ class MeritRunStatus(ApiModel):
     completion_time: str | None = Field(None, description="When it reached a terminal phase.")
     progress: str | None = Field(None, description="Partitions done/total, e.g. 3/4.")
     profile: StageStatus = Field(default_factory=StageStatus, description="Profile stage.")
+    sketches: list[SiteSketchStatus] | None = Field(None, description="Sketches from pull "
+                                                    "sites (sites[].sketches).")
     plan: PlanSummary | None = Field(None, description="Chosen partition plan.")
     partitions: list[PartitionStatus] = Field(default_factory=list, description="Partitions.")
     merge: MergeStatus = Field(default_factory=MergeStatus, description="Merge stage.")

@@ -75,6 +75,12 @@ class Metrics:
         self.verification_failures = Counter(
             "meritrun_artifact_verification_failures", "Partition artifacts the merge refused.",
             registry=r)
+        self.contributions = Counter(
+            "meritrun_site_contributions", "Pull-site contributions verified on arrival, by "
+            "result.", ["result"], registry=r)
+        self.grants_issued = Counter(
+            "meritrun_site_grants_issued", "Scoped storage grants issued to pull sites.",
+            registry=r)
         self.merge_duration = Histogram(
             "meritrun_merge_duration_seconds", "From the first merge attempt to the merged "
             "model.", buckets=MERGE_BUCKETS, registry=r)
@@ -119,6 +125,9 @@ class Metrics:
         for phase, count in counts.items():
             self.runs.labels(phase=phase).set(count)
 
+    def grant_issued(self) -> None:
+        self.grants_issued.inc()
+
     def job_created(self, stage: str) -> None:
         self.jobs_created.labels(stage=stage).inc()
 
@@ -134,7 +143,10 @@ class Metrics:
                 self.bytes_uploaded.inc((part.artifact and part.artifact.bytes) or 0)
             elif part.state in ("BackingOff", "Failed") and prev_state == "Running":
                 self.partition_jobs.labels(result="failed").inc()
-            if prev is not None and part.attempt > max(prev.attempt, 1):
+            if prev_state == "Verifying" and part.state != "Verifying":
+                result = "accepted" if part.state == "Succeeded" else "refused"
+                self.contributions.labels(result=result).inc()
+            elif prev is not None and part.attempt > max(prev.attempt, 1):
                 self.retries.labels(stage="train").inc()
             refused = (part.message or "").startswith("refused by merge")
             if refused and not ((prev and prev.message) or "").startswith("refused by merge"):

@@ -20,7 +20,15 @@ from meritrun.conditions import now_utc
 from meritrun.errors import SpecError
 from meritrun.jobs import CreateJob
 from meritrun.observe import observe_storage
-from meritrun.pipeline import DeleteJob, Event, Observed, Policy, decide
+from meritrun.pipeline import (
+    DeleteJob,
+    Event,
+    Observed,
+    OfferAssignment,
+    Policy,
+    RevokeGrant,
+    decide,
+)
 
 from .backend import KubeBackend
 from .manifests import RunRef
@@ -117,8 +125,24 @@ class Reconciler:
                     self.metrics.job_created(action.stage)
             elif isinstance(action, DeleteJob):
                 self.backend.delete_job(action.name, run=run, spec=spec)
+            elif isinstance(action, OfferAssignment):
+                if self._grants(run, spec, storage).offer(action):
+                    self.metrics.grant_issued()
+            elif isinstance(action, RevokeGrant):
+                self._grants(run, spec, storage).revoke(action)
         self._write(run, stored, decision.status)
         return self._outcome(body, decision.status, decision.events, now)
+
+    def _grants(self, run: RunRef, spec: MeritRunSpec, storage: Any) -> Any:
+        from meritrun.grants import GrantKeeper, issuer_from_env
+
+        from .grants import SecretGrantStore
+
+        assert spec.storage is not None
+        issuer = issuer_from_env(storage, endpoint=spec.storage.endpoint,
+                                 region=spec.storage.region)
+        return GrantKeeper(storage, issuer, SecretGrantStore(self.backend.api, run),
+                           endpoint=self.settings.site_endpoint or spec.storage.endpoint)
 
     def _invalid(self, body: dict[str, Any], run: RunRef, old: Any, error: SpecError, *,
                  stored: Any, now: datetime, generation: int | None) -> RoundOutcome:
@@ -158,6 +182,8 @@ class Reconciler:
         except SpecError:
             spec = None  # nothing was started for an invalid spec on a remote site
         deleted = self.backend.delete_children(run, spec)
+        if spec is not None and spec.storage is not None:
+            self._revoke_all(run, spec, body.get("status"))
         if spec is not None and spec.delete_artifacts:
             from meritrun.artifacts import run_prefix
 
@@ -165,3 +191,14 @@ class Reconciler:
             log.info("run %s/%s: deleted its artifacts", run.namespace, run.name)
         self.metrics.forget(run.uid)
         return deleted
+
+    def _revoke_all(self, run: RunRef, spec: MeritRunSpec, raw_status: Any) -> None:
+        """A deleted run's sites lose their access at once (their Secrets go with the run)."""
+        from meritrun.contributions import grants_to_revoke
+
+        status = parse_status(raw_status)
+        if status is None:
+            return
+        storage = self.storages.for_spec(spec)
+        for action in grants_to_revoke(run.name, spec, status):
+            self._grants(run, spec, storage).revoke(action)

@@ -47,6 +47,8 @@ class Settings:
     health_port: int = 8081
     # Operator log level name (DEBUG, INFO, WARNING).
     log_level: str = "INFO"
+    # The S3 endpoint as pull sites reach it, written into their grants (default: the run's).
+    site_endpoint: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

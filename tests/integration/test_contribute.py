@@ -54,8 +54,9 @@ def make_hub(tmp: Path, base: str, *, training: dict, public_key: str | None = N
         "data": {"sources": [{"name": s, "site": SITE} for s in DECLARED]
                  + [{"name": "reverse", "uri": "hub.jsonl"}]},
         "sites": [{"name": SITE, "mode": "pull", "deadlineSeconds": 3600,
-                   "publicKey": public_key}],
+                   "publicKey": public_key, "sketches": True}],
         "profiling": {"projectionDim": 64, "calibrationSamples": 4},
+        "partitioning": {"strategy": "bySite"},
     })
     now = datetime.now(timezone.utc)
     part = PartitionStatus(name="p1", index=1, sources=DECLARED, site=SITE, attempt=1,

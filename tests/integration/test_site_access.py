@@ -53,6 +53,7 @@ def hub(server):
         "storage": {"uri": f"s3://{bucket}", "endpoint": server.endpoint},
         "data": {"sources": [{"name": "copy", "site": "a"}, {"name": "sort", "site": "b"}]},
         "sites": [{"name": "a", "deadlineSeconds": 3600}, {"name": "b"}],
+        "partitioning": {"strategy": "bySite"},
     })
     from meritrun.storage import open_storage
 

@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-
 import pytest
+from support.decide import POLICY, created, make_spec, result, step
 
-from meritrun.api import ArtifactRef, MeritRunSpec, MeritRunStatus
+from meritrun.api import MeritRunStatus
 from meritrun.jobs import CreateJob
-from meritrun.pipeline import (
-    DeleteJob, JobObservation, MergeOutcome, Observed, PartitionResult, Policy, decide,
-)
+from meritrun.pipeline import DeleteJob, JobObservation, MergeOutcome
 from meritrun.stages import Plan, PlannedPartition
-
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
-POLICY = Policy(backoff_base_seconds=10, backoff_max_seconds=60)
-
-
-def make_spec(**overrides) -> MeritRunSpec:
-    body = {"baseModel": {"uri": "s3://m/base"}, "data": {"uri": "s3://d/mix.jsonl"},
-            "storage": {"uri": "s3://merit"}, "partitioning": {"strategy": "random", "axes": 1}}
-    body.update(overrides)
-    return MeritRunSpec.model_validate(body)
-
 
 PLAN = Plan(strategy="random", partitions=[
     PlannedPartition(name="p0", index=0, sources=["a", "b"], tokens=100),
     PlannedPartition(name="p1", index=1, sources=["c"], tokens=50),
 ])
-
-
-def result(name: str, attempt: int = 1) -> PartitionResult:
-    return PartitionResult(tokens=90, artifact=ArtifactRef(uri=f"s3://merit/{name}/a{attempt}"))
-
-
-def step(spec, status, *, at=0, **observed):
-    obs = Observed(run="r", now=T0 + timedelta(seconds=at), generation=1, **observed)
-    return decide(spec, status, obs, policy=POLICY)
-
-
-def created(decision) -> list[str]:
-    return [a.name for a in decision.actions if isinstance(a, CreateJob)]
 
 
 def training_status(spec=None) -> MeritRunStatus:
@@ -235,16 +208,6 @@ def test_pull_site_partition_awaits_contribution_until_deadline():
     assert late.status.partitions[1].state == "Failed"
     assert "deadline" in late.status.partitions[1].message
     assert late.status.phase == "Failed"  # quorum 1.0
-
-
-def test_pull_site_contribution_counts_when_it_arrives():
-    spec = make_spec(sites=[{"name": "site-b", "mode": "pull"}])
-    plan = Plan(strategy="bySite", partitions=[
-        PlannedPartition(name="p0", index=0, sources=["a"], tokens=10, site="site-b")])
-    d = step(spec, step(spec, None).status, jobs={"r-profile-a1": JobObservation("Succeeded")},
-             plan=plan)
-    d = step(spec, d.status, partition_results={"p0": result("p0")})
-    assert d.status.partitions[0].state == "Succeeded" and created(d) == ["r-merge-a1"]
 
 
 def test_kubeconfig_site_jobs_target_that_cluster():

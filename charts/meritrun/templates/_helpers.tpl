@@ -67,7 +67,13 @@ by the kubelet) and the operator gets its own from its environment.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- if .Values.remoteSites.enabled }}
+{{- if .Values.pullSites.enabled }}
+# Pull sites' grant bundles (Secrets <run>-<partition>-grant, owned by the run); get also
+# reads the kubeconfig Secrets of remote sites when those are enabled.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch", "delete"]
+{{- else if .Values.remoteSites.enabled }}
 # kubeconfig Secrets of remote sites (sites[].secretRef).
 - apiGroups: [""]
   resources: ["secrets"]

@@ -1,0 +1,97 @@
+"""Carrying out the pipeline's OfferAssignment / RevokeGrant actions, for both backends.
+
+The decision is pure (`meritrun.contributions`); this is its I/O: write the assignment, issue
+the scoped storage identity (`access.offer_assignment`), and keep the site's bundle where the
+hub's admin picks it up: a Kubernetes Secret for the operator, a 0600 file for a local run.
+Offers are repeated every round while a partition waits, so `offer` is a no-op when the
+bundle of that attempt is already kept: one identity and key per attempt, not per round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from .access import GrantIssuer, IamIssuer, grant_identity, offer_assignment
+from .assignment import SiteGrant, parse_grant
+from .contributions import OfferAssignment, RevokeGrant
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+IAM_ENDPOINT_ENV = "MERITRUN_IAM_ENDPOINT"
+
+
+class GrantStore(Protocol):
+    """Where a site's bundle (with its secret) is kept for the hub's admin to hand over."""
+
+    def attempt(self, name: str) -> int | None: ...
+    def put(self, name: str, grant: SiteGrant) -> None: ...
+    def delete(self, name: str, *, attempt: int) -> None: ...
+
+
+class FileGrantStore:
+    """Local runs: WORKDIR/grants/<name>.json, readable by the owner only."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    def attempt(self, name: str) -> int | None:
+        try:
+            return parse_grant(self.path(name).read_text()).attempt
+        except (OSError, ValueError):
+            return None
+
+    def put(self, name: str, grant: SiteGrant) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path(name).with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(grant.bundle_json())
+        tmp.replace(self.path(name))
+
+    def delete(self, name: str, *, attempt: int) -> None:
+        if self.attempt(name) == attempt:
+            self.path(name).unlink(missing_ok=True)
+
+
+def issuer_from_env(storage: Storage, *, endpoint: str | None, region: str | None,
+                    env: Mapping[str, str] = os.environ) -> GrantIssuer | None:
+    """The storage server's IAM API with the hub's own keys; None for a file:// root."""
+    if not storage.root_uri.startswith("s3://"):
+        return None
+    iam = env.get(IAM_ENDPOINT_ENV) or endpoint
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if not iam or not key or not secret:
+        return None  # offer_assignment then says an s3:// run needs an issuer
+    return IamIssuer(iam, access_key=key, secret_key=secret, region=region or "us-east-1")
+
+
+class GrantKeeper:
+    def __init__(self, storage: Storage, issuer: GrantIssuer | None, store: GrantStore, *,
+                 endpoint: str | None = None) -> None:
+        self.storage, self.issuer, self.store, self.endpoint = storage, issuer, store, endpoint
+
+    def offer(self, action: OfferAssignment) -> bool:
+        """Write the assignment and keep a new grant, unless this attempt's is kept; True if new."""
+        a = action.assignment
+        if self.store.attempt(action.grant) == a.attempt:
+            return False
+        grant = offer_assignment(a, storage=self.storage, issuer=self.issuer,
+                                 expires=action.expires, endpoint=self.endpoint)
+        self.store.put(action.grant, grant)
+        log.info("grant %s: %s", action.grant, json.dumps(grant.public_view(), sort_keys=True))
+        return True
+
+    def revoke(self, action: RevokeGrant) -> None:
+        a = action.assignment
+        if self.issuer is not None:
+            self.issuer.revoke(grant_identity(a))
+        self.store.delete(action.grant, attempt=a.attempt)
+        log.info("grant %s (attempt %d) revoked", action.grant, a.attempt)
