@@ -8,7 +8,8 @@ the hub's admin would hand it over). The run splits by site, trains one partitio
 cluster and one at the site, verifies the site's signed contribution when it arrives, and
 merges all three. Then: the hub never saw the site's data, the site's grant is revoked, no
 secret leaked into status, events or logs, and every request the operator made on either
-cluster is allowed by the chart's RBAC with remote and pull sites enabled.
+cluster is allowed by the chart's RBAC with remote and pull sites enabled. The remote
+cluster fails the partition's first attempt, so its retry is observed there too.
 """
 
 from __future__ import annotations
@@ -119,8 +120,10 @@ def federated(tmp_path_factory, iam_seaweed, tiny_base, tiny_mixture):
     out: dict = {"site_dir": site_dir, "bucket": bucket, "storage": hub_storage,
                  "data": data}
     try:
+        hub.start_node(node_options())
+        # The remote cluster's first attempt fails: retried there, like a local Job.
+        east.start_node(node_options(fail=lambda job: job.endswith("-a1")))
         for cluster in (hub, east):
-            cluster.start_node(node_options())
             cluster.create_secret("meritrun-storage", creds)
         hub.create_secret("east-kubeconfig",
                           {"kubeconfig": east.kubeconfig("operator").read_text()})
@@ -168,8 +171,10 @@ def test_partitions_trained_at_three_places_and_merged(federated):
     assert all(p["state"] == "Succeeded" and p["tokens"] > 0 for p in st["partitions"])
     assert sorted(st["merge"]["included"]) == sorted(p["name"] for p in st["partitions"])
     east, lab = by_site["east"]["name"], by_site["lab"]["name"]
-    # The remote partition ran on the remote cluster only; the site's was verified on the hub.
-    assert f"{RUN}-{east}-a1" in federated["east_jobs"]
+    # The remote partition ran on the remote cluster only (failed once, retried there); the
+    # site's was verified on the hub.
+    assert by_site["east"]["attempt"] == 2
+    assert {f"{RUN}-{east}-a1", f"{RUN}-{east}-a2"} <= set(federated["east_jobs"])
     assert not any(j.startswith(f"{RUN}-{east}-") for j in federated["hub_jobs"])
     assert f"{RUN}-{lab}-verify-a1" in federated["hub_jobs"]
     assert not any(j.startswith(f"{RUN}-{lab}-a") for j in federated["hub_jobs"]
