@@ -103,3 +103,19 @@ def test_build_info_names_the_version():
     m = Metrics()
     assert value(m, "meritrun_build_info", version=meritrun.__version__,
                  python=__import__("platform").python_version()) == 1
+
+
+def test_pull_site_verdicts_are_counted_and_a_resubmission_is_not_a_retry():
+    m = Metrics()
+    verifying = MeritRunStatus(phase="Training", partitions=[part("p0", "Verifying")])
+    refused = MeritRunStatus(phase="Training", partitions=[
+        part("p0", "AwaitingContribution", attempt=2)])
+    accepted = MeritRunStatus(phase="Training", partitions=[part("p0", "Succeeded", size=10)])
+    m.record_transition(verifying, refused)
+    m.record_transition(verifying, accepted)
+    m.record_transition(accepted, accepted)
+    assert value(m, "meritrun_site_contributions_total", result="refused") == 1
+    assert value(m, "meritrun_site_contributions_total", result="accepted") == 1
+    assert value(m, "meritrun_retries_total", stage="train") == 0
+    m.grant_issued()
+    assert value(m, "meritrun_site_grants_issued_total") == 1
