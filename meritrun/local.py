@@ -150,7 +150,14 @@ def _carry_out(grants, action: OfferAssignment | RevokeGrant) -> None:
     from .errors import MeritRunError
 
     try:
-        grants.offer(action) if isinstance(action, OfferAssignment) else grants.revoke(action)
+        if isinstance(action, RevokeGrant):
+            grants.revoke(action)
+        elif grants.offer(action):  # shown at the CLI's level: someone has to hand it over
+            a = action.assignment
+            log.warning("site %s: hand it %s, then at the site: meritrun contribute "
+                        "--assignment %s.json --data <its data>%s", a.site,
+                        grants.store.path(action.grant), action.grant,
+                        " --sketch-only" if a.kind == "sketch" else "")
     except MeritRunError as e:
         log.warning("%s %s: %s (retried)", type(action).__name__, action.grant, e)
 
