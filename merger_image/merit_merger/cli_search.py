@@ -26,7 +26,7 @@ from .search_plot import format_ranking_table, plot_search
 log = logging.getLogger(__name__)
 
 SEARCH_JSON, SEARCH_PNG = "search.json", "search.png"
-DIRICHLET_SEED = 0  # the spec has no seed; a fixed one keeps a re-run's candidates identical
+DIRICHLET_SEED = 0  # default of spec.mixtureSearch.seed: a re-run draws the same candidates
 TABLE_ROWS = 25
 
 
@@ -86,13 +86,14 @@ def run_search_stage(params: SearchParams, *, workdir: Path) -> dict:
         expert_dirs.append(path)
     names = [p.name for p in params.partitions]
     spec = params.search
-    candidates = make_candidates(len(names), grid=spec.grid, dirichlet=spec.dirichlet)
+    candidates = make_candidates(len(names), grid=spec.grid, dirichlet=spec.dirichlet,
+                                 seed=spec.seed)
     result = search_mixtures(base_dir=Path(base_dir), expert_dirs=expert_dirs, names=names,
                              eval_path=Path(held_out), candidates=candidates,
                              objective=spec.objective)
     search = {
         "run": params.run, "attempt": params.attempt,
-        "method": f"dirichlet({spec.dirichlet}, seed={DIRICHLET_SEED})" if spec.dirichlet
+        "method": f"dirichlet({spec.dirichlet}, seed={spec.seed})" if spec.dirichlet
         else f"grid(1/{spec.grid})",
         "partitions": {p.name: storage.uri_for(p.prefix) for p in params.partitions},
         **result.to_dict(),

@@ -204,6 +204,7 @@ class MixtureSearchSpec(ApiModel):
     enabled: bool = Field(False, description="Run the search after training.")
     grid: int = Field(8, ge=2, description="Simplex lattice denominator.")
     dirichlet: int | None = Field(None, ge=1, description="Use N Dirichlet draws instead.")
+    seed: int = Field(0, ge=0, description="Seed of the Dirichlet draws.")
     objective: Literal["mean-loss", "mean-accuracy", "weighted"] = Field(
         "mean-loss", description="What ranks the candidates."
     )
