@@ -1,5 +1,6 @@
-"""Pull sites with the local runner: one site contributes (refused once, then accepted as its
-next attempt), the other never does, and the quorum merges without it when its deadline passes.
+"""Pull sites with the local runner: both send gradient sketches first (so profiling covers
+their sources without their data), then one contributes (refused once, then accepted as its
+next attempt), the other never does, and the quorum merges without it at its deadline.
 
 The runner writes each grant to WORKDIR/grants (0600); the sites are separate
 `meritrun contribute` processes with their own data files. Real tiny model, real stages.
@@ -28,13 +29,14 @@ RUN = "sites"
 LATE_DEADLINE_S = 40  # the run cannot merge before the silent site's deadline
 
 
-def contribute(grant: Path, data: Path, key: Path, workdir: Path,
+def contribute(grant: Path, data: Path, key: Path | None, workdir: Path,
                *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MERITRUN_"))}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return subprocess.run(
         [sys.executable, "-m", "meritrun.cli", "contribute", "--assignment", str(grant),
-         "--data", str(data), "--key", str(key), "--workdir", str(workdir), *extra],
+         "--data", str(data), "--workdir", str(workdir), *extra,
+         *(["--key", str(key)] if key else [])],
         capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -61,8 +63,10 @@ def finished(tmp_path_factory, tiny_base, tiny_mixture):
                                  {"name": "sort", "site": "a"},
                                  {"name": "reverse", "site": "b"}]},
             "sites": [{"name": "a", "mode": "pull", "publicKey": public,
-                       "deadlineSeconds": 300},
-                      {"name": "b", "mode": "pull", "deadlineSeconds": LATE_DEADLINE_S}],
+                       "deadlineSeconds": 300, "sketches": True},
+                      {"name": "b", "mode": "pull", "deadlineSeconds": LATE_DEADLINE_S,
+                       "sketches": True}],
+            "profiling": {"projectionDim": 256, "calibrationSamples": 8},
             "partitioning": {"strategy": "bySite", "partitions": 3},
             "training": {"method": "full", "batchSize": 8, "maxSeqLen": 64, "maxSteps": 3,
                          "secondMoments": "none"},
@@ -71,9 +75,17 @@ def finished(tmp_path_factory, tiny_base, tiny_mixture):
         }})
     workdir = tmp / "hub-run"
     out: dict = {"workdir": workdir, "rounds": []}
-    grant = workdir / "grants" / f"{RUN}-p1-grant.json"
+    grants = workdir / "grants"
+    grant = grants / f"{RUN}-p1-grant.json"
+
+    def send_sketches(site: str) -> subprocess.CompletedProcess:
+        sketch_grant = grants / f"{RUN}-sketch-{site}-grant.json"
+        wait_until(sketch_grant.exists, timeout=120, what=f"site {site}'s sketch grant")
+        return contribute(sketch_grant, files[site], None, tmp / f"{site}-sketch",
+                          "--sketch-only")
 
     def site_a() -> None:
+        out["sketch_a"] = send_sketches("a")
         wait_until(grant.exists, timeout=120, what="site a's grant")
         out["grant_mode"] = stat.S_IMODE(grant.stat().st_mode)
         out["first"] = contribute(grant, files["a"], tmp / "a.key", tmp / "a-work-1",
@@ -84,11 +96,27 @@ def finished(tmp_path_factory, tiny_base, tiny_mixture):
 
     site = threading.Thread(target=site_a, name="site-a")
     site.start()
+    silent = threading.Thread(target=lambda: out.update(sketch_b=send_sketches("b")),
+                              name="site-b")  # sketches, then nothing
+    silent.start()
     out["status"] = run_local(run, workdir=workdir, policy=LOCAL_POLICY, poll_seconds=0.3,
                               on_round=lambda st, ev: out["rounds"].extend(ev),
                               env={"MERITRUN_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     site.join(60)
+    silent.join(60)
     return out
+
+
+def test_sites_sketches_profile_their_sources_without_their_data(finished):
+    for site in ("sketch_a", "sketch_b"):
+        assert finished[site].returncode == 0, finished[site].stderr[-2000:]
+    st = finished["status"]
+    assert [(s.site, s.state) for s in st.sketches] == [("a", "Succeeded"), ("b", "Succeeded")]
+    plan = json.loads((finished["workdir"] / "store" / "runs" / RUN / "plan" / "attempt-1"
+                       / "plan.json").read_text())
+    assert plan["settings"]["site_sketches"] == {"a": ["sort"], "b": ["reverse"]}
+    assert plan["settings"]["within_site"] == "conflict"
+    assert set(plan["scores"]) == {"copy", "upper", "sort", "reverse"}
 
 
 def test_silent_site_is_left_out_at_its_deadline_and_the_quorum_merges(finished):
