@@ -260,6 +260,10 @@ class MeritRunSpec(ApiModel):
         for i, site in enumerate(self.sites or []):
             if site.sketches and site.mode != "pull":
                 raise ValueError(f"sites[{i}].sketches: only pull sites upload sketches")
+            if site.sketches and not any(src.site == site.name
+                                         for src in self.data.sources or []):
+                raise ValueError(f"sites[{i}].sketches: no source in data.sources lives at "
+                                 f"site {site.name!r}")
             if site.public_key and site.mode != "pull":
                 raise ValueError(f"sites[{i}].publicKey: only pull sites sign their manifests "
                                  "(a kubeconfig site runs the hub's own trainer Jobs)")

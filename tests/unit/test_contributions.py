@@ -163,3 +163,12 @@ def test_conflict_pca_over_pull_site_sources_is_an_invalid_spec():
         make_spec(sites=[SITE], data={"sources": [{"name": "a", "uri": "s3://d/a.jsonl"},
                                                  {"name": "c", "site": "site-b"}]},
                   partitioning={"strategy": "conflictPCA", "axes": 1})
+
+
+def test_sketches_from_a_site_without_sources_is_an_invalid_spec():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"sites\[0\].sketches: no source"):
+        make_spec(sites=[{**SITE, "sketches": True}],
+                  data={"sources": [{"name": "a", "uri": "s3://d/a.jsonl"}]})
