@@ -20,10 +20,11 @@ from pathlib import Path
 from meritrun.artifacts import MANIFEST_NAME
 from meritrun.errors import ContributionRejected, MeritRunError
 
+from .checks import load_partition
 from .job import MB, MergeSettings, run_merge_job
 from .methods import METHODS, get_method
 from .stage import fetch_partition
-from .verification import QuorumNotMet, load_partition
+from .verification import QuorumNotMet
 
 _PARAM_FLAGS = ("density", "power", "epsilon", "scale")
 

@@ -34,9 +34,10 @@ from meritrun.errors import (
 )
 from meritrun.stages import MergeParams, SearchParams, VerifyParams
 
+from .checks import load_partition
 from .job import Candidate, run_merge_job, settings_from_spec
 from .report import REPORT_NAME
-from .verification import QuorumNotMet, load_partition
+from .verification import QuorumNotMet
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,12 @@ from meritrun.artifacts import MANIFEST_NAME, VERDICT_NAME, read_manifest, sha25
 from meritrun.errors import ContributionRejected
 from meritrun.stages import PartitionInput, Verdict, VerifyParams
 
+from .checks import check_identity
 from .job import Candidate, MergeSettings, settings_from_spec
 from .methods import get_method
 from .sources import PartitionSource
 from .stage import fetch_partition, local_root, open_stage_storage
-from .verification import check_identity, verify_partitions
+from .verification import verify_partitions
 
 log = logging.getLogger(__name__)
 

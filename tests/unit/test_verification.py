@@ -17,14 +17,9 @@ from support.experts import (
     write_partition,
 )
 
+from merit_merger.checks import CHECKS, load_partition
 from merit_merger.methods import get_method
-from merit_merger.verification import (
-    CHECKS,
-    QuorumNotMet,
-    load_partition,
-    require_quorum,
-    verify_partitions,
-)
+from merit_merger.verification import QuorumNotMet, require_quorum, verify_partitions
 from meritrun.artifacts import MANIFEST_NAME, TokenCounts
 from meritrun.errors import ContributionRejected
 
