@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from pydantic import ValidationError
 
 from meritrun.artifacts import FORMAT_VERSION, MANIFEST_NAME, sha256_file
-from meritrun.errors import ContributionRejected
+from meritrun.errors import ContributionRejected, StorageError
 from meritrun.signing import verify_manifest_signature
 from meritrun.stages import PartitionInput
 
@@ -105,7 +105,8 @@ def check_static(source: PartitionSource, base: ModelReader, base_fp: str,
         raise ContributionRejected(name, "tokens", "supervised token count must be positive")
     try:
         expert = ExpertReader(source, base)
-    except (AdapterFormatError, OSError, ValueError) as e:
+    except (AdapterFormatError, StorageError, OSError, ValueError) as e:
+        # A file that matches its hash can still be no safetensors at all: the site's fault.
         raise ContributionRejected(name, "format", f"cannot read {source.model_dir}: {e}") from e
     try:
         if expert.lora is not None:
@@ -166,7 +167,7 @@ def _check_moments(source: PartitionSource, base: ModelReader, method: MergeMeth
                                    "optimizer_v.safetensors; the partition has none")
     try:
         reader = MomentReader(source.moments)
-    except MomentsFormatError as e:
+    except (MomentsFormatError, StorageError) as e:
         raise ContributionRejected(name, "second-moments", str(e)) from e
     try:
         if declared is not None and reader.kind != declared.kind:

@@ -214,3 +214,20 @@ def test_site_and_signature_are_checked_where_expected(parts, tiny_base):
     refresh_manifest(parts[2], signature=None)  # unsigned although the site has a key
     refused, _ = verify(parts, tiny_base, expected={"p2": expected["p2"]}, run="r")
     assert "not signed" in only_refusal(refused, "p2", "signature").detail
+
+
+@pytest.mark.parametrize("garbage", [b"not a safetensors file at all",
+                                     (10**9).to_bytes(8, "little") + b"{}"])
+def test_a_weight_file_that_is_not_safetensors_is_refused_as_format(parts, tiny_base, garbage):
+    (parts[1] / "model" / "model.safetensors").write_bytes(garbage)
+    refresh_manifest(parts[1])  # the site hashed its broken file: sha256 cannot catch it
+    r = only_refusal(verify(parts, tiny_base)[0], "p1", "format")
+    assert "model.safetensors" in r.detail
+
+
+def test_a_moments_file_that_is_not_safetensors_is_refused(parts, tiny_base):
+    v = parts[0] / "optimizer_v.safetensors"
+    assert v.is_file()
+    v.write_bytes(b"\x00" * 3)
+    refresh_manifest(parts[0])
+    only_refusal(verify(parts, tiny_base, "ota")[0], "p0", "second-moments")
