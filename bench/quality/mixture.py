@@ -1,0 +1,169 @@
+"""The quality benchmark's instruction mixture: 20 sources in 5 families, with real conflicts.
+
+The demo tasks of `meritrun.synthetic` (copy, reverse a word, ...) ask a tiny model for long
+exact strings and score 0.00 accuracy at this scale, so every answer here is short (a letter,
+a digit, a word such as "odd" or "pos"): exact match is then measurable after a few hundred
+steps. Families:
+
+- `letter`, `digit`, `number`: shared structure, no conflict (each source has its own prompt
+  keyword; `shift-up` in `shift` computes the same function as `letter-next`).
+- `sent` and `shift`: conflict. Two sources of each family use one prompt format and the
+  other two the SAME format with another answer (`review: great` -> "pos" vs "neg";
+  `shift: c` -> "d" vs "b"). No model can satisfy both on a given prompt; this is the
+  gradient conflict MERIT splits along.
+
+The "stage 2" base is trained on `base_mixture`: the conventional (non-flipped) tasks of every
+family, drawn with another seed, so the flipped sources are new conventions the fine-tuning
+mixture introduces. Everything is seeded; the same arguments give the same examples on every
+machine. Uses the project's Example/Turn types; does not touch `meritrun.synthetic`.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meritrun.data import Example, Turn
+
+TaskFn = Callable[[random.Random], tuple[str, str]]
+
+POSITIVE = ["great", "good", "nice", "fine", "lovely", "superb", "happy", "bright"]
+NEGATIVE = ["awful", "bad", "poor", "sad", "ugly", "dull", "grim", "nasty"]
+LETTERS = string.ascii_lowercase[:16]
+
+
+def _on_letter(prefix: str, fn: Callable[[str], str]) -> TaskFn:
+    def task(rng: random.Random) -> tuple[str, str]:
+        c = rng.choice(LETTERS)
+        return f"{prefix}: {c}", fn(c)
+
+    return task
+
+
+def _shift(c: str, by: int) -> str:
+    return LETTERS[(LETTERS.index(c) + by) % len(LETTERS)]
+
+
+def _on_digits(op: str, fn: Callable[[int, int], int]) -> TaskFn:
+    def task(rng: random.Random) -> tuple[str, str]:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if op == "sub":
+            a, b = max(a, b), min(a, b)
+        return f"{op} {a} {b}", str(fn(a, b))
+
+    return task
+
+
+def _on_number(prefix: str, fn: Callable[[int], str]) -> TaskFn:
+    def task(rng: random.Random) -> tuple[str, str]:
+        n = rng.randint(10, 99)
+        return f"{prefix} {n}", fn(n)
+
+    return task
+
+
+def _review(flip: bool) -> TaskFn:
+    def task(rng: random.Random) -> tuple[str, str]:
+        positive = rng.random() < 0.5
+        word = rng.choice(POSITIVE if positive else NEGATIVE)
+        return f"review: {word}", "pos" if positive != flip else "neg"
+
+    return task
+
+
+TASKS: dict[str, TaskFn] = {
+    "next": _on_letter("next", lambda c: _shift(c, 1)),
+    "prev": _on_letter("prev", lambda c: _shift(c, -1)),
+    "upper": _on_letter("upper", str.upper),
+    "vowel": _on_letter("vowel", lambda c: "yes" if c in "aeiou" else "no"),
+    "add": _on_digits("add", lambda a, b: a + b),
+    "sub": _on_digits("sub", lambda a, b: a - b),
+    "max": _on_digits("max", max),
+    "min": _on_digits("min", min),
+    "parity": _on_number("parity", lambda n: "even" if n % 2 == 0 else "odd"),
+    "size": _on_number("size", lambda n: "big" if n >= 50 else "small"),
+    "tens": _on_number("tens", lambda n: str(n // 10)),
+    "ones": _on_number("ones", lambda n: str(n % 10)),
+    "review": _review(flip=False),
+    "review-flip": _review(flip=True),  # conflict: same prompt, opposite label
+    "shift-up": _on_letter("shift", lambda c: _shift(c, 1)),
+    "shift-down": _on_letter("shift", lambda c: _shift(c, -1)),  # conflict: same prompt
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    family: str
+    task: str
+
+
+SOURCES: tuple[Source, ...] = (
+    Source("letter-next", "letter", "next"), Source("letter-prev", "letter", "prev"),
+    Source("letter-upper", "letter", "upper"), Source("letter-vowel", "letter", "vowel"),
+    Source("digit-add", "digit", "add"), Source("digit-sub", "digit", "sub"),
+    Source("digit-max", "digit", "max"), Source("digit-min", "digit", "min"),
+    Source("number-parity", "number", "parity"), Source("number-size", "number", "size"),
+    Source("number-tens", "number", "tens"), Source("number-ones", "number", "ones"),
+    Source("sent-a", "sent", "review"), Source("sent-b", "sent", "review"),
+    Source("sent-flip-a", "sent", "review-flip"), Source("sent-flip-b", "sent", "review-flip"),
+    Source("shift-up-a", "shift", "shift-up"), Source("shift-up-b", "shift", "shift-up"),
+    Source("shift-down-a", "shift", "shift-down"), Source("shift-down-b", "shift", "shift-down"),
+)
+CONFLICT_FAMILIES = ("sent", "shift")
+# The conventions the base has learned; the other tasks of a conflict family contradict them.
+BASE_TASKS = tuple(t for t in TASKS if t not in ("review-flip", "shift-down"))
+
+
+def families(sources: tuple[Source, ...] = SOURCES) -> dict[str, list[str]]:
+    """family -> its source names, families in first-seen order."""
+    out: dict[str, list[str]] = {}
+    for s in sources:
+        out.setdefault(s.family, []).append(s.name)
+    return out
+
+
+def family_of(sources: tuple[Source, ...] = SOURCES) -> dict[str, str]:
+    return {s.name: s.family for s in sources}
+
+
+def make_examples(source: str, task: str, n: int, *, seed: int) -> list[Example]:
+    """n examples of one task; the seed mixes in the source name so sources differ."""
+    rng = random.Random(f"quality:{seed}:{source}")
+    out = []
+    for _ in range(n):
+        prompt, response = TASKS[task](rng)
+        out.append(Example(source, (Turn("user", prompt), Turn("assistant", response))))
+    return out
+
+
+def benchmark_mixture(
+    *, train: int, held_out: int, seed: int = 0, sources: tuple[Source, ...] = SOURCES
+) -> tuple[list[Example], list[Example]]:
+    """(train, held_out): disjoint draws per source, sources in SOURCES order."""
+    train_set: list[Example] = []
+    held_set: list[Example] = []
+    for s in sources:
+        examples = make_examples(s.name, s.task, train + held_out, seed=seed)
+        train_set += examples[:train]
+        held_set += examples[train:]
+    return train_set, held_set
+
+
+def base_mixture(*, per_task: int, seed: int = 0) -> list[Example]:
+    """The stage-2 base's broad mixture: every conventional task, another seed, interleaved."""
+    per = [make_examples(f"base-{t}", t, per_task, seed=seed + 7919) for t in BASE_TASKS]
+    return [ex for row in zip(*per, strict=True) for ex in row]
+
+
+def conflicting_pairs(sources: tuple[Source, ...] = SOURCES) -> list[tuple[str, str]]:
+    """Pairs of sources whose prompts share a format but whose answers differ."""
+    prompt_key = {t: TASKS[t](random.Random(0))[0].split()[0] for t in TASKS}
+    pairs = []
+    for i, a in enumerate(sources):
+        for b in sources[i + 1:]:
+            if a.task != b.task and prompt_key[a.task] == prompt_key[b.task]:
+                pairs.append((a.name, b.name))
+    return pairs
