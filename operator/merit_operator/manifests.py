@@ -34,7 +34,7 @@ WORK_DIR = "/work"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CONTAINER_NAME = "stage"
 # Merge and search stream tensors on CPUs; a GPU request there would idle an accelerator.
-CPU_ONLY_STAGES = frozenset({"merge", "search"})
+CPU_ONLY_STAGES = frozenset({"merge", "search", "verify"})  # the merger image, no GPU
 
 
 @dataclass(frozen=True)

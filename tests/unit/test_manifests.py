@@ -31,7 +31,7 @@ from merit_operator.status import (
 
 from meritrun.api import MeritRunSpec, MeritRunStatus, PartitionStatus
 from meritrun.errors import SpecError
-from meritrun.jobs import merge_job, profile_job, train_job
+from meritrun.jobs import merge_job, profile_job, train_job, verify_job
 
 RUN = RunRef(name="demo", namespace="ml", uid="1111-2222")
 IMAGES = Images(trainer="trainer:1", merger="merger:1")
@@ -129,6 +129,12 @@ def test_template_fields_reach_the_pod():
     # The merge streams tensors on CPUs: no GPU is held for it.
     assert container(merge)["resources"]["limits"] == {"memory": "8Gi"}
     assert container(merge)["command"][2:4] == ["merit_merger.stage", "merge"]
+    # So does the check of a pull site's contribution, with the merger image.
+    verify = build_stage_job(verify_job("demo", spec, partition(), 1), run=RUN, spec=spec,
+                             images=IMAGES)
+    assert container(verify)["image"] == "my/merger:2"
+    assert container(verify)["resources"]["limits"] == {"memory": "8Gi"}
+    assert container(verify)["command"][2:4] == ["merit_merger.stage", "verify"]
 
 
 def test_default_images_come_from_the_settings():
