@@ -149,6 +149,7 @@ def measure(cmd: list[str], env: dict) -> dict:
 def child(args: argparse.Namespace) -> None:
     """One merge in this process (run by `measure`); prints peak RSS as seen by the kernel."""
     import torch
+
     from merit_merger.engine import merge_models
     from merit_merger.sources import PartitionSource
 

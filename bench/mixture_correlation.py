@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from merit_merger.evaluation import evaluate_model
 from merit_merger.search import MergeProxy, objective_score, score_candidates, simplex_grid
 from merit_trainer.tiny import build_byte_tokenizer, build_tiny_model
-
 from meritrun.data import Example
 from meritrun.synthetic import TASKS, make_mixture
 from meritrun.textenc import collate, encode_example, token_losses

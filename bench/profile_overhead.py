@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+
 from merit_trainer.profiling.gradients import GradientSketcher
 from merit_trainer.profiling.sketch import CountSketch
 from merit_trainer.tiny import build_byte_tokenizer, build_tiny_model
-
 from meritrun.data import Example, Turn
 from meritrun.textenc import collate, encode_example, token_losses
 

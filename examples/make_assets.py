@@ -8,7 +8,6 @@ Run: python examples/make_assets.py
 from pathlib import Path
 
 from merit_trainer.tiny import save_tiny_base
-
 from meritrun.data import write_examples
 from meritrun.synthetic import DEMO_SOURCES, make_mixture
 

@@ -9,9 +9,9 @@ import re
 import kubernetes_validate
 import pytest
 import yaml
-from merit_operator.metrics import Metrics
 from support.kube import REPO
 
+from merit_operator.metrics import Metrics
 from meritrun.crd import build_crd
 
 CHART = REPO / "charts" / "meritrun"

@@ -162,9 +162,9 @@ def test_missing_declared_source_names_it_and_uploads_nothing(tiny_base, tiny_mi
 
 def test_killed_after_a_checkpoint_resumes_and_completes(tiny_base, tiny_mixture, tmp_path,
                                                          caplog):
-    from merit_trainer.contribute import main
     from transformers import AutoTokenizer
 
+    from merit_trainer.contribute import main
     from meritrun.textenc import encode_example
 
     training = {"batchSize": 4, "maxSeqLen": 64, "epochs": 2}  # 40 steps

@@ -48,8 +48,9 @@ def test_example_reaches_succeeded_with_plan_and_artifacts(finished_run):
 
 
 def test_merged_model_loads_and_beats_the_base(finished_run):
-    from merit_merger.evaluation import evaluate_dir
     from transformers import AutoModelForCausalLM
+
+    from merit_merger.evaluation import evaluate_dir
 
     status = load_status(finished_run / "status.json")
     merged = Path(status.model_uri.removeprefix("file://"))

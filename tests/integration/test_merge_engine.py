@@ -13,11 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from merit_merger.engine import merge_models
-from merit_merger.methods import get_method
-from merit_merger.methods.ota import ffg_saliency
-from merit_merger.selection import ffg_k
-from merit_merger.sources import PartitionSource
 from support.experts import (
     cast_model,
     load_state,
@@ -26,6 +21,12 @@ from support.experts import (
     save_state,
     write_partition,
 )
+
+from merit_merger.engine import merge_models
+from merit_merger.methods import get_method
+from merit_merger.methods.ota import ffg_saliency
+from merit_merger.selection import ffg_k
+from merit_merger.sources import PartitionSource
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from merit_trainer.profiling import profile_to_dir, run_profile_stage
-from merit_trainer.profiling.cli import main as profile_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from merit_trainer.profiling import profile_to_dir, run_profile_stage
+from merit_trainer.profiling.cli import main as profile_main
 from meritrun.api import DataSpec, PartitioningSpec, ProfilingSpec
 from meritrun.data import group_by_source, iter_examples, write_examples
 from meritrun.errors import SpecError

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from merit_trainer.stage import main
 
+from merit_trainer.stage import main
 from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, partition_prefix, plan_prefix
 from meritrun.stages import Plan, ProfileParams, TrainParams
 

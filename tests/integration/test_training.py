@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from merit_trainer.checkpoint import (
     batch_indices,
     find_checkpoint,
@@ -22,9 +25,6 @@ from merit_trainer.checkpoint import (
 from merit_trainer.moments import dense_second_moment, load_second_moments
 from merit_trainer.sources import load_partition_examples
 from merit_trainer.training import train_partition
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from meritrun.api import DataSpec
 from meritrun.artifacts import base_fingerprint, partition_prefix, read_manifest, sha256_file
 from meritrun.data import read_examples

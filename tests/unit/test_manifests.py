@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
+
 from merit_operator.manifests import (
     KUEUE_QUEUE_LABEL,
     LABEL_ATTEMPT,
@@ -28,7 +29,6 @@ from merit_operator.status import (
     next_delay,
     validated_spec,
 )
-
 from meritrun.api import MeritRunSpec, MeritRunStatus, PartitionStatus
 from meritrun.errors import SpecError
 from meritrun.jobs import merge_job, profile_job, train_job, verify_job
@@ -250,7 +250,6 @@ def test_kubeconfig_for_remote_sites_parses_and_hides_its_secrets():
     import base64
 
     from merit_operator.kubeapi import ApiConfig
-
     from meritrun.errors import MeritRunError
 
     pem = "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"

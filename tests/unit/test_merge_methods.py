@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from merit_merger.methods import METHODS, MergeInputs, TensorStats, get_method
 from merit_merger.methods.dare import dare, dare_seed, keep_mask
 from merit_merger.methods.ota import ota
@@ -14,7 +15,6 @@ from merit_merger.methods.ties import ties
 from merit_merger.methods.token_weighted import token_weighted
 from merit_merger.methods.uniform import uniform
 from merit_merger.selection import KthLargest, ffg_k
-
 from meritrun.errors import SpecError
 
 FP32 = 2e-6  # fp32 accumulation vs a float64 reference, for values of order 1

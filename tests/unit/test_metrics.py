@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from merit_operator.metrics import PHASES, Metrics, phase_counts
 from prometheus_client.parser import text_string_to_metric_families
 
+from merit_operator.metrics import PHASES, Metrics, phase_counts
 from meritrun.api import ArtifactRef, MergeStatus, MeritRunStatus, PartitionStatus, StageStatus
 from meritrun.errors import SpecError, TransientError
 

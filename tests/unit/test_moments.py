@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from merit_trainer.moments import (
     compress_rank1,
     dense_second_moment,
@@ -12,9 +15,6 @@ from merit_trainer.moments import (
     optimizer_second_moments,
     save_second_moments,
 )
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from meritrun.errors import IntegrityError
 
 

@@ -10,11 +10,14 @@ from bench.quality.budget import arm_epochs, budget_gap, mixture_counts
 from bench.quality.merit import ARMS
 from bench.quality.mixture import (
     CONFLICT_FAMILIES,
+    CUE,
     SOURCES,
     base_mixture,
     benchmark_mixture,
     conflicting_pairs,
     families,
+    format_key,
+    new_convention_sources,
 )
 from bench.quality.search import draw_mixture
 from bench.quality.tables import fmt_ms, markdown_table, mean_spread, merit_rows
@@ -29,36 +32,48 @@ def test_mixture_is_deterministic_and_seed_dependent():
     assert len(a_train) == 10 * len(SOURCES) and len(a_held) == 4 * len(SOURCES)
 
 
-def test_mixture_has_sixteen_sources_in_families_with_real_conflicts():
+def test_mixture_has_sixteen_sources_in_families_with_resolvable_conflicts():
     fams = families()
     assert len(SOURCES) >= 16 and len(fams) >= 4
     assert all(len(names) >= 2 for names in fams.values())
     train, _ = benchmark_mixture(train=200, held_out=0, seed=0)
-    by_prompt: dict[str, dict[str, set[str]]] = {}
+    answers: dict[str, set[str]] = {}
+    by_format: dict[tuple[str, str], dict[str, set[str]]] = {}
     for ex in train:
-        by_prompt.setdefault(ex.prompt, {}).setdefault(ex.source, set()).add(ex.response)
+        answers.setdefault(ex.prompt, set()).add(ex.response)
+        stripped = ex.prompt.replace(CUE, "")
+        by_format.setdefault((stripped, ex.source), {}).setdefault(ex.prompt, set()).add(
+            ex.response)
+    # learnable: no prompt anywhere in the mixture has two answers, so one model can get 100%
+    assert all(len(a) == 1 for a in answers.values())
     pairs = conflicting_pairs()
+    assert len(pairs) == 8
     assert {a.split("-")[0] for a, _ in pairs} == set(CONFLICT_FAMILIES)
     for a, b in pairs:
-        # the very same prompt appears in both sources with a different answer
-        clashes = [p for p, srcs in by_prompt.items()
-                   if a in srcs and b in srcs and srcs[a] != srcs[b]]
-        assert clashes, (a, b)
-    # non-conflict families: a prompt never gets two answers across sources
-    for prompt, srcs in by_prompt.items():
-        answers = set().union(*srcs.values())
-        if len(answers) > 1:
-            assert all(s.split("-")[0] in CONFLICT_FAMILIES for s in srcs), prompt
+        # same format up to the one-byte cue: exactly one side carries it ...
+        a_prompts = {ex.prompt for ex in train if ex.source == a}
+        b_prompts = {ex.prompt for ex in train if ex.source == b}
+        assert (CUE in next(iter(a_prompts))) != (CUE in next(iter(b_prompts)))
+        assert {format_key(p) for p in a_prompts} == {format_key(p) for p in b_prompts}
+        # ... and the cue flips the answer: the same stripped prompt, another answer
+        a_answer = {p.replace(CUE, ""): r for (p, r) in
+                    ((ex.prompt, ex.response) for ex in train if ex.source == a)}
+        b_answer = {p.replace(CUE, ""): r for (p, r) in
+                    ((ex.prompt, ex.response) for ex in train if ex.source == b)}
+        shared = set(a_answer) & set(b_answer)
+        assert shared and all(a_answer[p] != b_answer[p] for p in shared), (a, b)
+    assert set(new_convention_sources()) == {b for _, b in pairs}
 
 
-def test_answers_are_short_and_base_mixture_lacks_the_flipped_conventions():
+def test_answers_are_short_and_base_mixture_lacks_the_cued_conventions():
     train, held = benchmark_mixture(train=50, held_out=10, seed=0)
     assert max(len(ex.response) for ex in train + held) <= 5
     base = base_mixture(per_task=5, seed=0)
     tasks = {ex.source.removeprefix("base-") for ex in base}
     assert "review-flip" not in tasks and "shift-down" not in tasks
     assert "review" in tasks and "shift-up" in tasks
-    assert not {ex.prompt for ex in base[:0]}  # interleaved list, nothing odd at the head
+    assert not any(CUE in ex.prompt for ex in base)
+    assert any(CUE in ex.prompt for ex in train)
     assert base == base_mixture(per_task=5, seed=0)
 
 

@@ -7,11 +7,11 @@ import math
 from fractions import Fraction
 
 import pytest
+
 from merit_merger.cli_search import make_candidates
 from merit_merger.evaluation import json_safe
 from merit_merger.search import dirichlet_candidates, objective_score, rank_order, simplex_grid
 from merit_merger.search_plot import format_ranking_table, plot_search, ternary_xy
-
 from meritrun.errors import SpecError
 
 

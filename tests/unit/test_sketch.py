@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from merit_trainer.profiling.calibration import (
     build_calibration,
     calibration_indices,
@@ -27,7 +28,6 @@ from merit_trainer.profiling.sketchset import (
     load_sketch_set,
     save_sketch_set,
 )
-
 from meritrun.data import group_by_source, iter_examples
 from meritrun.errors import DataError, SpecError
 from meritrun.textenc import collate, token_losses
