@@ -71,6 +71,7 @@ class PartitionInput(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     prefix: str = Field(description="Key prefix of the partition artifact (with attempt).")
+    attempt: int | None = Field(None, ge=1, description="The attempt the prefix holds.")
     site: str | None = Field(None, description="Site expected to have trained it (manifest.site).")
     public_key: str | None = Field(
         None, description="The site's registered ed25519 key: the manifest must carry a valid "

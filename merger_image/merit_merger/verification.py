@@ -159,7 +159,7 @@ def verify_partitions(
         for source in sources:
             try:
                 if (want := (expected or {}).get(source.name)) is not None:
-                    check_identity(source, want, run=run)
+                    check_identity(source, want, run=run, attempt=want.attempt)
                 if source.manifest is not None:
                     check_files(source, hashes=source.name not in hashes_verified)
                 check_static(source, base, base_fp, method, strict_dtype=strict_dtype)

@@ -211,6 +211,10 @@ def test_site_and_signature_are_checked_where_expected(parts, tiny_base):
     # The same valid signature does not vouch for another run (a replayed contribution).
     refused, _ = verify(parts, tiny_base, expected={"p2": expected["p2"]}, run="r2")
     assert "run 'r' (expected 'r2')" in only_refusal(refused, "p2", "signature").detail
+    # ...nor for another attempt of the same partition (the merge knows which it merges).
+    later = expected["p2"].model_copy(update={"attempt": 2})
+    refused, _ = verify(parts, tiny_base, expected={"p2": later}, run="r")
+    assert "attempt 1 (expected 2)" in only_refusal(refused, "p2", "signature").detail
     refresh_manifest(parts[2], signature=None)  # unsigned although the site has a key
     refused, _ = verify(parts, tiny_base, expected={"p2": expected["p2"]}, run="r")
     assert "not signed" in only_refusal(refused, "p2", "signature").detail
