@@ -86,7 +86,8 @@ def partition_input(run: str, spec: MeritRunSpec, part: PartitionStatus) -> Part
     """Where a partition's artifact is, and who must have made (and signed) it."""
     return PartitionInput(name=part.name,
                           prefix=artifacts.partition_prefix(run, part.name, part.attempt),
-                          attempt=part.attempt or None, site=part.site, public_key=site_public_key(spec, part.site))
+                          attempt=part.attempt or None, site=part.site,
+                          public_key=site_public_key(spec, part.site))
 
 
 def partition_inputs(run: str, spec: MeritRunSpec,
