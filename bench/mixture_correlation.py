@@ -8,8 +8,8 @@ set. Reports Spearman's rho between proxy and real scores with a bootstrap 95% i
 candidates, the real rank of the proxy's pick, and (with --replicates 2) how well two seeds of
 real training agree with each other: the noise ceiling any proxy is judged against.
 
-    /work/venv/bin/python bench/mixture_correlation.py            # ~12 min idle, 25 min busy
-    /work/venv/bin/python bench/mixture_correlation.py --quick    # smoke run, ~2 min
+    .venv/bin/python bench/mixture_correlation.py            # ~12 min idle, 25 min busy
+    .venv/bin/python bench/mixture_correlation.py --quick    # smoke run, ~2 min
 
 Writes bench/results/mixture_correlation.{json,md,png}. Not part of the test run.
 """

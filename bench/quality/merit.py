@@ -27,6 +27,10 @@ from .scoring import evaluate_dir, merge_dirs
 log = logging.getLogger(__name__)
 
 ARMS = ("joint-1ep", "joint-2ep", "random-8", "merit-2", "merit-4", "merit-8")
+# The same partitions merged two other ways, to tell the split's effect from the merge's:
+# OTA (curvature-aware, rank-1 moments) and the plain SUM of task vectors (no 1/K dilution).
+REMERGES = (("OTA rank-1", "ota", {}), ("sum of task vectors", "task-arithmetic",
+                                        {"scale": 1.0}))
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,23 @@ def run_arm(trainer: Trainer, arm: str, parts: list[list[str]], *, base_dir: Pat
             "tokens": [m.tokens.supervised for m in manifests],
             "train_seconds": train_seconds, "merge_seconds": merge_seconds,
             "eval_seconds": scores["seconds"], "scores": scores["sources"]}
+
+
+def remerge_arm(trainer: Trainer, row: dict, *, base_dir: Path, held_out: Sequence[Example],
+                max_new_tokens: int) -> dict[str, dict]:
+    """{label: per-source scores} of the arm's trained partitions merged by each REMERGES
+    method (nothing for a joint arm: one partition, nothing to merge)."""
+    arm, seed, k = row["arm"], row["seed"], len(row["partitions"])
+    if k == 1:
+        return {}
+    artifacts = [trainer.artifact(f"{arm}-s{seed}-p{i}") for i in range(k)]
+    out = {}
+    for label, method, params in REMERGES:
+        model_dir, _ = merge_dirs(trainer.workdir / "merged" / f"{arm}-s{seed}-{method}",
+                                  base_dir=base_dir, artifacts=artifacts, method=method,
+                                  params=params)
+        out[label] = evaluate_dir(model_dir, held_out, max_new_tokens=max_new_tokens)["sources"]
+    return out
 
 
 def train_seconds_of(artifact: Path) -> float:

@@ -7,10 +7,13 @@ steps. Families:
 
 - `letter`, `digit`, `number`: shared structure, no conflict (each source has its own prompt
   keyword; `shift-up` in `shift` computes the same function as `letter-next`).
-- `sent` and `shift`: conflict. Two sources of each family use one prompt format and the
-  other two the SAME format with another answer (`review: great` -> "pos" vs "neg";
-  `shift: c` -> "d" vs "b"). No model can satisfy both on a given prompt; this is the
-  gradient conflict MERIT splits along.
+- `sent` and `shift`: conflict. Two sources of each family use the conventional prompt and
+  the other two the same format marked by a one-byte cue with the opposite convention
+  (`review: great` -> "pos" but `review*: great` -> "neg"; `shift: c` -> "d" but
+  `shift*: c` -> "b"). One model CAN learn both (the cue tells them apart), but their
+  gradients on the shared format pull the shared weights in opposite directions: resolvable,
+  interfering conflict, which is what MERIT splits along. (An earlier design used identical
+  prompts with opposite answers; no single model can exceed 50% on those, see docs.)
 
 The "stage 2" base is trained on `base_mixture`: the conventional (non-flipped) tasks of every
 family, drawn with another seed, so the flipped sources are new conventions the fine-tuning
@@ -32,6 +35,12 @@ TaskFn = Callable[[random.Random], tuple[str, str]]
 POSITIVE = ["great", "good", "nice", "fine", "lovely", "superb", "happy", "bright"]
 NEGATIVE = ["awful", "bad", "poor", "sad", "ugly", "dull", "grim", "nasty"]
 LETTERS = string.ascii_lowercase[:16]
+CUE = "*"  # marks the new convention of a conflict family: `review*:` vs `review:`
+
+
+def format_key(prompt: str) -> str:
+    """The prompt's format (its keyword) with the convention cue removed."""
+    return prompt.split()[0].replace(CUE, "")
 
 
 def _on_letter(prefix: str, fn: Callable[[str], str]) -> TaskFn:
@@ -68,7 +77,8 @@ def _review(flip: bool) -> TaskFn:
     def task(rng: random.Random) -> tuple[str, str]:
         positive = rng.random() < 0.5
         word = rng.choice(POSITIVE if positive else NEGATIVE)
-        return f"review: {word}", "pos" if positive != flip else "neg"
+        keyword = f"review{CUE}" if flip else "review"
+        return f"{keyword}: {word}", "pos" if positive != flip else "neg"
 
     return task
 
@@ -87,9 +97,9 @@ TASKS: dict[str, TaskFn] = {
     "tens": _on_number("tens", lambda n: str(n // 10)),
     "ones": _on_number("ones", lambda n: str(n % 10)),
     "review": _review(flip=False),
-    "review-flip": _review(flip=True),  # conflict: same prompt, opposite label
+    "review-flip": _review(flip=True),  # conflict: cued prompt, opposite label
     "shift-up": _on_letter("shift", lambda c: _shift(c, 1)),
-    "shift-down": _on_letter("shift", lambda c: _shift(c, -1)),  # conflict: same prompt
+    "shift-down": _on_letter(f"shift{CUE}", lambda c: _shift(c, -1)),  # conflict: cued
 }
 
 
@@ -159,11 +169,16 @@ def base_mixture(*, per_task: int, seed: int = 0) -> list[Example]:
 
 
 def conflicting_pairs(sources: tuple[Source, ...] = SOURCES) -> list[tuple[str, str]]:
-    """Pairs of sources whose prompts share a format but whose answers differ."""
-    prompt_key = {t: TASKS[t](random.Random(0))[0].split()[0] for t in TASKS}
+    """Pairs of sources whose prompts share a format (up to the cue) but whose answers differ."""
+    prompt_key = {t: format_key(TASKS[t](random.Random(0))[0]) for t in TASKS}
     pairs = []
     for i, a in enumerate(sources):
         for b in sources[i + 1:]:
             if a.task != b.task and prompt_key[a.task] == prompt_key[b.task]:
                 pairs.append((a.name, b.name))
     return pairs
+
+
+def new_convention_sources(sources: tuple[Source, ...] = SOURCES) -> list[str]:
+    """Sources whose task the stage-2 base never saw (the cued conventions)."""
+    return [s.name for s in sources if s.task not in BASE_TASKS]

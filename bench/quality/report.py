@@ -13,7 +13,7 @@ import numpy as np
 
 from . import plots
 from .merit import ARMS
-from .mixture import conflicting_pairs
+from .mixture import CUE, conflicting_pairs, new_convention_sources
 from .ota import family_scores, kept_fraction
 from .tables import MERIT_HEADERS, fmt_ms, macro, markdown_table, merit_rows
 
@@ -50,7 +50,8 @@ def merit_section(res: dict) -> str:
     return ("## MERIT table\n\nMean over sources of held-out exact-match accuracy and supervised "
             "loss; mean ± sample std over seeds. `tokens` is the supervised-token budget relative "
             f"to one epoch of the mixture ({res['budget']} tokens).\n\n{table}\n\n"
-            "Conflicting source pairs (same prompt, different answer; 8 pairs) that the split "
+            f"Conflicting source pairs (same format, the cue `{CUE}` flips the convention; "
+            f"{len(conflicting_pairs())} pairs) that the split "
             "put in different partitions, mean over seeds: " + ", ".join(separated) + ".\n\n"
             "Partitions (first seed):\n\n" + "\n".join(splits) + "\n")
 
@@ -65,15 +66,62 @@ def separated_pairs(partitions: list[list[str]]) -> float:
 def family_section(res: dict) -> str:
     """Accuracy % and loss per family for every arm, means over seeds."""
     fams = res["families"]
-    rows = [["base", *(_family_cell([res["base"]["scores"]], fams[f]) for f in fams)]]
+    new = new_convention_sources()
+    rows = [["base", *(_family_cell([res["base"]["scores"]], fams[f]) for f in fams),
+             _family_cell([res["base"]["scores"]], new)]]
     for arm in ARMS:
         runs = [r["scores"] for r in res["merit"] if r["arm"] == arm]
         if runs:
-            rows.append([arm, *(_family_cell(runs, fams[f]) for f in fams)])
-    return ("Per family (accuracy % / held-out loss, means over seeds; a conflict family's "
-            "accuracy cannot exceed 50% for any single model, since half of its sources answer "
-            "the same prompts the other way):\n\n"
-            + markdown_table(["arm", *fams], rows) + "\n")
+            rows.append([arm, *(_family_cell(runs, fams[f]) for f in fams),
+                         _family_cell(runs, new)])
+    return ("Per family (accuracy % / held-out loss, means over seeds; in a conflict family "
+            "half of the sources use the cued new convention, which the base has never seen, "
+            "so the base scores about 50% there and one model can reach 100%):\n\n"
+            + markdown_table(["arm", *fams, "new convention (cued sources)"], rows) + "\n")
+
+
+def remerge_section(res: dict) -> str:
+    """The split arms' partitions merged by other methods (same trained partitions)."""
+    from .merit import REMERGES
+
+    sources = [s for f in res["families"].values() for s in f]
+    new = new_convention_sources()
+    arms = [a for a in ARMS if not a.startswith("joint")]
+    rows = []
+    for label, _, _ in [("token-weighted", "", {}), *REMERGES]:
+        runs = [r if label == "token-weighted" else {**r, "scores": r["remerged"][label]}
+                for r in res["merit"] if r["arm"] in arms and (label == "token-weighted"
+                                                               or label in r.get("remerged", {}))]
+        for row in merit_rows(runs, arms=arms, sources=sources,
+                              conflict=res["conflict_sources"], budget=res["budget"]):
+            arm_runs = [r for r in runs if r["arm"] == row[0]]
+            rows.append([label, row[0], *row[4:],
+                         fmt_ms([macro(r["scores"], new, "accuracy") for r in arm_runs],
+                                scale=100)])
+    if not rows:
+        return ""
+    headers = ["merge", "arm", *MERIT_HEADERS[4:], "accuracy % (new convention)"]
+    return ("Same trained partitions, merged three ways (token-weighted is the table above; "
+            "OTA uses each partition's rank-1 Adam second moments; the sum adds every "
+            "partition's full update, no 1/K dilution):\n\n" + markdown_table(headers, rows)
+            + "\n")
+
+
+def axes_section(res: dict, *, top: int = 4) -> str:
+    """Where the profiler puts the sources: each principal axis's two ends, per seed."""
+    lines = []
+    for seed in res["sizes"]["seeds"]:
+        prof = res["profiles"].get(seed) or res["profiles"].get(str(seed))
+        if prof is None:
+            continue
+        for axis, explained in enumerate(prof["explained"]):
+            order = sorted(prof["names"], key=lambda n: prof["scores"][n][axis])
+            neg = ", ".join(order[:top])
+            pos = ", ".join(reversed(order[-top:]))
+            lines.append([str(seed), f"PC{axis + 1}", f"{100 * explained:.1f}", pos, neg])
+    return ("Principal axes of the centered conflict matrix (the axes MERIT splits along; the "
+            f"{top} sources at each end):\n\n"
+            + markdown_table(["seed", "axis", "variance %", "+ end", "- end"], lines) + "\n")
 
 
 def _family_cell(runs: list[dict], names: list[str]) -> str:
@@ -204,7 +252,7 @@ def write_report(res: dict, out: Path) -> str:
         f"{len(sources)} sources in {len(res['families'])} families, "
         f"{sz['train_per_source']} train / {sz['held_out_per_source']} held-out examples per "
         f"source; seeds {list(sz['seeds'])}.\n",
-        merit_section(res), family_section(res),
+        merit_section(res), family_section(res), remerge_section(res), axes_section(res),
         "## OTA table\n\nOne expert per family (trained on that family's sources from the base);"
         " accuracy % per family, mean over all sources, and the share of each expert's own "
         "accuracy on its family that the merge keeps.\n",

@@ -105,6 +105,9 @@ def run_benchmark(sizes: Sizes, *, out: Path, mode: str) -> dict:
                 row = merit.run_arm(trainer, arm, parts, base_dir=base_dir, seed=seed,
                                     lr=sizes.lr, held_out=held,
                                     max_new_tokens=sizes.max_new_tokens)
+                row["remerged"] = merit.remerge_arm(trainer, row, base_dir=base_dir,
+                                                    held_out=held,
+                                                    max_new_tokens=sizes.max_new_tokens)
                 arms_out.append(row)
                 acc = sum(v["accuracy"] for v in row["scores"].values()) / len(row["scores"])
                 clock.say(f"  {arm} seed {seed}: K={len(parts)} accuracy {100 * acc:.1f}%")
