@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .data import Example, Turn
 
@@ -52,12 +52,14 @@ TASKS: dict[str, TaskFn] = {
 }
 
 
-def make_source(name: str, task: str, n: int, *, seed: int) -> list[Example]:
-    """n examples of one task; the seed mixes in the source name so sources differ."""
-    rng = random.Random(f"{seed}:{name}")
+def make_source(name: str, task: str, n: int, *, seed: int,
+                tasks: Mapping[str, TaskFn] | None = None, salt: str = "") -> list[Example]:
+    """n examples of one task (from `tasks`, default TASKS); the seed mixes in the source name
+    so sources differ, and `salt` keeps another mixture's draws apart from these."""
+    rng = random.Random(f"{salt}{seed}:{name}")
     examples = []
     for _ in range(n):
-        prompt, response = TASKS[task](rng)
+        prompt, response = (tasks or TASKS)[task](rng)
         examples.append(Example(name, (Turn("user", prompt), Turn("assistant", response))))
     return examples
 

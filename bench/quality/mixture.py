@@ -28,7 +28,8 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from meritrun.data import Example, Turn
+from meritrun.data import Example
+from meritrun.synthetic import make_source
 
 TaskFn = Callable[[random.Random], tuple[str, str]]
 
@@ -140,13 +141,8 @@ def family_of(sources: tuple[Source, ...] = SOURCES) -> dict[str, str]:
 
 
 def make_examples(source: str, task: str, n: int, *, seed: int) -> list[Example]:
-    """n examples of one task; the seed mixes in the source name so sources differ."""
-    rng = random.Random(f"quality:{seed}:{source}")
-    out = []
-    for _ in range(n):
-        prompt, response = TASKS[task](rng)
-        out.append(Example(source, (Turn("user", prompt), Turn("assistant", response))))
-    return out
+    """n examples of one of the benchmark's tasks (its own draws, salted apart from the demo's)."""
+    return make_source(source, task, n, seed=seed, tasks=TASKS, salt="quality:")
 
 
 def benchmark_mixture(
