@@ -6,7 +6,7 @@ next attempt), and keeps a bad artifact from holding a place in the quorum. The 
 the merge's own per-contribution checks (verification.verify_partitions on this one
 partition: manifest, sha256 of every file, base fingerprint, tokens, tensor names, shapes and
 dtypes, LoRA, second moments for OTA, finite values) plus the site binding and the signature
-(verification.check_identity, here also against the attempt).
+(checks.check_identity, against this attempt).
 
 Not here: the outlier-norm check. It compares a partition's update norm with the other
 partitions', which have not all arrived yet, so it stays in the merge.
@@ -28,7 +28,6 @@ from meritrun.artifacts import MANIFEST_NAME, VERDICT_NAME, read_manifest, sha25
 from meritrun.errors import ContributionRejected
 from meritrun.stages import PartitionInput, Verdict, VerifyParams
 
-from .checks import check_identity
 from .job import Candidate, MergeSettings, settings_from_spec
 from .methods import get_method
 from .sources import PartitionSource
@@ -61,16 +60,14 @@ def verify_contribution(
 
     if isinstance(candidate, ContributionRejected):
         return verdict(candidate)
-    try:
-        check_identity(candidate, expected, run=run, attempt=attempt)
-    except ContributionRejected as refusal:
-        return verdict(refusal)
     result = verify_partitions(
         [candidate], base_dir=base_dir, method=get_method(settings.method),
         outlier_factor=settings.outlier_factor,
         refuse_outliers=False,  # relative to the other partitions: the merge decides that
         hashes_verified={candidate.name} if hashes_verified else (),
-        strict_dtype=settings.strict_dtype)
+        strict_dtype=settings.strict_dtype,
+        # site, signature, and the signed run/partition/attempt: checked first, as in a merge
+        expected={candidate.name: expected.model_copy(update={"attempt": attempt})}, run=run)
     return verdict(result.refused[0] if result.refused else None)
 
 
