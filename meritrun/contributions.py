@@ -72,9 +72,12 @@ def _offer(r: _Round, assignment: Assignment, start_time: str) -> OfferAssignmen
                            expires)
 
 
+def _revoke_action(run: str, assignment: Assignment) -> RevokeGrant:
+    return RevokeGrant(assignment, grant_name(run, assignment.name, assignment.site))
+
+
 def _revoke(r: _Round, assignment: Assignment) -> None:
-    r.actions.append(RevokeGrant(assignment,
-                                 grant_name(r.obs.run, assignment.name, assignment.site)))
+    r.actions.append(_revoke_action(r.obs.run, assignment))
 
 
 # --- sketches before profiling --------------------------------------------------------------
@@ -96,17 +99,17 @@ def sketches_ready(r: _Round) -> dict[str, str] | None:
     for sk in st.sketches:
         if sk.state != "AwaitingContribution":
             continue
-        uri = r.obs.sketches.get(sk.site)
+        uri, assignment = r.obs.sketches.get(sk.site), _sketch_assignment(r.obs.run, r.spec, sk)
         if uri is not None:
             sk.state, sk.uri, sk.completion_time = "Succeeded", uri, to_rfc3339(r.obs.now)
-            _revoke(r, _sketch_assignment(r, sk))
+            _revoke(r, assignment)
             r.event("SketchesReceived", f"site {sk.site}: sketches at {uri}")
         elif _deadline_passed(r, find_site(r.spec, sk.site), sk.start_time):
             sk.state = "Failed"
             sk.message = f"site {sk.site} sent no sketches by its deadline"
-            _revoke(r, _sketch_assignment(r, sk))
+            _revoke(r, assignment)
         else:  # level-based, as for partitions
-            r.actions.append(_offer(r, _sketch_assignment(r, sk), sk.start_time or ""))
+            r.actions.append(_offer(r, assignment, sk.start_time or ""))
     failed = [sk for sk in st.sketches if sk.state == "Failed"]
     if failed:
         r.fail("SketchesMissing", "; ".join(sk.message or sk.site for sk in failed))
@@ -116,11 +119,7 @@ def sketches_ready(r: _Round) -> dict[str, str] | None:
     return {sk.site: sketch_output_prefix(r.obs.run, sk.site, sk.attempt) for sk in st.sketches}
 
 
-def _sketch_assignment(r: _Round, sk: SiteSketchStatus) -> Assignment:
-    return _sketch_assignment_for(r.obs.run, r.spec, sk)
-
-
-def _sketch_assignment_for(run: str, spec, sk: SiteSketchStatus) -> Assignment:
+def _sketch_assignment(run: str, spec, sk: SiteSketchStatus) -> Assignment:
     site = find_site(spec, sk.site)
     deadline = None
     if site.deadline_seconds and sk.start_time:
@@ -203,19 +202,16 @@ def _give_up(r: _Round, part: PartitionStatus, message: str, *, reason: str,
 
 def grants_to_revoke(run: str, spec, status) -> list[RevokeGrant]:
     """Every grant a site could still use (waiting partitions and sketches)."""
-    out = []
-    for part in status.partitions:
-        if part.state == "AwaitingContribution" and _site_mode(spec, part.site) == "pull":
-            a = build_train_assignment(run, spec, part)
-            out.append(RevokeGrant(a, grant_name(run, a.name, a.site)))
-    for sk in status.sketches or []:
-        if sk.state == "AwaitingContribution" and _site_mode(spec, sk.site) == "pull":
-            a = _sketch_assignment_for(run, spec, sk)
-            out.append(RevokeGrant(a, grant_name(run, a.name, a.site)))
-    return out
+    out = [_revoke_action(run, build_train_assignment(run, spec, part))
+           for part in status.partitions
+           if part.state == "AwaitingContribution" and site_mode(spec, part.site) == "pull"]
+    return out + [_revoke_action(run, _sketch_assignment(run, spec, sk))
+                  for sk in status.sketches or []
+                  if sk.state == "AwaitingContribution" and site_mode(spec, sk.site) == "pull"]
 
 
-def _site_mode(spec, site: str | None) -> str | None:
+def site_mode(spec, site: str | None) -> str | None:
+    """The mode of a partition's site; None for this cluster (or an unknown site)."""
     return next((s.mode for s in spec.sites or [] if s.name == site), None)
 
 

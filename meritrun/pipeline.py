@@ -236,16 +236,9 @@ def _profile(r: _Round) -> None:
                     f"({plan.strategy})")
 
 
-def _site_mode(spec: MeritRunSpec, site: str | None) -> str | None:
-    for s in spec.sites or []:
-        if s.name == site:
-            return s.mode
-    return None
-
-
 def _partition(r: _Round, part: PartitionStatus) -> None:
     obs, spec = r.obs, r.spec
-    mode = _site_mode(spec, part.site)
+    mode = contributions.site_mode(spec, part.site)
     if mode == "pull":
         contributions.pull_partition(r, part)
         return
