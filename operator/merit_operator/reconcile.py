@@ -119,17 +119,19 @@ class Reconciler:
                             jobs=self.backend.observe_jobs(run, spec),
                             **observe_storage(storage, name, old))
         decision = decide(spec, old, observed, policy=self.policy)
+        grants = None
         for action in decision.actions:
             if isinstance(action, CreateJob):
                 if self.backend.create_job(action, run=run, spec=spec):
                     self.metrics.job_created(action.stage)
             elif isinstance(action, DeleteJob):
                 self.backend.delete_job(action.name, run=run, spec=spec)
-            elif isinstance(action, OfferAssignment):
-                if self._grants(run, spec, storage).offer(action):
+            elif isinstance(action, OfferAssignment | RevokeGrant):
+                grants = grants or self._grants(run, spec, storage)  # one per round, if any
+                if isinstance(action, RevokeGrant):
+                    grants.revoke(action)
+                elif grants.offer(action):
                     self.metrics.grant_issued()
-            elif isinstance(action, RevokeGrant):
-                self._grants(run, spec, storage).revoke(action)
         self._write(run, stored, decision.status)
         return self._outcome(body, decision.status, decision.events, now)
 
@@ -199,6 +201,8 @@ class Reconciler:
         status = parse_status(raw_status)
         if status is None:
             return
-        storage = self.storages.for_spec(spec)
-        for action in grants_to_revoke(run.name, spec, status):
-            self._grants(run, spec, storage).revoke(action)
+        actions = grants_to_revoke(run.name, spec, status)
+        if actions:
+            grants = self._grants(run, spec, self.storages.for_spec(spec))
+            for action in actions:
+                grants.revoke(action)
