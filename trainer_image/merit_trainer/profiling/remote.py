@@ -21,6 +21,7 @@ import numpy as np
 from meritrun.api import ProfilingSpec
 from meritrun.errors import DataError, ObjectNotFound, SpecError, StageFailed, StorageError
 from meritrun.storage import Storage
+from meritrun.storage.base import join_key
 
 from .sketch import PROJECTION
 from .sketchset import SketchSet, load_sketch_set
@@ -44,10 +45,6 @@ def expected_settings(profiling: ProfilingSpec, *, base: str, max_seq_len: int) 
             "calibration_samples": profiling.calibration_samples, "max_seq_len": max_seq_len}
 
 
-def _key(prefix: str, name: str) -> str:
-    return f"{prefix.rstrip('/')}/{name}" if prefix.strip("/") else name
-
-
 def fetch_site_sketches(storage: Storage, site_sketches: Mapping[str, str], dest: Path
                         ) -> dict[str, SketchSet]:
     """Download and read every site's sketch set (site -> key prefix) into dest/<site>/."""
@@ -55,7 +52,7 @@ def fetch_site_sketches(storage: Storage, site_sketches: Mapping[str, str], dest
     for site, prefix in site_sketches.items():
         stem = Path(dest) / site / SKETCH_STEM
         for suffix in (".json", ".npy"):
-            key = _key(prefix, SKETCH_STEM + suffix)
+            key = join_key(prefix.rstrip("/"), SKETCH_STEM + suffix)
             try:
                 storage.get_file(key, stem.with_suffix(suffix))
             except ObjectNotFound as e:

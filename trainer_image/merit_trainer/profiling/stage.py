@@ -32,6 +32,7 @@ from meritrun.partitioning import (
 )
 from meritrun.stages import Plan, ProfileParams
 from meritrun.storage import fetch_path, open_storage
+from meritrun.storage.base import join_key
 
 from .calibration import DEFAULT_MAX_LEN, count_supervised_tokens
 from .conflict import cosine_matrix, principal_axes
@@ -180,10 +181,6 @@ def profile_to_dir(
     return plan
 
 
-def _join(prefix: str, rel: str) -> str:
-    return f"{prefix.rstrip('/')}/{rel}" if prefix.strip("/") else rel
-
-
 def run_profile_stage(params: ProfileParams, *, workdir: Path) -> Plan:
     """The `profile` stage: fetch inputs, profile, upload the outputs under params.output."""
     workdir = Path(workdir)
@@ -206,6 +203,7 @@ def run_profile_stage(params: ProfileParams, *, workdir: Path) -> Plan:
     )
     files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != PLAN_NAME)
     for path in [*files, out_dir / PLAN_NAME]:  # plan.json last: it marks completion
-        storage.put_file(_join(params.output, path.relative_to(out_dir).as_posix()), path)
+        storage.put_file(join_key(params.output.rstrip("/"),
+                                  path.relative_to(out_dir).as_posix()), path)
     log.info("profile written to %s", storage.uri_for(params.output or ""))
     return plan
