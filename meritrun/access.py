@@ -274,7 +274,11 @@ def offer_assignment(assignment: Assignment, *, storage: Storage, issuer: GrantI
 def offer_partition(run: str, spec: MeritRunSpec, part: PartitionStatus, *, storage: Storage,
                     issuer: GrantIssuer | None, now: datetime, endpoint: str | None = None
                     ) -> SiteGrant:
-    """What the operator calls when a pull partition waits: assignment + grant for the site."""
+    """Assignment + grant of a waiting pull partition in one call, for tools and tests.
+
+    The backends get the same from the pipeline's OfferAssignment (`contributions._offer`,
+    carried out by `grants.GrantKeeper`): the same assignment, expiry and issuer call.
+    """
     assignment = build_train_assignment(run, spec, part)
     start = from_rfc3339(part.start_time) if part.start_time else now
     return offer_assignment(assignment, storage=storage, issuer=issuer, endpoint=endpoint,
