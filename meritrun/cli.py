@@ -36,24 +36,38 @@ def _delegate(target: str, argv: list[str]) -> int:
     return int(entry(argv) or 0)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (e.g. --parallel)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .validation import document_errors, load_documents
+    from .api import MeritRunSpec
+    from .validation import document_errors, missing_local_paths, run_documents
 
     failed = 0
     for path in args.files:
         try:
-            docs = load_documents(Path(path))
+            runs = run_documents(Path(path))
         except MeritRunError as e:
-            print(f"{path}: {e}", file=sys.stderr)
+            print(e, file=sys.stderr)  # the error names the file already
             failed += 1
             continue
-        runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "MeritRun"]
         if not runs:
             print(f"{path}: no MeritRun document", file=sys.stderr)
             failed += 1
         for doc in runs:
             name = (doc.get("metadata") or {}).get("name", "?")
             errors = document_errors(doc)
+            if not errors and not args.no_path_check:
+                spec = MeritRunSpec.model_validate(doc["spec"], by_alias=True, by_name=False)
+                errors = missing_local_paths(spec, base=Path(path).resolve().parent)
             for err in errors:
                 print(f"{path}: {name}: {err}", file=sys.stderr)
             failed += bool(errors)
@@ -85,27 +99,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir), strategy=args.strategy, parallel=args.parallel)
 
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+_HELP = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meritrun", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="meritrun", description=__doc__.splitlines()[0],
+                                     formatter_class=_HELP)
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true",
+                        help="debug logging (before or after the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="tiny model + synthetic mixture, end to end, locally")
-    p.add_argument("--workdir", default="meritrun-demo")
+    p = sub.add_parser("demo", help="tiny model + synthetic mixture, end to end, locally",
+                       formatter_class=_HELP)
+    p.add_argument("--workdir", default="meritrun-demo", help="where everything is written")
     p.add_argument("--strategy", default="conflictPCA",
-                   choices=["conflictPCA", "random", "manual"])
-    p.add_argument("--parallel", type=int, default=1, help="stage processes at once")
+                   choices=["conflictPCA", "random", "manual"], help="split strategy")
+    p.add_argument("--parallel", type=positive_int, default=1, help="stage processes at once")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="run a MeritRun YAML end to end")
-    p.add_argument("file")
+    p = sub.add_parser("run", help="run a MeritRun YAML end to end", formatter_class=_HELP)
+    p.add_argument("file", help="the MeritRun YAML")
     p.add_argument("--local", action="store_true", help="run on this machine (no cluster)")
-    p.add_argument("--workdir", default="meritrun-work")
-    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--workdir", default="meritrun-work", help="status, artifacts and logs")
+    p.add_argument("--parallel", type=positive_int, default=1, help="stage processes at once")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("validate", help="check MeritRun YAML against the CRD schema")
-    p.add_argument("files", nargs="+")
+    p = sub.add_parser("validate", help="check MeritRun YAML as the cluster would, and that "
+                       "its local files exist", formatter_class=_HELP)
+    p.add_argument("files", nargs="+", help="YAML files")
+    p.add_argument("--no-path-check", action="store_true",
+                   help="do not check that local paths exist (e.g. a spec for another machine)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("crd", help="print the CustomResourceDefinition")
@@ -116,19 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_verbose(argv: list[str]) -> tuple[bool, list[str]]:
+    """-v/--verbose anywhere on the line (before `--`), taken out so every subcommand,
+    delegated ones included, sees the rest unchanged."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    verbose = any(a in VERBOSE_FLAGS for a in argv[:end])
+    rest = [a for a in argv[:end] if a not in VERBOSE_FLAGS] + argv[end:]
+    return verbose, rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "-v" in argv[:1] or "--verbose" in argv[:1]
+    verbose, argv = split_verbose(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    rest = argv[1:] if verbose else argv
-    if rest and rest[0] in DELEGATED:
-        return _delegate(DELEGATED[rest[0]][0], rest[1:])
+    if argv and argv[0] in DELEGATED:
+        return _delegate(DELEGATED[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except MeritRunError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # SpecError's text already names the field
         return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)

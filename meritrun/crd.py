@@ -14,7 +14,15 @@ from . import API_GROUP, API_VERSION
 from .api import KIND, PLURAL, SHORT_NAME, MeritRunSpec, MeritRunStatus
 
 _KEEP = ("description", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
-         "minItems", "maxItems", "format")
+         "minItems", "maxItems", "format", "x-kubernetes-validations", "x-kubernetes-list-type",
+         "x-kubernetes-list-map-keys")
+# metadata.name is the one part of metadata CEL may read; child Job names append to it.
+_NAME_RULES = [
+    {"rule": "self.metadata.name.size() <= 40",
+     "message": "metadata.name: at most 40 characters (stage Job names append to it)"},
+    {"rule": "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+     "message": "metadata.name: a DNS label (lower-case letters, digits and '-')"},
+]
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -29,19 +37,23 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
-def _structural(node: dict[str, Any]) -> dict[str, Any]:
-    """One pydantic JSON Schema node -> a structural OpenAPI v3 node."""
+def _structural(node: dict[str, Any], *, defaults: bool) -> dict[str, Any]:
+    """One pydantic JSON Schema node -> a structural OpenAPI v3 node (with the models'
+    defaults when `defaults`: the spec has them, the status must not, or the server would
+    refill what a status patch removes)."""
     variants = node.get("anyOf")
     if variants:
         non_null = [v for v in variants if v.get("type") != "null"]
         if len(non_null) != 1:
             raise ValueError(f"cannot express union {variants} structurally")
         inner = _structural({**non_null[0], **{k: v for k, v in node.items()
-                                                if k not in ("anyOf", "default")}})
+                                                if k != "anyOf"}}, defaults=defaults)
         if len(non_null) < len(variants):
             inner["nullable"] = True
         return inner
     out: dict[str, Any] = {k: node[k] for k in _KEEP if k in node}
+    if defaults and node.get("default") is not None:  # `kubectl explain` shows it
+        out["default"] = node["default"]
     if "const" in node:
         out["enum"] = [node["const"]]
     if "exclusiveMinimum" in node:
@@ -56,17 +68,17 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         props = node.get("properties")
         extra = node.get("additionalProperties")
         if props:
-            out["properties"] = {k: _structural(v) for k, v in props.items()}
+            out["properties"] = {k: _structural(v, defaults=defaults) for k, v in props.items()}
             required = [r for r in node.get("required", []) if r in props]
             if required:
                 out["required"] = required
         elif isinstance(extra, dict) and extra:
-            out["additionalProperties"] = _structural(extra)
+            out["additionalProperties"] = _structural(extra, defaults=defaults)
         else:
             out["x-kubernetes-preserve-unknown-fields"] = True
     elif kind == "array":
         out["type"] = "array"
-        out["items"] = _structural(node.get("items", {}))
+        out["items"] = _structural(node.get("items", {}), defaults=defaults)
     elif kind in ("string", "integer", "number", "boolean"):
         out["type"] = kind
     elif kind is None:
@@ -76,14 +88,14 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_schema(model: type) -> dict[str, Any]:
+def model_schema(model: type, *, defaults: bool = True) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    return _structural(_inline(raw, raw.get("$defs", {})))
+    return _structural(_inline(raw, raw.get("$defs", {})), defaults=defaults)
 
 
 def build_crd() -> dict[str, Any]:
     spec_schema = model_schema(MeritRunSpec)
-    status_schema = model_schema(MeritRunStatus)
+    status_schema = model_schema(MeritRunStatus, defaults=False)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -113,6 +125,7 @@ def build_crd() -> dict[str, Any]:
                     "description": "MeritRun: split a mixture by gradient conflict, train the "
                                    "partitions in isolation, merge them once.",
                     "required": ["spec"],
+                    "x-kubernetes-validations": _NAME_RULES,
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},

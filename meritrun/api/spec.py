@@ -1,69 +1,120 @@
 """The MeritRun spec: what a user asks for. Every field is documented; the CRD is generated
 from these models (meritrun.crd), so the descriptions here are what `kubectl explain` shows.
+
+Each cross-field rule is written twice on purpose, side by side: as a pydantic validator (for
+`meritrun validate`, the local runner and the operator) and as a CEL rule in the same model's
+`x-kubernetes-validations` (so `kubectl apply` refuses the object at admission). Counts and
+sizes are bounded by meritrun.api.limits.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from ._base import ApiModel
+from . import limits as lim
+from ._base import SpecModel
+from .rules import check_spec, spec_validations
+
+SourceName = Annotated[str, Field(min_length=1, max_length=lim.SOURCE_NAME_LEN)]
+Assignment = Annotated[list[SourceName], Field(min_length=1, max_length=lim.MAX_SOURCES)]
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SOURCE_NAME = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+# Named lists are maps keyed by name: the API server refuses duplicates and merges by name.
+_SECTION = {"default": {}}  # the API server then fills the section's own defaults
+_MAP_BY_NAME = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+
+
+def _cel(*rules: tuple[str, str]) -> ConfigDict:
+    """A model config carrying CEL rules (rule, message) for the CRD."""
+    return ConfigDict(**SpecModel.model_config, json_schema_extra={
+        "x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]})
+
+
+def _section(model: type, description: str) -> Any:
+    """A spec section that is always there (defaults): `default: {}` in the CRD too, so the API
+    server fills the section's own defaults and `kubectl explain` shows them."""
+    return Field(default_factory=model, json_schema_extra=_SECTION, description=description)
+
+
+def _seed(what: str) -> Any:
+    return Field(0, ge=0, le=lim.SEED_MAX, description=f"{what} (0 to 2^63-1).")
 
 PartitionStrategy = Literal["conflictPCA", "random", "manual", "bySite"]
 MergeMethodName = Literal["tokenWeighted", "uniform", "taskArithmetic", "ties", "dare", "ota"]
 SiteMode = Literal["pull", "kubeconfig"]
 
 
-class SecretRef(ApiModel):
+class SecretRef(SpecModel):
     """A Secret in the run's namespace."""
 
-    name: str = Field(min_length=1, description="Name of the Secret.")
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
 
 
-class ModelRef(ApiModel):
+class ModelRef(SpecModel):
     """A Hugging Face model directory (config, safetensors weights, tokenizer)."""
 
     uri: str = Field(
-        min_length=1,
+        min_length=1, max_length=lim.URI_LEN,
         description="Where the model directory lives: s3://bucket/prefix, file:///path or a path.",
     )
 
 
-class SourceSpec(ApiModel):
+class SourceSpec(SpecModel):
     """One data source stored on its own, possibly at another site."""
 
-    name: str = Field(min_length=1, description="Source name, as in the examples' source field.")
-    uri: str | None = Field(None, description="JSONL file of this source; omit at pull sites.")
-    site: str | None = Field(None, description="Site that holds this source's data.")
+    name: str = Field(min_length=1, max_length=lim.SOURCE_NAME_LEN, pattern=SOURCE_NAME,
+                      description="Source name, as in the examples' source field (letters, "
+                                  "digits, '.', '_', '-'; unique).")
+    uri: str | None = Field(None, max_length=lim.URI_LEN,
+                            description="JSONL file of this source; omit at pull sites.")
+    site: str | None = Field(None, max_length=lim.NAME_LEN,
+                             description="Site that holds this source's data (a sites[].name).")
 
 
-class DataSpec(ApiModel):
+class DataSpec(SpecModel):
     """The instruction-tuning mixture: JSON Lines with a source field."""
 
-    uri: str | None = Field(None, description="One JSONL file holding every source.")
-    source_field: str = Field("source", description="Field of each example naming its source.")
+    model_config = _cel(("has(self.uri) || (has(self.sources) && size(self.sources) > 0)",
+                         "set either data.uri or data.sources"))
+
+    uri: str | None = Field(None, max_length=lim.URI_LEN,
+                            description="One JSONL file holding every source.")
+    source_field: str = Field("source", min_length=1, max_length=253,
+                              description="Field of each example naming its source.")
     sources: list[SourceSpec] | None = Field(
-        None, description="Sources stored separately (alternative to uri)."
+        None, max_length=lim.MAX_SOURCES, json_schema_extra=_MAP_BY_NAME,
+        description="Sources stored separately (alternative to uri); names are unique.",
     )
-    held_out_uri: str | None = Field(None, description="Held-out JSONL for evaluation reports.")
+    held_out_uri: str | None = Field(None, max_length=lim.URI_LEN,
+                                     description="Held-out JSONL for evaluation reports.")
 
     @model_validator(mode="after")
     def _one_location(self) -> DataSpec:
         if self.uri is None and not self.sources:
             raise ValueError("set either data.uri or data.sources")
+        names = [s.name for s in self.sources or []]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"sources[{i}].name {name!r} repeats sources"
+                                 f"[{names.index(name)}]: each source is counted once")
         return self
 
 
-class StorageSpec(ApiModel):
+class StorageSpec(SpecModel):
     """Object storage shared by every stage: S3-compatible (MinIO) or a local directory."""
 
     uri: str | None = Field(
-        None, description="Root of the run's artifacts: s3://bucket/prefix or file:///path."
+        None, max_length=lim.URI_LEN,
+        description="Root of the run's artifacts: s3://bucket/prefix or file:///path.",
     )
-    endpoint: str | None = Field(None, description="S3 endpoint URL, e.g. http://minio:9000.")
-    bucket: str | None = Field(None, description="Bucket (when uri is not given).")
-    region: str | None = Field(None, description="S3 region, if the server needs one.")
+    endpoint: str | None = Field(None, max_length=lim.URI_LEN,
+                                 description="S3 endpoint URL, e.g. http://minio:9000.")
+    bucket: str | None = Field(None, min_length=3, max_length=63,
+                               description="Bucket (when uri is not given).")
+    region: str | None = Field(None, max_length=64,
+                               description="S3 region, if the server needs one.")
     secret_ref: SecretRef | None = Field(
         None,
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; mounted into Jobs.",
@@ -77,32 +128,46 @@ class StorageSpec(ApiModel):
         raise ValueError("storage needs uri or bucket")
 
 
-class ProfilingSpec(ApiModel):
+class ProfilingSpec(SpecModel):
     """Gradient-conflict profiling at the base model (MERIT)."""
 
-    calibration_samples: int = Field(200, ge=1, description="Examples drawn per source (n).")
-    stride: int = Field(5, ge=1, description="Take every stride-th example before drawing (s).")
-    projection_dim: int = Field(8192, ge=16, description="Dimension of the shared JL sketch.")
+    calibration_samples: int = Field(200, ge=1, le=lim.MAX_CALIBRATION_SAMPLES,
+                                     description="Examples drawn per source (n).")
+    stride: int = Field(5, ge=1, le=lim.MAX_STRIDE,
+                        description="Take every stride-th example before drawing (s).")
+    projection_dim: int = Field(8192, ge=16, le=lim.MAX_PROJECTION_DIM,
+                                description="Dimension of the shared JL sketch.")
     parameters: str = Field(
-        "attention", description="Parameter filter: attention, all, or a regex over names."
+        "attention", min_length=1, max_length=1024,
+        description="Parameter filter: attention, all, or a regex over names.",
     )
     centered: bool = Field(True, description="Double-centre the conflict matrix before PCA.")
-    micro_batch_size: int = Field(8, ge=1, description="Examples per backward pass.")
-    seed: int = Field(0, description="Seed of calibration sampling and of the projection.")
+    micro_batch_size: int = Field(8, ge=1, le=lim.MAX_BATCH,
+                                  description="Examples per backward pass.")
+    seed: int = _seed("Seed of calibration sampling and of the projection")
 
 
-class PartitioningSpec(ApiModel):
+class PartitioningSpec(SpecModel):
     """How sources are grouped into partitions."""
 
-    strategy: PartitionStrategy = Field("conflictPCA", description="Split strategy.")
-    axes: int = Field(2, ge=0, le=6, description="PCA axes r; conflictPCA gives K = 2^axes.")
+    model_config = _cel(("!has(self.strategy) || self.strategy != 'manual' || "
+                         "(has(self.assignments) && size(self.assignments) > 0)",
+                         "strategy manual needs partitioning.assignments"))
+
+    strategy: PartitionStrategy = Field(
+        "conflictPCA", description="Split strategy: conflictPCA, random, manual or bySite.")
+    axes: int = Field(2, ge=0, le=lim.MAX_AXES,
+                      description="PCA axes r; conflictPCA gives K = 2^axes.")
     partitions: int | None = Field(
-        None, ge=1, description="K for random/bySite (default 2^axes)."
+        None, ge=1, le=lim.MAX_PARTITIONS,
+        description="K for random/bySite (default 2^axes); fewer when there are fewer "
+                    "sources (or source groups) than K.",
     )
-    assignments: list[list[str]] | None = Field(
-        None, description="manual: the sources of each partition."
+    assignments: list[Assignment] | None = Field(
+        None, max_length=lim.MAX_PARTITIONS,
+        description="manual: the sources of each partition (each source exactly once).",
     )
-    seed: int = Field(0, description="Seed of random splits and tie-breaking.")
+    seed: int = _seed("Seed of random splits and tie-breaking")
 
     @model_validator(mode="after")
     def _manual_needs_assignments(self) -> PartitioningSpec:
@@ -116,33 +181,37 @@ class PartitioningSpec(ApiModel):
         return self.partitions or 2**self.axes
 
 
-class LoraSpec(ApiModel):
+class LoraSpec(SpecModel):
     """LoRA settings when training.method is lora."""
 
-    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    rank: int = Field(8, ge=1, le=lim.MAX_LORA_RANK, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha.")
-    target_modules: list[str] | None = Field(None, description="Module names to adapt.")
+    target_modules: list[SourceName] | None = Field(None, max_length=256,
+                                             description="Module names to adapt.")
 
 
-class TrainingSpec(ApiModel):
+class TrainingSpec(SpecModel):
     """How each partition is trained from the base model (no communication between them)."""
 
     method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA.")
     learning_rate: float = Field(3e-4, gt=0, description="AdamW peak learning rate.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the partition's examples.")
-    batch_size: int = Field(8, ge=1, description="Examples per optimizer step.")
-    max_seq_len: int = Field(512, ge=8, description="Tokens per example after truncation.")
-    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps.")
+    epochs: float = Field(1.0, gt=0, le=lim.MAX_EPOCHS,
+                          description="Passes over the partition's examples.")
+    batch_size: int = Field(8, ge=1, le=lim.MAX_BATCH, description="Examples per optimizer step.")
+    max_seq_len: int = Field(512, ge=8, le=lim.MAX_SEQ_LEN,
+                             description="Tokens per example after truncation.")
+    max_steps: int | None = Field(None, ge=1, le=lim.MAX_STEPS,
+                                  description="Cap on optimizer steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Linear warm-up share of steps.")
     second_moments: Literal["none", "rank1", "full"] = Field(
         "rank1", description="Save Adam exp_avg_sq for OTA: rank-1 factors, full, or none."
     )
-    seed: int = Field(0, description="Base seed; partition k trains with seed + k.")
+    seed: int = _seed("Base seed; partition k trains with seed + k")
     lora: LoraSpec | None = Field(None, description="LoRA settings (method lora).")
 
 
-class JobTemplate(ApiModel):
+class JobTemplate(SpecModel):
     """What every stage Job's pod gets."""
 
     image: str | None = Field(None, description="Trainer image (merge uses mergeImage).")
@@ -156,24 +225,36 @@ class JobTemplate(ApiModel):
     env: list[dict[str, Any]] | None = Field(None, description="Extra container env entries.")
     queue_name: str | None = Field(None, description="Kueue LocalQueue (adds the queue label).")
     ttl_seconds_after_finished: int | None = Field(
-        3600, ge=0, description="Delete finished Jobs after this many seconds."
+        3600, ge=0, le=lim.MAX_DEADLINE_S,
+        description="Delete finished Jobs after this many seconds."
     )
 
 
-class SiteSpec(ApiModel):
+class SiteSpec(SpecModel):
     """A place outside this cluster that trains partitions."""
 
-    name: str = Field(min_length=1, description="Site name, as used by sources[].site.")
+    model_config = _cel(
+        ("!has(self.sketches) || !self.sketches || !has(self.mode) || self.mode == 'pull'",
+         "sketches: only pull sites upload sketches"),
+        ("!has(self.publicKey) || !has(self.mode) || self.mode == 'pull'",
+         "publicKey: only pull sites sign their manifests"),
+    )
+
+    name: str = Field(min_length=1, max_length=lim.NAME_LEN, pattern=DNS_LABEL,
+                      description="Site name, as used by sources[].site: a DNS label "
+                                  "(lower-case letters, digits, '-'; unique).")
     mode: SiteMode = Field("pull", description="pull: the site fetches and pushes; kubeconfig.")
     secret_ref: SecretRef | None = Field(None, description="kubeconfig Secret (kubeconfig mode).")
-    deadline_seconds: int | None = Field(None, ge=1, description="Wait this long for the site.")
-    public_key: str | None = Field(None, description="ed25519 public key (base64) for manifests.")
+    deadline_seconds: int | None = Field(None, ge=1, le=lim.MAX_DEADLINE_S,
+                                         description="Wait this long for the site.")
+    public_key: str | None = Field(None, max_length=256,
+                                   description="ed25519 public key (base64) for manifests.")
     sketches: bool = Field(
         False, description="pull: ask the site for gradient sketches of its sources before "
                            "profiling, so the split is conflict-aware without seeing its data.")
 
 
-class OtaSpec(ApiModel):
+class OtaSpec(SpecModel):
     """Curvature-aware OTA merge parameters."""
 
     power: float = Field(0.5, gt=0, description="Exponent p on the second moments.")
@@ -183,7 +264,7 @@ class OtaSpec(ApiModel):
     )
 
 
-class MergeSpec(ApiModel):
+class MergeSpec(SpecModel):
     """The one merge of all partitions."""
 
     method: MergeMethodName = Field("tokenWeighted", description="Merge method.")
@@ -195,76 +276,51 @@ class MergeSpec(ApiModel):
         5.0, gt=1, description="Flag updates whose norm is this far from the median."
     )
     refuse_outliers: bool = Field(False, description="Refuse (not just flag) outliers.")
-    shard_size_mb: int = Field(2000, ge=1, description="Output shard size in MB.")
+    shard_size_mb: int = Field(2000, ge=1, le=lim.MAX_SHARD_MB,
+                               description="Output shard size in MB.")
 
 
-class MixtureSearchSpec(ApiModel):
+class MixtureSearchSpec(SpecModel):
     """Rank candidate mixtures by merging the partitions (merge-as-proxy)."""
 
     enabled: bool = Field(False, description="Run the search after training.")
-    grid: int = Field(8, ge=2, description="Simplex lattice denominator.")
-    dirichlet: int | None = Field(None, ge=1, description="Use N Dirichlet draws instead.")
-    seed: int = Field(0, ge=0, description="Seed of the Dirichlet draws.")
+    grid: int = Field(8, ge=2, le=lim.MAX_GRID,
+                      description="Simplex lattice denominator (every weight a multiple of "
+                                  f"1/grid; at most {lim.MAX_SEARCH_CANDIDATES} candidates).")
+    dirichlet: int | None = Field(None, ge=1, le=lim.MAX_SEARCH_CANDIDATES,
+                                  description="Use N Dirichlet draws instead.")
+    seed: int = _seed("Seed of the Dirichlet draws")
     objective: Literal["mean-loss", "mean-accuracy", "weighted"] = Field(
         "mean-loss", description="What ranks the candidates."
     )
 
 
-class MeritRunSpec(ApiModel):
+class MeritRunSpec(SpecModel):
     """A MeritRun: split, train in isolation, merge once."""
+
+    model_config = ConfigDict(**SpecModel.model_config, json_schema_extra={
+        "x-kubernetes-validations": spec_validations()})
 
     base_model: ModelRef = Field(description="The merge-ready base checkpoint theta0.")
     data: DataSpec = Field(description="The instruction-tuning mixture.")
     storage: StorageSpec | None = Field(None, description="Artifact storage (local default).")
-    profiling: ProfilingSpec = Field(default_factory=ProfilingSpec, description="Profiling.")
-    partitioning: PartitioningSpec = Field(
-        default_factory=PartitioningSpec, description="Partitioning."
-    )
-    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training.")
-    template: JobTemplate = Field(default_factory=JobTemplate, description="Job pod template.")
-    sites: list[SiteSpec] | None = Field(None, description="Other sites that train partitions.")
-    merge: MergeSpec = Field(default_factory=MergeSpec, description="Merge.")
-    mixture_search: MixtureSearchSpec = Field(
-        default_factory=MixtureSearchSpec, description="Mixture search by merging."
-    )
-    backoff_limit: int = Field(2, ge=0, description="Retries per Job before it counts as failed.")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail after this long.")
+    profiling: ProfilingSpec = _section(ProfilingSpec, "Profiling.")
+    partitioning: PartitioningSpec = _section(PartitioningSpec, "Partitioning.")
+    training: TrainingSpec = _section(TrainingSpec, "Training.")
+    template: JobTemplate = _section(JobTemplate, "Job pod template.")
+    sites: list[SiteSpec] | None = Field(
+        None, max_length=lim.MAX_SITES, json_schema_extra=_MAP_BY_NAME,
+        description="Other sites that train partitions; names are unique.")
+    merge: MergeSpec = _section(MergeSpec, "Merge.")
+    mixture_search: MixtureSearchSpec = _section(MixtureSearchSpec, "Mixture search by merging.")
+    backoff_limit: int = Field(2, ge=0, le=lim.MAX_BACKOFF,
+                               description="Retries per Job before it counts as failed.")
+    active_deadline_seconds: int | None = Field(None, ge=1, le=lim.MAX_DEADLINE_S,
+                                                description="Fail after this long.")
     suspend: bool = Field(False, description="Create no new Jobs while true.")
     delete_artifacts: bool = Field(False, description="Delete artifacts with the run.")
 
     @model_validator(mode="after")
     def _consistent(self) -> MeritRunSpec:
-        if self.mixture_search.enabled and not self.data.held_out_uri:
-            raise ValueError("mixtureSearch.enabled needs data.heldOutUri to score mixtures")
-        if self.merge.method == "ota" and self.training.method == "lora":
-            raise ValueError("merge.method ota needs full fine-tuning: LoRA partitions carry "
-                             "no second moments of the merged weights")
-        if self.merge.method == "ota" and self.training.second_moments == "none":
-            raise ValueError("merge.method ota needs training.secondMoments rank1 or full")
-        sites = {s.name: s for s in self.sites or []}
-        for i, src in enumerate(self.data.sources or []):
-            if src.site and src.site not in sites:
-                raise ValueError(f"data.sources[{i}].site {src.site!r} is not in spec.sites")
-            site = sites.get(src.site or "")
-            if self.partitioning.strategy != "conflictPCA" or site is None:
-                continue
-            if site.mode == "pull":
-                raise ValueError(f"data.sources[{i}] ({src.name}) stays at pull site "
-                                 f"{site.name!r}: conflictPCA could put it in a partition with "
-                                 "other sites' sources; use strategy bySite (with "
-                                 "sites[].sketches: true the split within each site follows "
-                                 "the conflicts)")
-            if src.uri is None:
-                raise ValueError(f"data.sources[{i}] ({src.name}) has no uri: conflictPCA "
-                                 "needs its gradients at the hub; use strategy bySite")
-        for i, site in enumerate(self.sites or []):
-            if site.sketches and site.mode != "pull":
-                raise ValueError(f"sites[{i}].sketches: only pull sites upload sketches")
-            if site.sketches and not any(src.site == site.name
-                                         for src in self.data.sources or []):
-                raise ValueError(f"sites[{i}].sketches: no source in data.sources lives at "
-                                 f"site {site.name!r}")
-            if site.public_key and site.mode != "pull":
-                raise ValueError(f"sites[{i}].publicKey: only pull sites sign their manifests "
-                                 "(a kubeconfig site runs the hub's own trainer Jobs)")
+        check_spec(self)
         return self

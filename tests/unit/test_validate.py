@@ -32,7 +32,7 @@ def test_examples_are_valid(path, capsys):
     (with_spec(partitioning={"strategy": "kmeans"}), "spec.partitioning.strategy:"),
     (with_spec(partitioning={"axes": 9}), "spec.partitioning.axes:"),
     (with_spec(merge={"quorum": 1.5}), "spec.merge.quorum:"),
-    (with_spec(training={"batchSze": 8}), "spec.training.batchSze: Extra inputs"),
+    (with_spec(training={"batchSze": 8}), "spec.training.batchSze: unknown field; did you mean `batchSize`?"),
     (with_spec(partitioning={"strategy": "manual"}), "needs partitioning.assignments"),
     (with_spec(mixtureSearch={"enabled": True}), "needs data.heldOutUri"),
     (with_spec(merge={"method": "ota"}, training={"method": "lora"}), "ota needs full"),
@@ -57,7 +57,9 @@ def test_unreadable_yaml_is_reported(tmp_path, capsys):
     bad = tmp_path / "broken.yaml"
     bad.write_text("spec: [unclosed\n")
     assert main(["validate", str(bad)]) == 1
-    assert "cannot read YAML" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == f"{bad}: not valid YAML at line 2, column 1: expected ',' or ']', but got " \
+                  "'<stream end>'\n"
 
 
 def test_load_run_raises_spec_error(tmp_path):
