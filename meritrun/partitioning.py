@@ -123,13 +123,17 @@ def conflict_split(
 
 
 def balanced_split(sources: Sequence[str], tokens: Mapping[str, int], k: int) -> list[list[str]]:
-    """Greedy token balance without randomness: largest source first into the lightest part."""
+    """Greedy token balance without randomness: largest source first into the lightest part.
+
+    Ties go to the part with fewer sources, so sources whose tokens are unknown here (counted
+    as 0: they stay at a pull site) still spread one per part and no part is left empty.
+    """
     _check_tokens(sources, tokens)
     k = min(k, len(sources))
     parts: list[list[str]] = [[] for _ in range(k)]
     mass = [0] * k
     for s in sorted(sources, key=lambda s: (-tokens[s], s)):
-        i = min(range(k), key=lambda j: (mass[j], j))
+        i = min(range(k), key=lambda j: (len(parts[j]) > 0, mass[j], len(parts[j]), j))
         parts[i].append(s)
         mass[i] += tokens[s]
     return [sorted(p) for p in parts]
@@ -243,9 +247,17 @@ def make_plan(
     """The plan.json model: partitions p0, p1, ... with their sources, tokens and site.
 
     A partition's site is the site shared by all its sources; a partition mixing sites (only
-    possible outside bySite) gets none, with a warning.
+    possible outside bySite) gets none, with a warning. Empty partitions are never planned:
+    they are dropped and the rest renumbered (K follows the number of sources or groups).
     """
     site_of = site_of or {}
+    empty = sum(1 for members in partitions if not members)
+    if empty:  # K follows the sources: a partition with nothing to train would only fail
+        log.warning("plan: dropped %d empty partition(s); K = %d", empty,
+                    len(partitions) - empty)
+    partitions = [members for members in partitions if members]
+    if not partitions:
+        raise SpecError("the plan has no partition with a source", path="spec.partitioning")
     planned = []
     for i, members in enumerate(partitions):
         sites = {site_of.get(s) for s in members}

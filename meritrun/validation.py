@@ -104,6 +104,8 @@ def _schema_message(e: Any) -> str:
         if camel in e.validator_value and camel != e.instance:
             return (f"{e.instance!r} is not one of {e.validator_value}; did you mean "
                     f"`{camel}`? (kebab-case names are for the CLI's flags only)")
+    if e.validator == "maxLength":
+        return f"{e.instance[:80]!r}... is longer than {e.validator_value} characters"
     if e.validator == "pattern" and e.validator_value in _PATTERN_WORDS:
         return f"{e.instance!r} {_PATTERN_WORDS[e.validator_value]}"
     return e.message
