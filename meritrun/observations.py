@@ -19,6 +19,8 @@ JobState = Literal["Active", "Succeeded", "Failed"]
 class JobObservation:
     state: JobState
     message: str | None = None
+    # Why an Active Job makes no progress (held by its queue, image pull, unschedulable).
+    waiting: str | None = None
 
 
 @dataclass(frozen=True)

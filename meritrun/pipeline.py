@@ -171,6 +171,8 @@ def _step_job(r: _Round, stage: StageStatus, *, label: str, has_result: bool,
             _start(r, stage, make_job(stage.attempt + 1), label)
         return
     job = obs.jobs.get(stage.job or "")
+    held = job is not None and job.state == "Active" and not has_result
+    _note_waiting(r, stage, label, job.waiting if held else None)
     if has_result:
         stage.state = "Succeeded"
         stage.completion_time = to_rfc3339(obs.now)
@@ -185,6 +187,13 @@ def _step_job(r: _Round, stage: StageStatus, *, label: str, has_result: bool,
         if job.state == "Succeeded":
             reason = "job succeeded but wrote no complete artifact"
         _failed_attempt(r, stage, label, reason)
+
+
+def _note_waiting(r: _Round, stage: StageStatus, label: str, waiting: str | None) -> None:
+    """A Job that is Active but held (queue, image, scheduling) shows why, once as an event."""
+    if waiting and waiting != stage.waiting:
+        r.event("JobWaiting", f"{label} attempt {stage.attempt}: {waiting}", warning=True)
+    stage.waiting = waiting
 
 
 def _start(r: _Round, stage: StageStatus, job: CreateJob, label: str) -> None:

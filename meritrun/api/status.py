@@ -50,6 +50,8 @@ class StageStatus(ApiModel):
     start_time: str | None = Field(None, description="When the first attempt started.")
     completion_time: str | None = Field(None, description="When the stage finished.")
     message: str | None = Field(None, description="Last failure or refusal.")
+    waiting: str | None = Field(None, description="Why the current Job makes no progress: "
+                                "not admitted by its queue, image pull, unschedulable.")
     artifact: ArtifactRef | None = Field(None, description="The stage's output.")
 
 

@@ -1,16 +1,22 @@
-"""`python -m merit_operator`: read the settings, then run kopf with our handlers.
+"""`python -m merit_operator`: read the settings, win the leader election, run kopf.
 
 Settings are read here, once, before any handler runs; the handlers find them in kopf's memo.
+With leader election on, a replica that does not hold the Lease runs no kopf at all (it only
+answers /healthz) until the Lease is free; a leader that loses it exits at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 
 from meritrun.errors import MeritRunError
 
 from .settings import Settings
+
+log = logging.getLogger("merit_operator")
 
 
 def main() -> int:
@@ -18,12 +24,40 @@ def main() -> int:
 
     try:
         settings = Settings.from_env()
-        api_config(settings)  # no credentials: say so now, not in kopf's retry loop
+        config = api_config(settings)  # no credentials: say so now, not in kopf's retry loop
     except MeritRunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    elector = None
+    if settings.leader_election:
+        from .leader import elector_for, standby_health
+
+        elector = elector_for(settings, config)
+        with standby_health(settings.health_port):
+            if not elector.wait_for_leadership(stop):
+                return 0
+        threading.Thread(target=elector.keep_renewing, args=(stop, _lost_leadership),
+                         name="lease-renewal", daemon=True).start()
+    try:
+        _run_kopf(settings, stop if elector else None)
+    finally:
+        stop.set()
+        if elector is not None:
+            elector.release()
+    return 0
+
+
+def _lost_leadership() -> None:
+    """Another replica may act from now on: stop acting at once (client-go exits too)."""
+    log.critical("leader election lost: exiting so that only one replica acts")
+    logging.shutdown()
+    os._exit(1)
+
+
+def _run_kopf(settings: Settings, stop: threading.Event | None) -> None:
     import kopf
 
     from . import handlers  # noqa: F401 - registers the handlers
@@ -31,13 +65,13 @@ def main() -> int:
     liveness = (f"http://0.0.0.0:{settings.health_port}/healthz"
                 if settings.health_port else None)
     kopf.run(
-        standalone=True,  # one replica (Recreate): no peering objects to maintain
+        standalone=True,  # no kopf peering: one replica acts, chosen by our Lease
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),
         liveness_endpoint=liveness,
         memo=kopf.Memo(settings=settings),
+        stop_flag=stop,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .manifests import (
     build_stage_job,
     job_observation,
     params_configmap_name,
+    pod_waiting_reason,
     run_selector,
 )
 from .remote import RemoteClusters
@@ -115,6 +116,7 @@ class KubeBackend:
         seen: dict[str, JobObservation] = {}
         for cluster in self._clusters(spec):
             api, where = self._where(run, spec, cluster)
+            here: dict[str, JobObservation] = {}
             for obj in api.list(jobs_path(where.namespace), labels=run_selector(run)):
                 if not is_ours(obj, run):
                     continue  # a leftover of an earlier run with this name: not evidence
@@ -122,8 +124,30 @@ class KubeBackend:
                 observation = job_observation(obj)
                 if observation.state == "Failed":
                     observation = self._with_reason(api, where.namespace, name, observation)
-                seen[name] = observation
+                here[name] = observation
+            if any(o.state == "Active" and not o.waiting for o in here.values()):
+                here = self._with_waiting(api, where, here)
+            seen.update(here)
         return seen
+
+    def _with_waiting(self, api: KubeApi, run: RunRef,
+                      jobs: dict[str, JobObservation]) -> dict[str, JobObservation]:
+        """Active Jobs whose pod is stuck (image pull, config, scheduling) say why."""
+        try:
+            pods = api.list(core_path(run.namespace, "pods"), labels=run_selector(run))
+        except ApiError as e:  # a nicety, like the failure reason: never stops the round
+            log.debug("cannot list pods of run %s: %s", run.name, e)
+            return jobs
+        out = dict(jobs)
+        for pod in pods:
+            job = ((pod.get("metadata") or {}).get("labels") or {}).get("job-name")
+            seen = out.get(job or "")
+            if seen is None or seen.state != "Active" or seen.waiting:
+                continue
+            reason = pod_waiting_reason(pod)
+            if reason:
+                out[job] = replace(seen, waiting=reason)  # type: ignore[index]
+        return out
 
     def _with_reason(self, api: KubeApi, namespace: str, job: str,
                      observation: JobObservation) -> JobObservation:

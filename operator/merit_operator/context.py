@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from meritrun.errors import MeritRunError
 
 from .backend import KubeBackend
+from .jobwatch import JobWatch, start_job_watches
 from .kubeapi import ApiConfig, KubeApi
 from .manifests import Images
 from .metrics import Metrics
@@ -49,6 +51,8 @@ class OperatorContext:
         self._wakers: dict[Key, asyncio.Event] = defaultdict(asyncio.Event)
         self._error_delay: dict[Key, float] = {}
         self._metrics_server: Any = None
+        self._stopping = threading.Event()
+        self.job_watches: list[JobWatch] = []
 
     def serve_metrics(self) -> None:
         if not self.settings.metrics_port:
@@ -60,7 +64,18 @@ class OperatorContext:
             registry=self.metrics.registry)
         log.info("metrics on %s:%d", self.settings.metrics_address, self.settings.metrics_port)
 
+    def watch_jobs(self) -> None:
+        """Start the server-side filtered Job watch; it wakes runs on this event loop."""
+        loop = asyncio.get_running_loop()
+
+        def wake(namespace: str, name: str) -> None:
+            loop.call_soon_threadsafe(self.wake, namespace, name)
+
+        self.job_watches = start_job_watches(self.api, self.settings.namespaces, wake,
+                                             self._stopping)
+
     def close(self) -> None:
+        self._stopping.set()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -99,6 +114,13 @@ class OperatorContext:
                 return RoundOutcome(delay_seconds=delay, error=e)
         self._error_delay.pop(key, None)
         return outcome
+
+    async def cleanup(self, namespace: str, name: str, body: dict[str, Any]) -> int:
+        """The finalizer's work under the run's lock, so no round creates a Job meanwhile
+        (a round that waited for the lock then sees the deletionTimestamp and stops)."""
+        async with self._locks[(namespace, name)]:
+            with self.metrics.round("delete"):
+                return await self.blocking(self.reconciler.cleanup, body)
 
     def _timed_round(self, handler: str, namespace: str, name: str) -> RoundOutcome:
         # Timed in the worker thread: the histogram shows the round, not its wait for a thread.

@@ -2,7 +2,8 @@
 
 The daemon per MeritRun is the level-based loop: a round, then sleep until the next resync,
 a backoff's end, or a wake-up. Create/update/resume are fast paths (a round at once, and a
-wake-up for the daemon); Job events wake the owning run's daemon. Only here are our errors
+wake-up for the daemon); Job events (`jobwatch`, filtered by the API server) wake the
+owning run's daemon. Only here are our errors
 translated into kopf's: an invalid spec is a PermanentError (kopf will not retry the handler
 until the spec changes), an expected failure a TemporaryError with our backoff as its delay.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 import kopf
@@ -19,9 +21,9 @@ from meritrun import API_GROUP, API_VERSION
 from meritrun.api import PLURAL
 
 from .context import OperatorContext, api_config
-from .manifests import ANNOTATION_PREFIX, FINALIZER, LABEL_RUN
+from .login import connection_info
+from .manifests import ANNOTATION_PREFIX, FINALIZER
 from .reconcile import RoundOutcome
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -41,8 +43,13 @@ async def operator_started(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
     settings.posting.reporting_component = "meritrun-operator"
     settings.posting.event_name_prefix = "meritrun-"
     settings.watching.server_timeout = 600
+    if memo.settings.namespaces:
+        # Serving named namespaces needs no cluster-wide watch of namespaces and CRDs: the
+        # resources are found once at startup, and the install holds no cluster-scoped RBAC.
+        settings.scanning.disabled = True
     ctx = OperatorContext(memo.settings)
     ctx.serve_metrics()
+    ctx.watch_jobs()  # Job changes wake their run's daemon (server-side label filter)
     memo.ctx = ctx
 
 
@@ -54,17 +61,7 @@ async def operator_stopping(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.login()
 def operator_login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
-    settings: Settings = memo.settings
-    if not settings.kubeconfig:
-        info = kopf.login_with_service_account(settings=kopf.OperatorSettings())
-        if info is None:
-            raise kopf.LoginError("no service account token: set MERITRUN_KUBECONFIG")
-        return info
-    config = api_config(settings)
-    return kopf.ConnectionInfo(
-        server=config.server, token=config.token, ca_data=config.ca_pem,
-        certificate_data=config.cert_pem, private_key_data=config.key_pem,
-        insecure=config.insecure, default_namespace=config.namespace)
+    return connection_info(api_config(memo.settings), now=datetime.now(timezone.utc))
 
 
 def _post(outcome: RoundOutcome) -> None:
@@ -121,19 +118,12 @@ async def meritrun_daemon(memo: kopf.Memo, namespace: str, name: str,
             stopping.cancel()
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
-async def stage_job_changed(memo: kopf.Memo, namespace: str, labels: dict[str, str],
-                            **_: Any) -> None:
-    memo.ctx.wake(namespace, labels[LABEL_RUN])
-
-
 @kopf.on.delete(*RESOURCE)
 async def meritrun_deleted(memo: kopf.Memo, namespace: str, name: str, body: kopf.Body,
                            logger: logging.Logger, **_: Any) -> None:
     ctx: OperatorContext = memo.ctx
     try:
-        with ctx.metrics.round("delete"):
-            deleted = await ctx.blocking(ctx.reconciler.cleanup, dict(body))
+        deleted = await ctx.cleanup(namespace, name, dict(body))
     except Exception as e:  # noqa: BLE001 - the finalizer stays until cleanup succeeds
         raise kopf.TemporaryError(f"cleanup failed: {str(e)[:300]}", delay=5.0) from e
     ctx.forget(namespace, name)

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,38 @@ class KubeApi:
                 raise TransientError(str(error)) from error
             raise error
         return payload
+
+    def watch(self, path: str, *, query: dict[str, str],
+              timeout_seconds: int) -> Iterator[dict[str, Any]]:
+        """Watch events ({type, object}) of one watch call; ends when the server closes it."""
+        url = self.config.server + path + "?" + urlencode(
+            {**query, "watch": "true", "timeoutSeconds": str(timeout_seconds)})
+        headers = {"Accept": "application/json", "User-Agent": "meritrun-operator"}
+        token = self._bearer()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            resp = self._http.request(
+                "GET", url, headers=headers, preload_content=False,
+                timeout=urllib3.Timeout(connect=10.0, read=timeout_seconds + 30.0))
+        except urllib3.exceptions.HTTPError as e:
+            raise TransientError(f"watch {path}: {type(e).__name__}: {str(e)[:200]}") from e
+        try:
+            if resp.status >= 400:
+                payload = _decode(resp.read())
+                raise ApiError(resp.status, payload.get("reason") or "",
+                               payload.get("message") or "")
+            pending = b""
+            for chunk in resp.stream(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        except (urllib3.exceptions.HTTPError, ValueError) as e:
+            raise TransientError(f"watch {path}: {type(e).__name__}: {str(e)[:200]}") from e
+        finally:
+            resp.release_conn()
 
     def get(self, path: str) -> dict[str, Any]:
         return self.request("GET", path)

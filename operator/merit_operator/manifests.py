@@ -33,6 +33,13 @@ PARAMS_KEY = "params.json"
 WORK_DIR = "/work"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CONTAINER_NAME = "stage"
+# An evicted or drained pod is replaced without counting against backoffLimit; the new pod
+# starts only once the old one is terminal (Failed), so two never write the same attempt.
+DISRUPTION_TOLERANT: dict[str, Any] = {
+    "podFailurePolicy": {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+    "podReplacementPolicy": "Failed",
+}
 # Merge and search stream tensors on CPUs; a GPU request there would idle an accelerator.
 CPU_ONLY_STAGES = frozenset({"merge", "search", "verify"})  # the merger image, no GPU
 
@@ -156,6 +163,8 @@ def build_stage_job(job: CreateJob, *, run: RunRef, spec: MeritRunSpec, images: 
     """A batch/v1 Job running one attempt of one stage.
 
     backoffLimit is 0: retries are the pipeline's, each under a new attempt-fenced name.
+    A pod the cluster took away (eviction, node drain, preemption: condition DisruptionTarget)
+    is not a failure of the stage: the Job replaces it without spending the attempt.
     """
     meta = _metadata(job.name, job, run=run, owned=owned)
     queue = spec.template.queue_name
@@ -163,6 +172,7 @@ def build_stage_job(job: CreateJob, *, run: RunRef, spec: MeritRunSpec, images: 
         meta["labels"][KUEUE_QUEUE_LABEL] = queue
     job_spec: dict[str, Any] = {
         "backoffLimit": 0, "completions": 1, "parallelism": 1,
+        **DISRUPTION_TOLERANT,
         "template": {"metadata": {"labels": dict(meta["labels"])},
                      "spec": _pod_spec(job, spec, images)},
     }
@@ -186,4 +196,31 @@ def job_observation(obj: dict[str, Any]) -> JobObservation:
         if cond.get("type") == "Failed":
             reason, message = cond.get("reason") or "Failed", cond.get("message") or ""
             return JobObservation("Failed", f"{reason}: {message}".rstrip(": ")[:500])
+    if (obj.get("spec") or {}).get("suspend"):
+        queue = ((obj.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+        why = (f"not admitted by queue {queue!r} (is Kueue installed and the LocalQueue "
+               "there?)" if queue else "the Job is suspended")
+        return JobObservation("Active", waiting=f"Suspended: {why}")
     return JobObservation("Active")
+
+
+# Waiting reasons that leave a pod stuck until someone acts; ContainerCreating and
+# PodInitializing are normal steps and are not reported.
+STUCK_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+                           "CreateContainerConfigError", "CreateContainerError",
+                           "CrashLoopBackOff"})
+
+
+def pod_waiting_reason(pod: dict[str, Any]) -> str | None:
+    """Why a pod of an Active Job makes no progress ("Reason: message"), or None."""
+    status = pod.get("status") or {}
+    for cs in [*(status.get("initContainerStatuses") or []),
+               *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_REASONS:
+            return f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")[:300]
+    for cond in status.get("conditions") or []:
+        if (cond.get("type") == "PodScheduled" and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"):
+            return f"Unschedulable: {cond.get('message') or ''}".rstrip(": ")[:300]
+    return None

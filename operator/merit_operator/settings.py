@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from meritrun.errors import SpecError
 
 PREFIX = "MERITRUN_"
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,14 @@ class Settings:
     log_level: str = "INFO"
     # The S3 endpoint as pull sites reach it, written into their grants (default: the run's).
     site_endpoint: str = ""
+    # Leader election (replicas > 1): only the holder of this coordination.k8s.io Lease acts.
+    leader_election: bool = False
+    lease_name: str = "meritrun-operator"
+    # Where the Lease lives; empty means the operator's own namespace (in-cluster or kubeconfig).
+    lease_namespace: str = ""
+    lease_duration_seconds: float = 15.0
+    lease_renew_deadline_seconds: float = 10.0
+    lease_retry_period_seconds: float = 2.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +76,10 @@ class Settings:
 def _convert(key: str, raw: str, type_name: object) -> object:
     text = str(type_name)
     try:
+        if text.startswith("bool"):
+            if raw.lower() not in BOOLEANS:
+                raise ValueError(f"use one of {', '.join(sorted(BOOLEANS))}")
+            return BOOLEANS[raw.lower()]
         if "tuple" in text:
             return tuple(p.strip() for p in raw.split(",") if p.strip())
         if text.startswith("float"):

@@ -43,7 +43,13 @@ def validated_spec(body: dict[str, Any]) -> MeritRunSpec:
 
 
 def parse_status(raw: dict[str, Any] | None) -> MeritRunStatus | None:
-    return MeritRunStatus.model_validate(raw) if raw else None
+    """The stored status; fields this version does not know are ignored, not an error.
+
+    After a rollback an older operator reads a status written by a newer one: rejecting its
+    new fields would fail every round. They are left alone in the stored status (the merge
+    patch only touches what this version knows) and come back into use after a roll-forward.
+    """
+    return MeritRunStatus.model_validate(raw, extra="ignore") if raw else None
 
 
 def failed_for_spec(status: MeritRunStatus | None) -> bool:

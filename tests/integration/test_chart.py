@@ -20,7 +20,8 @@ VARIANTS = {
     "namespaced": ["--set", "watchNamespaces={team-a,team-b}"],
     "everything": ["--set", "minio.enabled=true", "--set", "minio.persistence.enabled=true",
                    "--set", "dashboards.enabled=true", "--set", "remoteSites.enabled=true",
-                   "--set", "metrics.serviceMonitor.enabled=true"],
+                   "--set", "metrics.serviceMonitor.enabled=true",
+                   "--set", "admissionPolicy.enabled=true"],
 }
 
 
@@ -39,25 +40,39 @@ def test_helm_lint_strict_is_clean(helm):
 def test_rendered_manifests_are_valid_kubernetes(helm, variant):
     docs = render(helm, *VARIANTS[variant])
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "ServiceAccount", "ClusterRole", "CustomResourceDefinition"} <= kinds
+    assert {"Deployment", "ServiceAccount", "CustomResourceDefinition"} <= kinds
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com"):
             continue  # a CRD of the Prometheus Operator: no schema offline
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
 
 
-def test_chart_crd_is_the_generated_one():
-    chart_crd = (CHART / "crds" / "meritrun.yaml").read_text()
+def test_chart_crd_is_the_generated_one_as_a_kept_template(helm):
+    chart_crd = (CHART / "files" / "meritrun-crd.yaml").read_text()
     assert chart_crd == (REPO / "crds" / "meritrun.yaml").read_text()
-    assert yaml.safe_load(chart_crd) == build_crd()
+    (rendered,) = [d for d in render(helm) if d["kind"] == "CustomResourceDefinition"]
+    meta = rendered.pop("metadata")
+    assert meta["annotations"] == {"helm.sh/resource-policy": "keep"}  # survives uninstall
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm"  # upgraded by helm
+    assert {**rendered, "metadata": {"name": meta["name"]}} == build_crd()
+    assert not any(d["kind"] == "CustomResourceDefinition"
+                   for d in render(helm, "--set", "crd.install=false"))
 
 
 def test_operator_runs_once_with_the_settings_it_needs(helm):
     (deploy,) = [d for d in render(helm) if d["kind"] == "Deployment"]
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    # Two replicas, one acting: the Lease is in the release's namespace.
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = deploy["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     env = {e["name"]: e for e in c["env"]}
+    assert env["MERITRUN_LEADER_ELECTION"]["value"] == "true"
+    assert env["MERITRUN_LEASE_NAMESPACE"]["value"] == "meritrun-system"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    single = [d for d in render(helm, "--set", "operator.leaderElection=false")
+              if d["kind"] == "Deployment"][0]["spec"]
+    assert single["replicas"] == 1 and single["strategy"]["type"] == "Recreate"
     assert env["MERITRUN_NAMESPACES"]["value"] == ""
     assert env["MERITRUN_TRAINER_IMAGE"]["value"].startswith("ghcr.io/")
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "meritrun-storage"
@@ -77,10 +92,12 @@ def test_no_secret_access_unless_remote_sites_are_enabled(helm):
 def test_namespaced_install_grants_namespaced_rights_only_there(helm):
     docs = render(helm, *VARIANTS["namespaced"])
     roles = [d for d in docs if d["kind"] == "Role"]
-    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    cluster_rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
-    assert {res for r in cluster_rules for res in r["resources"]} == {
-        "namespaces", "customresourcedefinitions"}
+    assert sorted(r["metadata"]["namespace"] for r in roles) == [
+        "meritrun-system", "team-a", "team-b"]  # the leader election Lease, and the served
+    assert [r["rules"][0]["resources"] for r in roles if r["metadata"]["name"].endswith(
+        "-leader")] == [["leases"]]
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
+    assert not [d["metadata"]["name"] for d in docs if d["kind"] in cluster_scoped]
 
 
 @pytest.mark.parametrize("bad", ["operator.workers=0", "image.pullPolicy=Sometimes",

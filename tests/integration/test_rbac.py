@@ -36,8 +36,15 @@ def test_the_recording_covers_what_the_operator_does(operator_attributes):
     for needed in [("create", "jobs", ""), ("create", "configmaps", ""),
                    ("patch", "meritruns", "status"), ("patch", "meritruns", ""),
                    ("watch", "meritruns", ""), ("watch", "jobs", ""), ("create", "events", ""),
-                   ("delete", "jobs", ""), ("list", "namespaces", "")]:
+                   ("delete", "jobs", ""), ("list", "pods", "")]:
         assert needed in seen, f"the e2e run made no {needed} request"
+
+
+def test_a_namespaced_operator_makes_no_cluster_scoped_request(operator_attributes):
+    # The e2e operator serves one namespace: no namespaces or CRDs watched, Jobs watched
+    # there with a label selector, so the namespaced chart needs no cluster-scoped RBAC.
+    assert not sorted({a for a in operator_attributes if a.namespace is None},
+                      key=lambda a: (a.resource, a.verb))
 
 
 def test_the_checker_denies_what_is_not_granted(helm):
@@ -59,3 +66,14 @@ def test_request_attributes_mapping():
     assert request_attributes("GET", "/api/v1/namespaces", {"watch": "true"}) == Attributes(
         "watch", "", "namespaces", "", None)
     assert request_attributes("GET", "/apis/merit.run/v1alpha1", {}) is None
+
+
+def test_the_job_watch_is_filtered_by_the_server(e2e_run):
+    jobs = [r for r in e2e_run.operator_requests
+            if r.method == "GET" and r.path.endswith("/jobs")]
+    watches = [r for r in jobs if str(r.query.get("watch")).lower() in ("true", "1")]
+    assert watches, "the operator never watched Jobs"
+    unfiltered = [r.query for r in jobs
+                  if not str(r.query.get("labelSelector", "")).startswith("merit.run/run")]
+    assert not unfiltered, unfiltered[:3]  # every list and watch of Jobs: ours only
+    assert all(r.query.get("labelSelector") == "merit.run/run" for r in watches)

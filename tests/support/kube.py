@@ -33,7 +33,7 @@ from .kube_emulator import Emulator
 from .kube_node import Node, NodeOptions
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO / "charts" / "meritrun" / "crds" / "meritrun.yaml"
+CRD_PATH = REPO / "crds" / "meritrun.yaml"
 TOKENS = {"admin-token": "admin", "operator-token": "operator", "node-token": "node"}
 USERS = tuple(TOKENS.values())
 NAMESPACE = "default"

@@ -28,8 +28,12 @@ def test_committed_crd_matches_models():
 
 
 def test_chart_crd_is_the_same_file():
-    chart_crd = ROOT / "charts" / "meritrun" / "crds" / "meritrun.yaml"
-    assert chart_crd.read_text() == (ROOT / "crds" / "meritrun.yaml").read_text()
+    chart_crd = ROOT / "charts" / "meritrun" / "files" / "meritrun-crd.yaml"
+    assert chart_crd.read_text() == (ROOT / "crds" / "meritrun.yaml").read_text(), (
+        "copy crds/meritrun.yaml to charts/meritrun/files/meritrun-crd.yaml")
+    # Helm never upgrades crds/: the chart ships its CRD as a template (templates/crd.yaml).
+    assert not (ROOT / "charts" / "meritrun" / "crds").exists(), (
+        "the chart's CRD lives in files/meritrun-crd.yaml (a template), not in crds/")
 
 
 def test_schema_is_structural_and_documented():
