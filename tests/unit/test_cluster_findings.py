@@ -35,7 +35,7 @@ NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 def _job(**template) -> dict:
     spec = MeritRunSpec.model_validate({
         "baseModel": {"uri": "s3://b/base"}, "data": {"uri": "s3://b/d.jsonl"},
-        "storage": {"endpoint": "http://s3:9000", "bucket": "b"}, "template": template})
+        "storage": {"endpoint": "http://s3:9000", "bucket": "bkt"}, "template": template})
     part = PartitionStatus(name="p0", index=0, sources=["a"])
     return build_stage_job(train_job("demo", spec, part, 1), run=RUN, spec=spec,
                            images=Images(trainer="t:1", merger="m:1"))
