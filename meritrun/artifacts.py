@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MANIFEST_NAME = "manifest.json"
 OPTIMIZER_V_NAME = "optimizer_v.safetensors"
@@ -22,6 +22,24 @@ VERDICT_NAME = "verdict.json"
 FORMAT_VERSION = "meritrun.partition/v1"
 TOKEN_DEFINITION = "supervised = response/assistant tokens after truncation, summed over epochs"
 _CHUNK = 8 << 20
+
+
+def check_relative_path(value: str) -> str:
+    """`value` as a path inside an artifact: relative, POSIX, normalized, no `..`.
+
+    A manifest comes from a machine the hub does not control: a path naming anything outside
+    the artifact (absolute, `..`, a drive, a backslash) or written two ways (`a//b`, `./a`,
+    `a/`) could make the verify stage or the merge read a file the manifest does not vouch
+    for. Normalized form means one spelling per file, so "is it listed?" is a string lookup.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError("path must be a non-empty string")
+    if "\\" in value or "\0" in value or value.startswith("/"):
+        raise ValueError(f"path {value!r} must be relative POSIX (no '/' prefix, '\\', NUL)")
+    bad = [part for part in value.split("/") if part in ("", ".", "..")]
+    if bad:
+        raise ValueError(f"path {value!r} must be normalized, without '', '.' or '..' parts")
+    return value
 
 
 class FileEntry(BaseModel):
@@ -45,6 +63,11 @@ class SecondMoments(BaseModel):
     step: int = Field(ge=0)
     bias_corrected: bool = False
 
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        return check_relative_path(value)
+
 
 class PartitionManifest(BaseModel):
     """manifest.json of a partition artifact (format meritrun.partition/v1)."""
@@ -64,6 +87,22 @@ class PartitionManifest(BaseModel):
     second_moments: SecondMoments | None = None
     files: dict[str, FileEntry] = Field(description="Every other file: relative path -> hash.")
     signature: str | None = Field(None, description="Optional ed25519 signature (base64).")
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_inside(cls, value: str) -> str:
+        return check_relative_path(value)
+
+    @field_validator("files")
+    @classmethod
+    def _files_inside(cls, value: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for rel in value:
+            check_relative_path(rel)
+        return value
+
+    def listed_under(self, directory: str) -> list[str]:
+        """The listed files inside `directory` (relative to the artifact), sorted."""
+        return sorted(rel for rel in self.files if rel.startswith(directory + "/"))
 
 
 def sha256_file(path: Path) -> str:

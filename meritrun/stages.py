@@ -7,6 +7,8 @@ travel here: S3 keys reach a stage only through its environment (the spec's Secr
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from .api import (
@@ -76,6 +78,19 @@ class PartitionInput(BaseModel):
     public_key: str | None = Field(
         None, description="The site's registered ed25519 key: the manifest must carry a valid "
                           "signature by it.")
+    sources: list[str] | None = Field(
+        None, description="The plan's sources of this partition: the manifest must name them.")
+    source_tokens: int | None = Field(
+        None, ge=0, description="Supervised tokens of those sources in the plan (one epoch).")
+    epochs: float | None = Field(None, gt=0, description="Epochs the partition trains for.")
+
+    def token_bound(self) -> int | None:
+        """The most supervised tokens the plan's sources can give: their tokens times the
+        epochs, rounded up to whole epochs as the trainer's last partial batch may be (None
+        when the plan's counts are not given)."""
+        if self.source_tokens is None or self.epochs is None:
+            return None
+        return self.source_tokens * math.ceil(self.epochs - 1e-9)
 
 
 class MergeParams(_Params):
@@ -108,6 +123,9 @@ class Verdict(BaseModel):
     check: str | None = Field(None, description="The failed check (refusals).")
     detail: str | None = Field(None, description="What was wrong, for the status.")
     manifest_sha256: str | None = Field(None, description="sha256 of the manifest it judged.")
+    token_bound: int | None = Field(
+        None, description="The most supervised tokens the plan's sources can give (the claim "
+                          "was checked against it).")
 
 
 class SearchParams(_Params):

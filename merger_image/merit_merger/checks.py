@@ -7,29 +7,36 @@ Each check raises ContributionRejected(partition, check, detail) naming the chec
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+import hashlib
+import math
+import os
+import stat
+from pathlib import Path
 
 from pydantic import ValidationError
 
-from meritrun.artifacts import FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from meritrun.artifacts import FORMAT_VERSION, MANIFEST_NAME
 from meritrun.errors import ContributionRejected, StorageError
 from meritrun.signing import verify_manifest_signature
 from meritrun.stages import PartitionInput
 
-from .io import ModelReader
+from .io import HeaderError, ModelReader, open_regular
 from .lora import AdapterFormatError
 from .methods import MergeMethod
 from .moments import MomentReader, MomentsFormatError
 from .sources import ExpertReader, PartitionSource
 
-CHECKS = ("sha256", "missing-file", "format", "base-fingerprint", "tensor-name", "tensor-shape",
-          "tensor-dtype", "non-finite", "tokens", "second-moments", "outlier-norm", "site",
-          "signature")
+CHECKS = ("sha256", "missing-file", "format", "file-type", "plan", "base-fingerprint",
+          "safetensors-header", "tensor-name", "tensor-shape", "tensor-dtype", "non-finite",
+          "magnitude", "tokens", "second-moments", "outlier-norm", "site", "signature")
 
 
 def load_partition(artifact_dir: Path, name: str) -> PartitionSource:
     """The partition's source, from its manifest (refused: missing-file / format)."""
     path = Path(artifact_dir) / MANIFEST_NAME
+    if os.path.islink(path) or os.path.islink(artifact_dir):
+        raise ContributionRejected(name, "file-type", f"{MANIFEST_NAME} or its directory is a "
+                                   "symbolic link")
     if not path.is_file():
         raise ContributionRejected(name, "missing-file", f"{MANIFEST_NAME} is missing")
     try:
@@ -73,25 +80,82 @@ def check_identity(source: PartitionSource, expected: PartitionInput, *, run: st
                                    "contribution: " + ", ".join(wrong))
 
 
+def check_plan(source: PartitionSource, expected: PartitionInput) -> None:
+    """The contribution is the one the plan asked for: its partition, attempt and sources,
+    and no more supervised tokens than the plan's sources can give (`tokens`, the bound
+    named). Only what `expected` states is checked (a bare CLI merge states nothing)."""
+    name, manifest = source.name, source.manifest
+    if manifest is None:
+        return
+    claims = {"partition": (manifest.partition, expected.name),
+              "attempt": (manifest.attempt, expected.attempt),
+              "sources": (sorted(manifest.sources),
+                          None if expected.sources is None else sorted(expected.sources))}
+    wrong = [f"{k} {got!r} (the plan has {want!r})" for k, (got, want) in claims.items()
+             if want is not None and got != want]
+    if wrong:
+        raise ContributionRejected(name, "plan", "not the contribution the plan expects: "
+                                   + ", ".join(wrong))
+    bound = expected.token_bound()
+    if bound is not None and source.tokens > bound:
+        raise ContributionRejected(name, "tokens", f"claims {source.tokens} supervised tokens; "
+                                   f"its sources give at most {bound} ({expected.source_tokens}"
+                                   f" per epoch x {math.ceil(expected.epochs - 1e-9)} epochs)")
+
+
 def check_files(source: PartitionSource, *, hashes: bool = True) -> None:
-    """Every listed file present with its size (and sha256); no unlisted file."""
-    root, files = source.artifact_dir, source.manifest.files
-    for rel, entry in files.items():
-        parts = PurePosixPath(rel).parts
-        if PurePosixPath(rel).is_absolute() or ".." in parts:
-            raise ContributionRejected(source.name, "format", f"file path {rel!r} escapes")
-        path = root / rel
-        if not path.is_file():
-            raise ContributionRejected(source.name, "missing-file", f"{rel} is missing")
-        if path.stat().st_size != entry.bytes:
-            raise ContributionRejected(source.name, "sha256", f"{rel}: {path.stat().st_size} "
-                                       f"bytes, manifest says {entry.bytes}")
-        if hashes and sha256_file(path) != entry.sha256:
-            raise ContributionRejected(source.name, "sha256", f"{rel}: sha256 does not match")
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root).as_posix()
-        if rel != MANIFEST_NAME and rel not in files:
-            raise ContributionRejected(source.name, "sha256", f"{rel} is not in the manifest")
+    """Every listed file a regular file with its size (and sha256); nothing else in the
+    artifact: no unlisted file, no symlink, no device; the model dir and the second moments
+    are listed (so every file read later is one the manifest vouches for)."""
+    root, manifest, name = source.artifact_dir, source.manifest, source.name
+    for rel in _tree(root, name):
+        if rel != MANIFEST_NAME and rel not in manifest.files:
+            raise ContributionRejected(name, "sha256", f"{rel} is not in the manifest")
+    for rel, entry in manifest.files.items():
+        if not os.path.lexists(root / rel):
+            raise ContributionRejected(name, "missing-file", f"{rel} is missing")
+        try:
+            fd = open_regular(root / rel)
+        except StorageError as e:
+            raise ContributionRejected(name, "file-type", f"{rel}: {e}") from e
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry.bytes:
+                raise ContributionRejected(name, "sha256", f"{rel}: {size} bytes, manifest "
+                                           f"says {entry.bytes}")
+            if hashes and _sha256(f) != entry.sha256:
+                raise ContributionRejected(name, "sha256", f"{rel}: sha256 does not match")
+    if not manifest.listed_under(manifest.model_dir):
+        raise ContributionRejected(name, "missing-file", f"no file of {manifest.model_dir}/ "
+                                   "is listed")
+    moments = manifest.second_moments
+    if moments is not None and moments.file not in manifest.files:
+        raise ContributionRejected(name, "missing-file", f"second moments {moments.file} are "
+                                   "not listed")
+
+
+def _tree(root: Path, name: str) -> list[str]:
+    """Relative paths of the regular files under root; a symlink or special file refuses."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for entry in [*dirnames, *filenames]:
+            path = Path(dirpath) / entry
+            mode = path.lstat().st_mode
+            rel = path.relative_to(root).as_posix()
+            if stat.S_ISLNK(mode):
+                raise ContributionRejected(name, "file-type", f"{rel} is a symbolic link")
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise ContributionRejected(name, "file-type", f"{rel} is not a regular file")
+            if stat.S_ISREG(mode):
+                found.append(rel)
+    return sorted(found)
+
+
+def _sha256(f) -> str:
+    h = hashlib.sha256()
+    while chunk := f.read(8 << 20):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def check_static(source: PartitionSource, base: ModelReader, base_fp: str,
@@ -105,6 +169,8 @@ def check_static(source: PartitionSource, base: ModelReader, base_fp: str,
         raise ContributionRejected(name, "tokens", "supervised token count must be positive")
     try:
         expert = ExpertReader(source, base)
+    except HeaderError as e:
+        raise ContributionRejected(name, "safetensors-header", _where(source, e)) from e
     except (AdapterFormatError, StorageError, OSError, ValueError) as e:
         # A file that matches its hash can still be no safetensors at all: the site's fault.
         raise ContributionRejected(name, "format", f"cannot read {source.model_dir}: {e}") from e
@@ -167,6 +233,8 @@ def _check_moments(source: PartitionSource, base: ModelReader, method: MergeMeth
                                    "optimizer_v.safetensors; the partition has none")
     try:
         reader = MomentReader(source.moments)
+    except HeaderError as e:
+        raise ContributionRejected(name, "safetensors-header", _where(source, e)) from e
     except (MomentsFormatError, StorageError) as e:
         raise ContributionRejected(name, "second-moments", str(e)) from e
     try:
@@ -179,3 +247,12 @@ def _check_moments(source: PartitionSource, base: ModelReader, method: MergeMeth
         raise ContributionRejected(name, "second-moments", str(e)) from e
     finally:
         reader.close()
+
+
+def _where(source: PartitionSource, error: HeaderError) -> str:
+    """The bad file, relative to the artifact when it is inside it."""
+    try:
+        rel = error.path.relative_to(source.artifact_dir).as_posix()
+    except (ValueError, TypeError):
+        rel = error.path.name
+    return f"{rel}: {error.problem}"

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import tempfile
 from pathlib import Path
 
 from meritrun.artifacts import MANIFEST_NAME
-from meritrun.errors import ContributionRejected, MeritRunError
+from meritrun.errors import ContributionRejected, MeritRunError, SpecError
 
 from .checks import load_partition
 from .job import MB, MergeSettings, run_merge_job
@@ -101,9 +102,20 @@ def format_table(report: dict) -> str:
                      for r in rows)
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Quorum and outlier factor up front, by flag (the method's own parameters are checked
+    by its Params, by name)."""
+    if not (math.isfinite(args.quorum) and 0 < args.quorum <= 1):
+        raise SpecError(f"must be in (0, 1], got {args.quorum}", path="--quorum")
+    if not (math.isfinite(args.outlier_factor) and args.outlier_factor > 1):
+        raise SpecError(f"must be a finite number > 1, got {args.outlier_factor}",
+                        path="--outlier-factor")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_numbers(args)
         method = get_method(args.method)
         values = {k: getattr(args, k) for k in _PARAM_FLAGS}
         params = method.parse_params(values)  # a flag the method does not take is an error

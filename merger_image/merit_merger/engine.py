@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
+from meritrun.errors import StageFailed
+
 from .blocks import BlockLoader, Item, block_rows
-from .io import ModelReader, copy_model_files
+from .io import ModelReader, copy_model_files, read_header
 from .methods import MergeInputs, MergeMethod, TensorStats, get_method, normalized
 from .selection import KthLargest, ffg_k
 from .sources import ExpertReader, PartitionSource, open_moments
@@ -52,6 +54,25 @@ class MergeResult:
     seconds: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] | None = None
     tensor_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class MergeOutputError(StageFailed):
+    """The merged model is not what was planned (a non-finite value, a name, shape or dtype
+    off): nothing is published."""
+
+
+def check_output(files: Sequence[Path], planned: Sequence[OutputTensor]) -> None:
+    """The written shards hold exactly the planned tensors, names, dtypes and shapes (their
+    headers re-read and validated like any input's)."""
+    found: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for path in files:
+        if path.name.endswith(".safetensors"):
+            metas, _ = read_header(path)
+            found |= {n: (m.dtype, m.shape) for n, m in metas.items()}
+    want = {t.name: (t.dtype, tuple(t.shape)) for t in planned}
+    if found != want:
+        diff = sorted(n for n in want.keys() | found.keys() if want.get(n) != found.get(n))
+        raise MergeOutputError(f"merged model does not match its plan at {diff[:3]}")
 
 
 def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
@@ -136,12 +157,21 @@ def merge_models(
                     merged = impl.merge(MergeInputs(block.name, block.base, block.experts,
                                                     weights, block.moments, thresholds, tstats), p)
                     out = merged.to(out_dtypes[block.name]).cpu()
+                    if not bool(torch.isfinite(out).all()):  # after the cast: fp16 overflows too
+                        raise MergeOutputError(f"merged {block.name} has NaN/Inf values "
+                                               f"({impl.key} with {_params_dict(p)})")
                 writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
                 if progress is not None:
                     progress(writer.bytes_written, total)
             result.files = writer.close()
         except BaseException:
             writer.abort()
+            raise
+        try:
+            check_output(result.files, outputs)
+        except MergeOutputError:
+            for path in result.files:
+                path.unlink(missing_ok=True)
             raise
         result.files += copy_model_files(Path(base_dir), Path(out_dir), dtype=dtype)
         result.seconds["merge"] = round(time.monotonic() - merge_started, 3)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -64,36 +65,152 @@ class TensorMeta:
         return self.nbytes // self.rows if self.rows else 0
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
-    """Tensor metadata (in file order) and the `__metadata__` strings of a safetensors file."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise StorageError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > _MAX_HEADER:
-            raise StorageError(f"{path}: safetensors header of {size} bytes is implausible")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError as e:
-            raise StorageError(f"{path}: unreadable safetensors header") from e
+class HeaderError(StorageError):
+    """A safetensors header that does not describe its file: the check that failed and where.
+
+    Verification turns it into the refusal of the contribution holding the file (check
+    `safetensors-header`), so a lying header can never abort a merge of the others.
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{Path(path).name}: {problem}")
+        self.path, self.problem = Path(path), problem
+
+
+def open_regular(path: Path) -> int:
+    """A read-only fd of `path`, refusing a symlink (O_NOFOLLOW) or anything not a regular
+    file (a device, a FIFO, a directory): an artifact's files are read as files, never followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if os.path.islink(path):
+            raise StorageError(f"{path}: is a symbolic link") from e
+        raise StorageError(f"{path}: cannot open: {e.strerror}") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StorageError(f"{path}: not a regular file")
+    return fd
+
+
+def _unique_object(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key(s) {sorted({k for k in keys if keys.count(k) > 1})[:3]}")
+    return dict(pairs)
+
+
+def _read_exact(fd: int, size: int, offset: int) -> bytes:
+    chunks, done = [], 0
+    while done < size:
+        got = os.pread(fd, size - done, offset + done)
+        if not got:
+            break
+        chunks.append(got)
+        done += len(got)
+    return b"".join(chunks)
+
+
+def parse_header(raw: bytes, file_size: int, path: Path) -> tuple[dict[str, TensorMeta], dict]:
+    """Validate and parse a safetensors header (`raw` = the JSON bytes after the 8-byte length).
+
+    Checks, each a HeaderError naming it: a JSON object of objects; `__metadata__` a map of
+    strings; every entry has exactly dtype (a known one), shape (non-negative ints) and
+    data_offsets [begin, end] with end - begin = numel * itemsize; the entries tile the data
+    area exactly (sorted, no gap, no overlap, ending at the file's end), as the reference
+    implementation requires. Tensor metadata comes back in file order.
+    """
+    try:
+        header = json.loads(raw, object_pairs_hook=_unique_object)
+    except (ValueError, RecursionError) as e:
+        raise HeaderError(path, f"header is not valid JSON ({str(e)[:80]})") from e
+    if not isinstance(header, dict):
+        raise HeaderError(path, f"header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None) or {}
-    start, metas = 8 + size, {}
-    for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        if entry["dtype"] not in DTYPES:
-            raise StorageError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        metas[name] = TensorMeta(name, DTYPES[entry["dtype"]], tuple(entry["shape"]), Path(path),
-                                 start + begin, end - begin)
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise HeaderError(path, "__metadata__ is not a map of strings")
+    start = 8 + len(raw)
+    data_size = file_size - start
+    entries = []
+    for name, entry in header.items():
+        entries.append((name, *_entry(path, name, entry)))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    metas, cursor = {}, 0
+    for name, dtype, shape, begin, end in entries:
+        if begin != cursor:
+            what = "overlaps the previous tensor" if begin < cursor else "leaves a gap before it"
+            raise HeaderError(path, f"tensor {name}: data_offsets {begin} {what} (at {cursor})")
+        if end > data_size:
+            raise HeaderError(path, f"tensor {name}: data_offsets end {end} is past the data "
+                                    f"area ({data_size} bytes)")
+        metas[name] = TensorMeta(name, dtype, shape, Path(path), start + begin, end - begin)
+        cursor = end
+    if cursor != data_size:
+        raise HeaderError(path, f"the tensors cover {cursor} of the {data_size} data bytes")
     return metas, metadata
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise HeaderError(path, f"tensor {name}: entry must have exactly dtype, shape and "
+                                f"data_offsets, has {keys}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise HeaderError(path, f"tensor {name}: unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape):
+        raise HeaderError(path, f"tensor {name}: shape {shape!r} is not a list of ints >= 0")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_nonneg_int(o) for o in offsets) or offsets[0] > offsets[1]):
+        raise HeaderError(path, f"tensor {name}: data_offsets {offsets!r} is not [begin, end] "
+                                "with 0 <= begin <= end")
+    begin, end = offsets
+    want = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != want:
+        raise HeaderError(path, f"tensor {name}: {end - begin} data bytes for {dtype} "
+                                f"{tuple(shape)}, which needs {want}")
+    return DTYPES[dtype], tuple(shape), begin, end
+
+
+def _nonneg_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
+    """Tensor metadata (in file order) and the `__metadata__` strings of a safetensors file,
+    validated against the file's size (see parse_header); a bad header is a HeaderError."""
+    fd = open_regular(Path(path))
+    try:
+        file_size = os.fstat(fd).st_size
+        raw = _read_exact(fd, 8, 0)
+        if len(raw) != 8:
+            raise HeaderError(path, "not a safetensors file (shorter than 8 bytes)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > min(_MAX_HEADER, file_size - 8):
+            raise HeaderError(path, f"header length {size} is implausible for a file of "
+                                    f"{file_size} bytes")
+        return parse_header(_read_exact(fd, size, 8), file_size, Path(path))
+    finally:
+        os.close(fd)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of an HF model dir: the index's shards, else every *.safetensors."""
     index = model_dir / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / f for f in dict.fromkeys(weight_map.values())]
+    if os.path.lexists(index):
+        fd = open_regular(index)
+        with os.fdopen(fd, "rb") as f:
+            try:
+                weight_map = json.loads(f.read(_MAX_HEADER))["weight_map"]
+                names = list(dict.fromkeys(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                raise StorageError(f"{INDEX_NAME}: not a weight index ({e})") from e
+        bad = [n for n in names if not isinstance(n, str) or "/" in n or n in ("", ".", "..")
+               or not n.endswith(".safetensors")]
+        if bad:  # shards sit beside the index: a path would reach outside the model dir
+            raise StorageError(f"{INDEX_NAME}: shard name(s) {bad[:3]} are not file names")
+        return [model_dir / f for f in names]
     return sorted(model_dir.glob("*.safetensors"))
 
 
@@ -146,7 +263,7 @@ class ModelReader:
     def _pread(self, meta: TensorMeta, offset: int, buf: torch.Tensor) -> None:
         fd = self._fds.get(meta.path)
         if fd is None:
-            fd = self._fds[meta.path] = os.open(meta.path, os.O_RDONLY)
+            fd = self._fds[meta.path] = open_regular(meta.path)
         view, done, nbytes = memoryview(buf.numpy()), 0, buf.numel()
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .io import ModelReader, read_header
+from .io import HeaderError, ModelReader, read_header
 from .methods import Rank1Moment
 
 SEP = "::"
@@ -42,6 +42,8 @@ class MomentReader:
         self.path = Path(path)
         try:
             metas, self.metadata = read_header(self.path)
+        except HeaderError:
+            raise  # the check that names what is wrong with the header
         except Exception as e:  # noqa: BLE001 - any unreadable header is a format problem
             raise MomentsFormatError(f"{self.path.name}: {e}") from e
         self.kind = self.metadata.get("kind")

@@ -34,7 +34,7 @@ from meritrun.errors import ContributionRejected, StageFailed
 from meritrun.stages import PartitionInput
 
 from .blocks import BlockLoader, block_rows
-from .checks import check_files, check_identity, check_static
+from .checks import check_files, check_identity, check_plan, check_static
 from .engine import DEFAULT_CHUNK_ELEMENTS
 from .io import ModelReader
 from .methods import MergeMethod
@@ -42,6 +42,10 @@ from .moments import MomentReader
 from .sources import ExpertReader, PartitionSource
 
 log = logging.getLogger(__name__)
+
+# No trained weight comes near this; K of them (or their squares) stay finite in fp32/fp64,
+# so a contribution above it is refused rather than allowed to overflow a merge.
+MAX_MAGNITUDE = 1e15
 
 
 class QuorumNotMet(StageFailed):
@@ -97,12 +101,24 @@ def scan_tensors(sources: Sequence[PartitionSource], base: ModelReader, *, momen
                 if not bool(torch.isfinite(theta).all()):
                     refused[p] = ContributionRejected(p, "non-finite", f"NaN/Inf in {name}")
                     continue
+                peak = float(theta.abs().max()) if theta.numel() else 0.0
+                if peak > MAX_MAGNITUDE:
+                    refused[p] = ContributionRejected(
+                        p, "magnitude", f"{name}: |value| up to {peak:.3g}, above the "
+                        f"{MAX_MAGNITUDE:.0e} no trained weight reaches (a merge of it would "
+                        "overflow)")
+                    continue
                 v = block.moments[i] if block.moments is not None else None
                 if v is not None and not bool((torch.isfinite(v) & (v >= 0)).all()):
                     refused[p] = ContributionRejected(p, "second-moments",
                                                       f"{name}: negative or non-finite moments")
                     continue
-                d = (theta - block.base).reshape(-1)
+                if v is not None and v.numel() and float(v.max()) > MAX_MAGNITUDE:
+                    refused[p] = ContributionRejected(p, "magnitude", f"{name}: second moments"
+                                                      f" up to {float(v.max()):.3g}")
+                    continue
+                # float64: squares of values near the fp32 limit must not overflow to inf
+                d = (theta.double() - block.base.double()).reshape(-1)
                 per = sq.setdefault(name, {})
                 per[p] = per.get(p, 0.0) + float(torch.dot(d, d))
     finally:
@@ -120,8 +136,12 @@ def median_of_others(norm: float, others: Sequence[float]) -> float:
     mid = len(ranked) // 2
     if len(ranked) % 2:
         return ranked[mid]
-    return min(ranked[mid - 1], ranked[mid], key=lambda v: abs(math.log((v or 1e-300) /
-                                                                       (norm or 1e-300))))
+    return min(ranked[mid - 1], ranked[mid], key=lambda v: abs(_log(v) - _log(norm)))
+
+
+def _log(value: float) -> float:
+    """log that takes 0 and inf (norms are finite and >= 0, but a rule must not crash)."""
+    return math.log(min(max(value, 1e-300), 1e300))
 
 
 def flag_outliers(norms: dict[str, float], factor: float, *, refuse: bool) -> list[OutlierFlag]:
@@ -160,6 +180,7 @@ def verify_partitions(
             try:
                 if (want := (expected or {}).get(source.name)) is not None:
                     check_identity(source, want, run=run, attempt=want.attempt)
+                    check_plan(source, want)
                 if source.manifest is not None:
                     check_files(source, hashes=source.name not in hashes_verified)
                 check_static(source, base, base_fp, method, strict_dtype=strict_dtype)

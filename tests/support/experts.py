@@ -128,6 +128,15 @@ def refresh_manifest(artifact: Path, **updates: object) -> None:
     write_manifest(artifact, PartitionManifest.model_validate(data))
 
 
+def edit_state(artifact: Path, fn) -> None:
+    """Change the weights in place through fn(state), then re-hash (the site signs its edit)."""
+    model = Path(artifact) / "model"
+    state = load_state(model)
+    fn(state)
+    save_state(model, state)
+    refresh_manifest(artifact)
+
+
 @dataclass
 class Experts:
     base_dir: Path

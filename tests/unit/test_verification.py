@@ -225,7 +225,7 @@ def test_site_and_signature_are_checked_where_expected(parts, tiny_base):
 def test_a_weight_file_that_is_not_safetensors_is_refused_as_format(parts, tiny_base, garbage):
     (parts[1] / "model" / "model.safetensors").write_bytes(garbage)
     refresh_manifest(parts[1])  # the site hashed its broken file: sha256 cannot catch it
-    r = only_refusal(verify(parts, tiny_base)[0], "p1", "format")
+    r = only_refusal(verify(parts, tiny_base)[0], "p1", "safetensors-header")
     assert "model.safetensors" in r.detail
 
 
@@ -234,4 +234,4 @@ def test_a_moments_file_that_is_not_safetensors_is_refused(parts, tiny_base):
     assert v.is_file()
     v.write_bytes(b"\x00" * 3)
     refresh_manifest(parts[0])
-    only_refusal(verify(parts, tiny_base, "ota")[0], "p0", "second-moments")
+    only_refusal(verify(parts, tiny_base, "ota")[0], "p0", "safetensors-header")

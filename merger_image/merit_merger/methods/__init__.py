@@ -14,6 +14,7 @@ resolve through `get_method`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -156,7 +157,15 @@ def check_density(density: float | None) -> None:
         raise ValueError(f"density must be in (0, 1], got {density}")
 
 
+def check_finite(**values: float | None) -> None:
+    """Refuse NaN and +-inf by parameter name: a non-finite lambda, power or epsilon makes a
+    model of NaNs, which no later check should be the first to see."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
 from . import dare, ota, task_arithmetic, ties, token_weighted, uniform  # noqa: E402,F401
 
 __all__ = ["METHODS", "MergeInputs", "MergeMethod", "Moment", "Rank1Moment", "TensorStats",
-           "dense_moment", "get_method", "method_key", "normalized", "register"]
+           "check_finite", "dense_moment", "get_method", "method_key", "normalized", "register"]

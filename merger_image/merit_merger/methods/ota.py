@@ -29,6 +29,7 @@ from . import (
     Rank1Moment,
     TensorStats,
     check_density,
+    check_finite,
     dense_moment,
     register,
 )
@@ -42,6 +43,7 @@ class OtaParams:
 
     def __post_init__(self) -> None:
         check_density(self.density)
+        check_finite(power=self.power, epsilon=self.epsilon)
         if self.power <= 0 or self.epsilon < 0:
             raise ValueError("power must be > 0 and epsilon >= 0")
 

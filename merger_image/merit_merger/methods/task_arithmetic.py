@@ -12,12 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import MergeInputs, MergeMethod, register
+from . import MergeInputs, MergeMethod, check_finite, register
 
 
 @dataclass(frozen=True)
 class TaskArithmeticParams:
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_finite(scale=self.scale)
 
 
 def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], *,

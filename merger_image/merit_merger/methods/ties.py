@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import MergeInputs, MergeMethod, check_density, register
+from . import MergeInputs, MergeMethod, check_density, check_finite, register
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class TiesParams:
 
     def __post_init__(self) -> None:
         check_density(self.density)
+        check_finite(scale=self.scale)
 
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
