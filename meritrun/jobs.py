@@ -83,11 +83,14 @@ def site_public_key(spec: MeritRunSpec, site: str | None) -> str | None:
 
 
 def partition_input(run: str, spec: MeritRunSpec, part: PartitionStatus) -> PartitionInput:
-    """Where a partition's artifact is, and who must have made (and signed) it."""
+    """Where a partition's artifact is, who must have made (and signed) it, and what the plan
+    lets it claim (its sources, their tokens, the epochs)."""
     return PartitionInput(name=part.name,
                           prefix=artifacts.partition_prefix(run, part.name, part.attempt),
                           attempt=part.attempt or None, site=part.site,
-                          public_key=site_public_key(spec, part.site))
+                          public_key=site_public_key(spec, part.site),
+                          sources=list(part.sources), source_tokens=part.planned_tokens,
+                          epochs=spec.training.epochs)
 
 
 def partition_inputs(run: str, spec: MeritRunSpec,

@@ -238,7 +238,7 @@ def _profile(r: _Round) -> None:
         st.profile.artifact = ArtifactRef(uri=obs.plan_uri) if obs.plan_uri else None
         st.partitions = [
             PartitionStatus(name=p.name, index=p.index, sources=p.sources, site=p.site,
-                            tokens=p.tokens)
+                            tokens=p.tokens, planned_tokens=p.tokens)
             for p in plan.partitions
         ]
         r.condition("Profiled", "True", "PlanReady", f"{len(plan.partitions)} partitions "

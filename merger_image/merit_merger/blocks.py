@@ -89,9 +89,13 @@ class BlockLoader:
     """Everything a merge (or the verification scan) reads, block by block."""
 
     def __init__(self, base: ModelReader, experts: list[ExpertReader],
-                 moments: list[MomentReader] | None, *, need_base: bool) -> None:
+                 moments: list[MomentReader] | None, *, need_base: bool,
+                 convert: bool = True) -> None:
         self.base, self.experts, self.moments = base, experts, moments
         self.need_base = need_base or any(e.lora for e in experts)
+        # convert=False: base and full experts are handed out in their stored float dtype
+        # (for methods that accumulate them into fp32 themselves: one pass less per input)
+        self.convert = convert or any(e.lora for e in experts)
         self._ring = Buffers(torch.uint8)  # reader thread only
         self._work = Buffers(torch.float32)  # main thread only
 
@@ -129,13 +133,14 @@ class BlockLoader:
         name, rows, meta = raw.name, raw.rows, self.base.meta(raw.name)
         if not meta.dtype.is_floating_point:
             return Block(name, rows, None, [], None, raw=raw.base)
-        base = None if raw.base is None else self._fp32(("base",), raw.base, device)
+        as_is = not self.convert
+        base = None if raw.base is None else self._fp32(("base",), raw.base, device, as_is)
         experts = []
         for i, (e, t) in enumerate(zip(self.experts, raw.experts, strict=True)):
             if t is None:  # LoRA: base (or saved copy) + B @ A * scaling, rows only
                 experts.append(e.read(name, rows, base_block=base).to(device))
             else:
-                experts.append(self._fp32(("e", i), t, device))
+                experts.append(self._fp32(("e", i), t, device, as_is))
         moments = None
         if raw.moments is not None:
             moments = []
@@ -147,8 +152,9 @@ class BlockLoader:
                 moments.append(Rank1Moment(f.row.to(device), f.col.to(device), f.total))
         return Block(name, rows, base, experts, moments)
 
-    def _fp32(self, key: Any, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if t.dtype == torch.float32:
+    def _fp32(self, key: Any, t: torch.Tensor, device: torch.device,
+              as_is: bool = False) -> torch.Tensor:
+        if t.dtype == torch.float32 or as_is:
             return t.to(device)  # already fp32 (a view of a ring buffer; read-only use)
         if device.type != "cpu":
             return t.to(device).float()

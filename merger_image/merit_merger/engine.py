@@ -127,7 +127,8 @@ def merge_models(
     base = ModelReader(base_dir)
     experts = [ExpertReader(s, base) for s in partitions]
     moments = open_moments(list(partitions)) if impl.needs_moments else None
-    inputs = BlockLoader(base, experts, moments, need_base=impl.uses_base(p))
+    inputs = BlockLoader(base, experts, moments, need_base=impl.uses_base(p),
+                         convert=not impl.stored_dtype_ok)
     floats = [base.meta(n).dtype for n in base.names if base.meta(n).dtype.is_floating_point]
     result = MergeResult(Path(out_dir), impl.key, _params_dict(p), [s.name for s in partitions],
                          dict(zip([s.name for s in partitions], weights, strict=True)),

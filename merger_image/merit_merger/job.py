@@ -20,7 +20,7 @@ from typing import Any
 
 from meritrun.api import MergeSpec
 from meritrun.artifacts import base_fingerprint
-from meritrun.errors import ContributionRejected
+from meritrun.errors import ContributionRejected, SpecError
 from meritrun.stages import PartitionInput
 
 from .engine import Progress, merge_models
@@ -51,8 +51,21 @@ class MergeSettings:
     strict_dtype: bool = False
 
 
-def settings_from_spec(spec: MergeSpec, *, device: str = "cpu") -> MergeSettings:
-    """MergeSettings from the MeritRun spec's merge section (density from ota or merge)."""
+def merge_device(requested: str) -> str:
+    """The torch device of a merge: `cuda` needs one (else a SpecError naming the field),
+    `auto` takes one when present, anything else is `cpu`."""
+    import torch
+
+    available = torch.cuda.is_available()
+    if requested == "cuda" and not available:
+        raise SpecError("cuda was asked for, and this merge Job sees no GPU (give the merge "
+                        "Job a GPU in the template, or use cpu / auto)", path="merge.device")
+    return "cuda" if requested == "cuda" or (requested == "auto" and available) else "cpu"
+
+
+def settings_from_spec(spec: MergeSpec, *, device: str | None = None) -> MergeSettings:
+    """MergeSettings from the MeritRun spec's merge section (density from ota or merge;
+    the device from merge.device unless given)."""
     ota = spec.ota
     density = spec.density
     if spec.method == "ota" and ota is not None and ota.density is not None:
@@ -65,7 +78,7 @@ def settings_from_spec(spec: MergeSpec, *, device: str = "cpu") -> MergeSettings
     return MergeSettings(
         method=method.key, params=dataclasses.asdict(params), quorum=spec.quorum,
         outlier_factor=spec.outlier_factor, refuse_outliers=spec.refuse_outliers,
-        shard_size_bytes=spec.shard_size_mb * MB, device=device,
+        shard_size_bytes=spec.shard_size_mb * MB, device=device or merge_device(spec.device),
     )
 
 
@@ -113,6 +126,7 @@ def run_merge_job(
         timings["total"] = round(time.monotonic() - started, 3)
         report = build_report(**common, result=None, status="failed", reason=str(e),
                               timings=timings)
+        _token_bounds(report, expected)
         write_report(out_dir, report)
         raise
     for r in refused:
@@ -130,12 +144,20 @@ def run_merge_job(
     timings["total"] = round(time.monotonic() - started, 3)
     report = build_report(**common, result=result, status="succeeded", timings=timings,
                           mergekit=mergekit, output={"model": "model"})
+    _token_bounds(report, expected)
     plot = plot_layers(out_dir / PLOT_NAME, report)
     if plot is not None:
         extra.append(plot)
         report["plots"] = [plot.name]
     path = write_report(out_dir, report)
     return JobOutcome(out_dir, out_dir / "model", path, report, extra)
+
+
+def _token_bounds(report: dict[str, Any], expected: Mapping[str, PartitionInput] | None) -> None:
+    """Record beside each partition's claimed tokens the most its plan allowed (or None)."""
+    for entry in report["partitions"]:
+        want = (expected or {}).get(entry["name"])
+        entry["token_bound"] = want.token_bound() if want is not None else None
 
 
 def _recipe(method, params, base_uri: str, accepted: Sequence[PartitionSource],

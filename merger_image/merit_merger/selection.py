@@ -51,10 +51,12 @@ class KthLargest:
         self._rank: int | None = None
 
     def add_first(self, values: torch.Tensor) -> None:
-        """Pass 1: count the high 16 bits."""
-        self.hi += torch.bincount((_bits(values) >> 16).cpu(), minlength=HI_BINS)
+        """Pass 1: count the high 16 bits (on the values' device: only counts move)."""
+        counts = torch.bincount(_bits(values) >> 16, minlength=HI_BINS)
+        self.hi = self.hi.to(counts.device).add_(counts)
 
     def end_first(self) -> None:
+        self.hi = self.hi.cpu()
         self._bin, self._rank = locate(self.hi, self.k)
 
     def add_second(self, values: torch.Tensor) -> None:
@@ -62,10 +64,11 @@ class KthLargest:
         bits = _bits(values)
         chosen = bits[(bits >> 16) == self._bin] & 0xFFFF
         if chosen.numel():
-            self.lo += torch.bincount(chosen.cpu(), minlength=LO_BINS)
+            counts = torch.bincount(chosen, minlength=LO_BINS)
+            self.lo = self.lo.to(counts.device).add_(counts)
 
     def result(self) -> float:
         """The k-th largest value (call after both passes)."""
-        low, _ = locate(self.lo, self._rank)
+        low, _ = locate(self.lo.cpu(), self._rank)
         bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
         return float(bits.view(torch.float32)[0])

@@ -56,7 +56,7 @@ def verify_contribution(
         return Verdict(partition=expected.name, attempt=attempt, accepted=refusal is None,
                        check=refusal.check if refusal else None,
                        detail=refusal.detail if refusal else None,
-                       manifest_sha256=manifest_sha256)
+                       manifest_sha256=manifest_sha256, token_bound=expected.token_bound())
 
     if isinstance(candidate, ContributionRejected):
         return verdict(candidate)
@@ -104,7 +104,8 @@ def run_verify_stage(params: VerifyParams, *, workdir: Path) -> Verdict:
     artifact_dir = root / part.prefix if root is not None else dest
     candidate = _unchanged(candidate, artifact_dir)
     verdict = verify_contribution(
-        candidate, base_dir=base_dir, expected=part, settings=settings_from_spec(params.merge),
+        candidate, base_dir=base_dir, expected=part,
+        settings=settings_from_spec(params.merge, device="cpu"),  # the verify Job has no GPU
         run=params.run, attempt=params.attempt, hashes_verified=checked,
         manifest_sha256=manifest_digest(artifact_dir))
     storage.put_bytes(f"{params.output}/{VERDICT_NAME}",

@@ -278,6 +278,9 @@ class MergeSpec(SpecModel):
     refuse_outliers: bool = Field(False, description="Refuse (not just flag) outliers.")
     shard_size_mb: int = Field(2000, ge=1, le=lim.MAX_SHARD_MB,
                                description="Output shard size in MB.")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="Where the merge math runs: cuda needs a GPU in the merge Job; auto "
+                           "uses one when the Job has it.")
 
 
 class MixtureSearchSpec(SpecModel):

@@ -63,6 +63,9 @@ class PartitionStatus(StageStatus):
     sources: list[str] = Field(description="Sources trained together in this partition.")
     site: str | None = Field(None, description="Site that trains it (none: this cluster).")
     tokens: int | None = Field(None, ge=0, description="Supervised tokens it trained on.")
+    planned_tokens: int | None = Field(
+        None, ge=0, description="Supervised tokens of its sources in the plan (one epoch): "
+                                "a contribution may claim at most this times the epochs.")
     grant: str | None = Field(None, description="Pull sites: where the site's grant is (a "
                               "Secret of the run's namespace, or a file for local runs).")
     state: PartitionState = Field("Pending", description="Partition state.")  # type: ignore[assignment]

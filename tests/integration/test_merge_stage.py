@@ -190,3 +190,65 @@ def test_bad_signature_is_refused_while_the_others_merge(store, tmp_path):
     assert "does not match" in report["refused"][0]["detail"]
     assert report["status"] == "succeeded" and report["included"] == ["p0", "p2"]
     assert (store / OUTPUT / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("flags, name", [(["--method", "ota", "--power", "nan"], "power"),
+                                         (["--method", "ota", "--epsilon", "inf"], "epsilon"),
+                                         (["--method", "ties", "--scale=-inf"], "scale"),
+                                         (["--quorum", "nan"], "--quorum")])
+def test_cli_refuses_non_finite_parameters_up_front(pristine, tiny_base, tmp_path, capsys,
+                                                    flags, name):
+    out = tmp_path / "out"
+    code = cli_main([*flags, "--base", str(tiny_base), "--out", str(out),
+                     *map(str, pristine.artifacts)])
+    err = capsys.readouterr().err
+    assert code == 2 and name in err and ("finite" in err or "(0, 1]" in err), err
+    assert not out.exists()  # refused before anything was read or written
+
+
+def test_cli_merge_output_that_overflows_is_not_published(pristine, tiny_base, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli_main(["--method", "task-arithmetic", "--scale", "1e300", "--base", str(tiny_base),
+                     "--out", str(out), *map(str, pristine.artifacts)])
+    assert code == 2 and "NaN/Inf" in capsys.readouterr().err
+    assert not list((out / "model").glob("*.safetensors"))
+
+
+def test_cli_merges_the_others_past_a_lying_header_and_huge_values(pristine, tiny_base,
+                                                                    tmp_path, capsys):
+    import struct
+
+    parts = [Path(shutil.copytree(a, tmp_path / a.name)) for a in pristine.artifacts]
+    weights = parts[0] / "model" / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(struct.pack("<Q", 5) + b"[1,2]" + raw[8:])  # a list, not a map
+    refresh_manifest(parts[0])
+    state = load_state(parts[1] / "model")
+    state["model.norm.weight"][0] = 3e38
+    from support.experts import save_state
+
+    save_state(parts[1] / "model", state)
+    refresh_manifest(parts[1])
+    code = cli_main(["--quorum", "0.3", "--base", str(tiny_base), "--out", str(tmp_path / "o"),
+                     *map(str, parts)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "o" / "merge_report.json").read_text())
+    assert report["included"] == ["p2"]
+    checks = {r["partition"]: (r["check"], r["detail"]) for r in report["refused"]}
+    assert checks["p0"][0] == "safetensors-header" and "model/model.safetensors" in checks["p0"][1]
+    assert checks["p1"][0] == "magnitude"
+    merged = load_state(tmp_path / "o" / "model")
+    assert all(bool(torch.isfinite(t).all()) for t in merged.values())
+
+
+def test_stage_report_records_the_token_bound(store, tmp_path):
+    p = params(store.as_uri(), (store / "models" / "base").as_uri(), MergeSpec(quorum=0.6))
+    plan = {"p0": 1000, "p1": 100, "p2": 3000}  # p1 claims 2000 tokens of 100 x 2 epochs
+    p = p.model_copy(update={"partitions": [
+        part.model_copy(update={"sources": [f"src-{part.name}"], "attempt": 1,
+                                "source_tokens": plan[part.name], "epochs": 2.0})
+        for part in p.partitions]})
+    report = stage.run_merge_stage(p, workdir=tmp_path / "work")
+    assert [(r["partition"], r["check"]) for r in report["refused"]] == [("p1", "tokens")]
+    assert {e["name"]: e["token_bound"] for e in report["partitions"]} == {
+        "p0": 2000, "p1": 200, "p2": 6000}

@@ -235,3 +235,59 @@ def test_s3_verdicts_accept_and_refuse(kit, s3_bucket, tmp_path, monkeypatch):
     storage.delete_prefix(PREFIX)
     storage.upload_dir(kit.foreign, PREFIX)
     assert verdict("foreign").check == "base-fingerprint"
+
+
+def test_a_signed_manifest_naming_a_hub_directory_is_refused(kit, store, tmp_path):
+    """The attack of issue 16: only a signed manifest, its model_dir another directory."""
+    elsewhere = Path(shutil.copytree(kit.good, store / "runs" / RUN / "partitions" / "p0"))
+    artifact = store / PREFIX
+    artifact.mkdir(parents=True)
+    shutil.copyfile(kit.good / MANIFEST_NAME, artifact / MANIFEST_NAME)
+    for model_dir in (str(elsewhere / "model"), "../../p0/model"):
+        data = json.loads((artifact / MANIFEST_NAME).read_text()) | {"model_dir": model_dir}
+        (artifact / MANIFEST_NAME).write_text(json.dumps(data))
+        verdict = judge(store, tmp_path / model_dir.replace("/", "_"), None, site=None)
+        assert (verdict.accepted, verdict.check) == (False, "format"), verdict
+
+
+def test_the_plan_bounds_the_claimed_tokens_and_the_verdict_records_it(kit, store, tmp_path):
+    from meritrun.artifacts import TokenCounts
+
+    artifact = upload(store, kit.good)
+    sign(artifact, kit.key, tokens=TokenCounts(supervised=10**12, total=10**12))
+    manifest = read_manifest(artifact)
+    params = verify_params(store.as_uri(), (store / "models" / "base").as_uri(),
+                           public_key=public_key_b64(kit.key))
+    plan = {"sources": manifest.sources, "source_tokens": 500, "epochs": 2.0}
+    params = params.model_copy(update={
+        "partition": params.partition.model_copy(update=plan)})
+    assert run_main(params, tmp_path) == 0
+    verdict = Verdict.model_validate_json((store / OUTPUT / VERDICT_NAME).read_text())
+    assert (verdict.accepted, verdict.check, verdict.token_bound) == (False, "tokens", 1000)
+    sign(artifact, kit.key, tokens=TokenCounts(supervised=1000, total=2000))
+    assert run_main(params, tmp_path / "honest") == 0
+    verdict = Verdict.model_validate_json((store / OUTPUT / VERDICT_NAME).read_text())
+    assert verdict.accepted and verdict.token_bound == 1000
+    params = params.model_copy(update={"partition": params.partition.model_copy(
+        update={"sources": ["somebody-else"]})})
+    assert run_main(params, tmp_path / "sources") == 0
+    verdict = Verdict.model_validate_json((store / OUTPUT / VERDICT_NAME).read_text())
+    assert (verdict.accepted, verdict.check) == (False, "plan")
+
+
+def test_a_lying_header_is_a_verdict_not_a_crash(kit, store, tmp_path):
+    import struct
+
+    artifact = upload(store, kit.good)
+    path = artifact / WEIGHTS
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [0, 10**15]
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    sign(artifact, kit.key)
+    verdict = judge(store, tmp_path, public_key_b64(kit.key))
+    assert (verdict.accepted, verdict.check) == (False, "safetensors-header")
+    assert WEIGHTS in verdict.detail

@@ -93,6 +93,9 @@ class MergeMethod:
     uses_token_weights: ClassVar[bool] = False
     elementwise: ClassVar[bool] = True
     accepts_lora: ClassVar[bool] = True
+    # True: merge() takes base and experts in their stored float dtype (bf16, fp16, fp32) and
+    # accumulates in fp32 itself, so the engine skips a conversion pass per input
+    stored_dtype_ok: ClassVar[bool] = False
     mergekit: ClassVar[str | None] = None  # the mergekit method reproducing it, if any
 
     def parse_params(self, values: Mapping[str, Any], *, strict: bool = True) -> Any:

@@ -25,6 +25,7 @@ class TaskArithmeticParams:
 
 def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], *,
                     scale: float) -> torch.Tensor:
+    """In fp32 whatever the inputs' float dtype (the in-place ops convert as they go)."""
     total = torch.zeros_like(base, dtype=torch.float32)
     for theta in experts:
         total.add_(theta).sub_(base)
@@ -36,6 +37,7 @@ class TaskArithmeticMerge(MergeMethod):
     key = "task-arithmetic"
     spec_name = "taskArithmetic"
     Params = TaskArithmeticParams
+    stored_dtype_ok = True
     mergekit = "task_arithmetic"
 
     def merge(self, inputs: MergeInputs, params: TaskArithmeticParams) -> torch.Tensor:

@@ -16,9 +16,10 @@ from . import MergeInputs, MergeMethod, normalized, register
 
 
 def token_weighted(experts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_k w_k theta_k with w renormalised to sum to 1 (fp32)."""
+    """sum_k w_k theta_k with w renormalised to sum to 1, in fp32 whatever the experts' float
+    dtype (the in-place adds into the fp32 sum convert as they go: no fp32 copy per expert)."""
     w = normalized(weights)
-    out = experts[0].float() * w[0]
+    out = experts[0].to(torch.float32, copy=True).mul_(w[0])
     for theta, w_k in zip(experts[1:], w[1:], strict=True):
         out.add_(theta, alpha=w_k)
     return out
@@ -30,6 +31,7 @@ class TokenWeightedMerge(MergeMethod):
     spec_name = "tokenWeighted"
     needs_base = False
     uses_token_weights = True
+    stored_dtype_ok = True
     mergekit = "linear"
 
     def merge(self, inputs: MergeInputs, params: object) -> torch.Tensor:

@@ -23,6 +23,7 @@ class UniformMerge(MergeMethod):
     key = "uniform"
     spec_name = "uniform"
     needs_base = False
+    stored_dtype_ok = True
     mergekit = "linear"
 
     def merge(self, inputs: MergeInputs, params: object) -> torch.Tensor:
