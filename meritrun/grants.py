@@ -23,6 +23,7 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 IAM_ENDPOINT_ENV = "MERITRUN_IAM_ENDPOINT"
+ISSUER_ENV = "MERITRUN_GRANT_ISSUER"  # "minio", or unset for the IAM query API
 
 
 class GrantStore(Protocol):
@@ -70,6 +71,9 @@ def issuer_from_env(storage: Storage, *, endpoint: str | None, region: str | Non
     key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
     if not iam or not key or not secret:
         return None  # offer_assignment then says an s3:// run needs an issuer
+    if env.get(ISSUER_ENV) == "minio":  # MinIO: its admin API, not an AWS-style IAM API
+        from .minio_issuer import MinioIssuer
+        return MinioIssuer(iam, access_key=key, secret_key=secret, region=region or "")
     return IamIssuer(iam, access_key=key, secret_key=secret, region=region or "us-east-1")
 
 

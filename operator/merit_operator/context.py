@@ -40,7 +40,8 @@ class OperatorContext:
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(process_collectors=True)
-        self.api = KubeApi(api_config(settings), pool_size=max(settings.workers, 1) * 2)
+        self.api = KubeApi(api_config(settings), pool_size=max(settings.workers, 1) * 2,
+                           token_reread_seconds=settings.token_reread_seconds)
         images = Images(trainer=settings.trainer_image, merger=settings.merger_image,
                         python=settings.job_python)
         self.reconciler = Reconciler(KubeBackend(self.api, images=images), settings=settings,

@@ -61,7 +61,8 @@ async def operator_stopping(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.login()
 def operator_login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
-    return connection_info(api_config(memo.settings), now=datetime.now(timezone.utc))
+    return connection_info(api_config(memo.settings), now=datetime.now(timezone.utc),
+                           reread_seconds=memo.settings.token_reread_seconds)
 
 
 def _post(outcome: RoundOutcome) -> None:

@@ -113,8 +113,9 @@ class KubeApi:
     """Blocking JSON calls; thread-safe (one urllib3 pool shared by the worker threads)."""
 
     def __init__(self, config: ApiConfig, *, timeout_seconds: float = 30.0,
-                 pool_size: int = 8) -> None:
+                 pool_size: int = 8, token_reread_seconds: float = TOKEN_REREAD_SECONDS) -> None:
         self.config = config
+        self.token_reread_seconds = token_reread_seconds
         kwargs: dict[str, Any] = {"maxsize": pool_size, "retries": False,
                                   "timeout": urllib3.Timeout(total=timeout_seconds)}
         if config.server.startswith("https"):
@@ -131,7 +132,7 @@ class KubeApi:
 
     def _bearer(self) -> str | None:
         path = self.config.token_path
-        if path and time.monotonic() - self._token_read > TOKEN_REREAD_SECONDS:
+        if path and time.monotonic() - self._token_read > self.token_reread_seconds:
             self._token, self._token_read = Path(path).read_text().strip(), time.monotonic()
         return self._token
 

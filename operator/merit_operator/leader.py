@@ -204,7 +204,8 @@ def elector_for(settings: Settings, config: ApiConfig) -> LeaseElector:
     if not timing.duration > timing.renew_deadline > timing.retry_period > 0:
         raise MeritRunError("lease timing must satisfy duration > renew deadline > retry "
                             "period > 0 (MERITRUN_LEASE_*_SECONDS)")
-    return LeaseElector(KubeApi(config), namespace=namespace, name=settings.lease_name,
+    return LeaseElector(KubeApi(config, token_reread_seconds=settings.token_reread_seconds),
+                        namespace=namespace, name=settings.lease_name,
                         identity=default_identity(), timing=timing)
 
 

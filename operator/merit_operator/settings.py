@@ -50,6 +50,8 @@ class Settings:
     log_level: str = "INFO"
     # The S3 endpoint as pull sites reach it, written into their grants (default: the run's).
     site_endpoint: str = ""
+    # A token file (kubeconfig tokenFile, the in-cluster token) is read again this often.
+    token_reread_seconds: float = 60.0
     # Leader election (replicas > 1): only the holder of this coordination.k8s.io Lease acts.
     leader_election: bool = False
     lease_name: str = "meritrun-operator"

@@ -116,3 +116,21 @@ def test_dashboard_queries_only_existing_metrics():
     exposed = {f.name + suffix for f in Metrics().registry.collect()
                for suffix in suffixes[f.type]}
     assert used and used <= exposed, used - exposed
+
+
+def test_admission_policy_is_opt_in_and_names_what_it_allows(helm):
+    assert not [d for d in render(helm) if d["kind"].startswith("ValidatingAdmissionPolicy")]
+    docs = render(helm, "--set", "admissionPolicy.enabled=true",
+                  "--set", "admissionPolicy.allowedImagePrefixes={registry.example/ml/}",
+                  "--set", "admissionPolicy.allowedServiceAccounts={trainer}",
+                  "--set", "watchNamespaces={team-a}")
+    (policy,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    (binding,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    allowed = json.loads(policy["spec"]["variables"][0]["expression"])
+    assert allowed[-1] == "registry.example/ml/" and allowed[0].startswith("ghcr.io/")
+    exprs = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    assert "template.image" in exprs and "template.mergeImage" in exprs
+    assert 'serviceAccountName in ["trainer"]' in exprs
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0][
+        "values"] == ["team-a"]

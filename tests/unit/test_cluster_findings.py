@@ -166,3 +166,17 @@ def test_delete_waits_for_the_round_in_flight(tmp_path: Path):
     finally:
         ctx.close()
     assert order == ["round-start", "round-end", "cleanup"]
+
+
+def test_minio_grant_keys_and_expirations_fit_minio():
+    from datetime import timedelta
+
+    from meritrun.minio_issuer import minio_expiration, service_account_key
+
+    key = service_account_key("meritrun-run-site-p0-a1")
+    assert len(key) == 20 and key.isalnum() and key == service_account_key(
+        "meritrun-run-site-p0-a1") != service_account_key("meritrun-run-site-p0-a2")
+    # MinIO accepts 15 minutes to 365 days: shorter and longer grants are brought within
+    assert minio_expiration(NOW + timedelta(seconds=5), now=NOW) == "2026-01-01T00:15:30Z"
+    assert minio_expiration(NOW + timedelta(days=2), now=NOW) == "2026-01-03T00:00:00Z"
+    assert minio_expiration(NOW + timedelta(days=900), now=NOW) == "2026-12-31T23:59:30Z"
