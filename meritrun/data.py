@@ -1,9 +1,13 @@
 """The data format: JSON Lines, one example per line.
 
-Each example has a source (string) and either `prompt` + `response` or `messages` (chat turns
-with `role` and `content`). Supervised tokens are the response / assistant tokens. Bad lines
-are reported with file and line number. No tokenization here (that needs the model's
-tokenizer and lives in the trainer).
+TRL's dataset conventions, so a dataset that works with TRL's SFTTrainer works here:
+- standard prompt-completion: `{"source", "prompt": str, "completion": str}` (`response` is
+  accepted for `completion`); the text is prompt + completion, concatenated as they are;
+- conversational: `{"source", "messages": [{role, content}, ...]}`, or `prompt` and
+  `completion` given as message lists; rendered with the tokenizer's chat template.
+Supervised tokens are the completion / final assistant turn (meritrun.textenc encodes both
+kinds, for training, profiling and evaluation alike). Bad lines are reported with file and
+line number. No tokenization here (that needs the model's tokenizer).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Example:
 
     source: str
     turns: tuple[Turn, ...]
+    conversational: bool = False  # chat messages (template) vs plain prompt + completion
 
     @property
     def prompt(self) -> str:
@@ -48,25 +53,35 @@ def parse_example(record: object, *, source_field: str = "source") -> Example:
     if not isinstance(source, str) or not source:
         raise ValueError(f"missing or empty string field {source_field!r}")
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty list")
-        turns = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise ValueError(f"messages[{i}] needs role in {sorted(ROLES)}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}].content must be a string")
-            turns.append(Turn(m["role"], m["content"]))
-        if turns[-1].role != "assistant":
-            raise ValueError("the last message must be the assistant's (the supervised turn)")
-        return Example(source, tuple(turns))
-    prompt, response = record.get("prompt"), record.get("response")
-    if not isinstance(prompt, str) or not isinstance(response, str):
-        raise ValueError("needs string fields 'prompt' and 'response', or 'messages'")
-    if not response:
-        raise ValueError("'response' is empty: nothing to supervise")
-    return Example(source, (Turn("user", prompt), Turn("assistant", response)))
+        return Example(source, _turns(record["messages"], "messages"), conversational=True)
+    if "completion" in record and "response" in record:
+        raise ValueError("give 'completion' or 'response' (the same field), not both")
+    key = "completion" if "completion" in record else "response"
+    prompt, completion = record.get("prompt"), record.get(key)
+    if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational form
+        return Example(source, _turns(prompt + completion, f"prompt + {key}"),
+                       conversational=True)
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise ValueError("needs string fields 'prompt' and 'completion' (or 'response'), "
+                         "or 'messages'")
+    if not completion:
+        raise ValueError(f"{key!r} is empty: nothing to supervise")
+    return Example(source, (Turn("user", prompt), Turn("assistant", completion)))
+
+
+def _turns(messages: object, what: str) -> tuple[Turn, ...]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{what!r} must be a non-empty list of messages")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError(f"{what}[{i}] needs role in {sorted(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{what}[{i}].content must be a string")
+        turns.append(Turn(m["role"], m["content"]))
+    if turns[-1].role != "assistant":
+        raise ValueError("the last message must be the assistant's (the supervised turn)")
+    return tuple(turns)
 
 
 def iter_examples(path: Path | str, *, source_field: str = "source") -> Iterator[Example]:
@@ -99,9 +114,10 @@ def group_by_source(examples: Iterable[Example]) -> dict[str, list[Example]]:
 
 
 def example_to_record(example: Example) -> dict:
-    """The JSONL record of an example (chat form only when it has more than two turns)."""
-    if len(example.turns) == 2 and example.turns[0].role == "user":
-        return {"source": example.source, "prompt": example.prompt, "response": example.response}
+    """The JSONL record of an example, in the form it was read (TRL's key names)."""
+    if not example.conversational:
+        return {"source": example.source, "prompt": example.prompt,
+                "completion": example.response}
     return {"source": example.source,
             "messages": [{"role": t.role, "content": t.content} for t in example.turns]}
 

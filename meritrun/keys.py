@@ -43,6 +43,7 @@ def generate_site_key(path: Path, *, overwrite: bool = False) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Created with 0600 from the start: the key is never readable by others, even briefly.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies only to a new file; --force replaces one
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     return public_key_b64(key)

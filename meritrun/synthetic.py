@@ -60,7 +60,10 @@ def make_source(name: str, task: str, n: int, *, seed: int,
     examples = []
     for _ in range(n):
         prompt, response = (tasks or TASKS)[task](rng)
-        examples.append(Example(name, (Turn("user", prompt), Turn("assistant", response))))
+        # The prompt ends the line: prompt and completion are concatenated as they are (TRL's
+        # convention, meritrun.textenc), so the format itself marks where the answer starts.
+        examples.append(Example(name, (Turn("user", f"{prompt}\n"),
+                                       Turn("assistant", response))))
     return examples
 
 

@@ -1,13 +1,20 @@
 """Turning examples into token ids and supervised labels, and the supervised loss.
 
-Supervised tokens are the final assistant turn (plus EOS); everything before it is context
-with label -100. Shared by training, profiling and evaluation (trainer and merger images) so
-all three count and score the same tokens. torch is imported inside the functions that need
-it: the core package never imports torch at module level.
+One rule for training, profiling and evaluation (trainer and merger images), so all three
+count and score the same tokens. It follows TRL's SFTTrainer:
+- a standard prompt-completion example is the prompt and the completion concatenated as they
+  are (no role markers of ours: a base model is trained on the dataset's own format), with the
+  tokenizer's usual special tokens (a BOS where it adds one) and an EOS after the completion;
+- a conversational example (`messages`) is rendered with the tokenizer's chat template; the
+  supervised part is what the template writes for the final assistant turn. A tokenizer
+  without a chat template gets DEFAULT_CHAT_TEMPLATE (ChatML), with a warning once.
+Supervised tokens are the completion only (label -100 elsewhere). torch is imported inside the
+functions that need it: the core package never imports torch at module level.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,9 +24,15 @@ from .data import Example
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
 IGNORE = -100
-_USER, _ASSISTANT, _SYSTEM = "<|user|>\n", "<|assistant|>\n", "<|system|>\n"
-_ROLE_PREFIX = {"user": _USER, "assistant": _ASSISTANT, "system": _SYSTEM}
+# ChatML, as Qwen and many others use it; documented in docs/data.md.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -32,26 +45,73 @@ class Encoded:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
+def chat_template(tokenizer) -> str:
+    """The tokenizer's chat template, or the default one (said once per tokenizer)."""
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return own
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    if name not in _warned:
+        _warned.add(name)
+        log.warning("tokenizer %s has no chat template: conversational examples use the "
+                    "default ChatML template (<|im_start|>role ... <|im_end|>; docs/data.md)",
+                    name)
+    return DEFAULT_CHAT_TEMPLATE
+
+
+def render_texts(tokenizer, example: Example) -> tuple[str, str]:
+    """(context, completion) as text: what the model reads first, and what it learns."""
+    if not example.conversational:
+        return example.prompt, example.response
+    template = chat_template(tokenizer)
+    messages = [{"role": t.role, "content": t.content} for t in example.turns]
+    context = tokenizer.apply_chat_template(messages[:-1], chat_template=template,
+                                            tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    # The template's own end-of-turn belongs to the completion; a template that rewrites
+    # earlier turns once the answer is there (rare) falls back to the bare answer.
+    return context, whole[len(context):] if whole.startswith(context) else example.response
+
+
 def render_context(tokenizer, example: Example) -> str:
-    """The text the model sees before the supervised response."""
-    context = example.turns[:-1]
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": t.role, "content": t.content} for t in context]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{_ROLE_PREFIX[t.role]}{t.content}\n" for t in context) + _ASSISTANT
+    """The text the model sees before the supervised completion."""
+    return render_texts(tokenizer, example)[0]
+
+
+def _special(example: Example) -> bool:
+    # Plain text gets the tokenizer's special tokens as TRL's tokenizer call does; a chat
+    # template writes its own (a second BOS would be a token the model never saw).
+    return not example.conversational
+
+
+def encode_context(tokenizer, example: Example) -> list[int]:
+    """Token ids of the context alone (for generation), tokenized as encode_example does."""
+    context = render_context(tokenizer, example)
+    return tokenizer(context, add_special_tokens=_special(example))["input_ids"]
 
 
 def encode_example(tokenizer, example: Example, *, max_len: int) -> Encoded:
-    """Token ids and labels; context and response are tokenized apart so the boundary is exact.
+    """Token ids and labels of one example.
 
-    Truncation keeps the start; an example whose response is cut away entirely has no
-    supervised tokens (callers skip it and count it).
+    As TRL: the context and context + completion are tokenized, and the completion is what
+    the second adds to the first; where a merge across the boundary breaks that prefix, the
+    completion is tokenized on its own so the boundary stays exact. An EOS ends the completion
+    unless the chat template already put one there. Truncation keeps the start; an example
+    whose completion is cut away entirely has no supervised tokens (callers skip and count it).
     """
-    context = tokenizer(render_context(tokenizer, example), add_special_tokens=False)["input_ids"]
-    response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    response = response + [tokenizer.eos_token_id]
-    ids = (context + response)[:max_len]
-    labels = ([IGNORE] * len(context) + response)[:max_len]
+    context_text, completion_text = render_texts(tokenizer, example)
+    special = _special(example)
+    context = tokenizer(context_text, add_special_tokens=special)["input_ids"]
+    joint = tokenizer(context_text + completion_text, add_special_tokens=special)["input_ids"]
+    if joint[:len(context)] == context and len(joint) > len(context):
+        completion = joint[len(context):]
+    else:
+        completion = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in completion:
+        completion = completion + [eos]
+    ids = (context + completion)[:max_len]
+    labels = ([IGNORE] * len(context) + completion)[:max_len]
     return Encoded(ids, labels)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meritrun.data import Example, read_examples
-from meritrun.textenc import collate, encode_example, render_context, token_losses
+from meritrun.textenc import collate, encode_context, encode_example, token_losses
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,7 @@ def _generate(model, tokenizer, examples, *, batch_size: int, max_seq_len: int,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # Keep the end of an over-long context: the assistant marker must stay next to the answer.
     keep = max(1, max_seq_len - max_new_tokens)
-    contexts = [tokenizer(render_context(tokenizer, ex), add_special_tokens=False)["input_ids"]
-                [-keep:] for ex in examples]
+    contexts = [encode_context(tokenizer, ex)[-keep:] for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(contexts[i]))
     texts = [""] * len(examples)
     for idx in _batches(order, batch_size):

@@ -14,15 +14,27 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """attempts: tries in all (1 = no retry); delays double from base_delay_s up to max."""
+    """attempts: tries in all (1 = no retry); delays double from base_delay_s up to max.
 
-    attempts: int = 5
+    deadline_s bounds one call's whole retrying, timeouts included: no retry starts past it.
+    With the S3 client's socket timeouts (connect_timeout_s, read_timeout_s: the longest wait
+    for the next bytes, not for a whole transfer) a hung server gives up in about
+    deadline_s + read_timeout_s, while a server down for a few seconds (a restart) is
+    outlasted: the delays 0.2, 0.4, 0.8, 1.6, 3.2 s add up to about 6 s.
+    """
+
+    attempts: int = 8
     base_delay_s: float = 0.2
     max_delay_s: float = 5.0
+    deadline_s: float = 20.0
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.base_delay_s < 0 or self.max_delay_s < 0:
             raise ValueError("attempts must be >= 1 and delays >= 0")
+        if not (self.deadline_s > 0 and self.connect_timeout_s > 0 and self.read_timeout_s > 0):
+            raise ValueError("deadline_s and the timeouts must be > 0")
 
     def delay_s(self, attempt: int) -> float:
         return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)) * random.uniform(

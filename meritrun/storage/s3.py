@@ -1,10 +1,12 @@
 """Storage on an S3-compatible server (MinIO in production, SeaweedFS in tests, AWS S3).
 
 Built on the `minio` client with its own urllib3 retries turned off: this module owns the
-retry policy (bounded attempts, exponential backoff with jitter, only for transient failures;
-a 4xx is never retried) and turns every client error into a MeritRun error that says what to
-fix. Each object carries its sha256 as user metadata (`x-amz-meta-sha256`), which downloads
-verify and resumed uploads compare. Secrets never appear in messages, reprs or logs.
+retry policy (bounded attempts within a bounded total time, exponential backoff with jitter,
+only for transient failures; a 4xx is never retried; urllib3's socket timeouts from the same
+policy, so a hung server gives up in seconds) and turns every client error into a MeritRun
+error that says what to fix. Each object carries its sha256 as user metadata
+(`x-amz-meta-sha256`), which downloads verify and resumed uploads compare. Secrets never
+appear in messages, reprs or logs.
 """
 
 from __future__ import annotations
@@ -74,7 +76,6 @@ class S3Storage(Storage):
         secret_key: str | None = None,
         retry: RetryPolicy | None = None,
         multipart: MultipartPolicy | None = None,
-        timeout_s: float = 60.0,
     ) -> None:
         self.bucket, self.prefix = bucket, validate_key(prefix, allow_empty=True)
         self.root_uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
@@ -93,7 +94,8 @@ class S3Storage(Storage):
         if url.scheme not in ("http", "https") or url.path not in ("", "/") or not url.netloc:
             raise StorageError(f"S3 endpoint {self.endpoint!r} must look like http(s)://host:port")
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=min(timeout_s, 10.0), read=timeout_s),
+            timeout=urllib3.Timeout(connect=self.retry.connect_timeout_s,
+                                    read=self.retry.read_timeout_s),
             retries=False,  # retried here, with our policy and our error messages
             maxsize=10,
             ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
@@ -115,6 +117,7 @@ class S3Storage(Storage):
     # --- errors and retries ----------------------------------------------------------------
 
     def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        start = time.monotonic()
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 result = fn()
@@ -124,9 +127,11 @@ class S3Storage(Storage):
                 err = self._translate(e, what, key)
                 if not isinstance(err, TransientError):
                     raise err from e
-                if attempt == self.retry.attempts:
-                    raise TransientError(f"{err} (gave up after {attempt} attempts)") from e
                 delay = self.retry.delay_s(attempt)
+                spent = time.monotonic() - start
+                if attempt == self.retry.attempts or spent + delay > self.retry.deadline_s:
+                    raise TransientError(f"{err} (gave up after {attempt} attempts in "
+                                         f"{spent:.1f} s)") from e
                 log.warning("%s; retry %d/%d in %.2f s", err, attempt, self.retry.attempts, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")

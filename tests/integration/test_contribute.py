@@ -155,7 +155,8 @@ def test_missing_declared_source_names_it_and_uploads_nothing(tiny_base, tiny_mi
     done = run_site(contribute_cmd(hub.grant_file, data, tmp_path / "work"), tmp_path)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("MERITRUN_ERROR:") and "'sort'" in last and "'copy'" not in last
+    assert last.startswith("error: ") and "'sort'" in last and "'copy'" not in last
+    assert "MERITRUN_ERROR" not in done.stderr and done.stderr.count(last) == 1
     assert hub.storage.list_keys("runs/mix/partitions") == []
     assert not (tmp_path / "work" / "train").exists()  # failed before any training
 

@@ -21,7 +21,7 @@ def test_prompt_response_and_messages_forms():
 
 @pytest.mark.parametrize("record,reason", [
     ({"prompt": "p", "response": "r"}, "source"),
-    ({"source": "s", "prompt": "p"}, "'prompt' and 'response'"),
+    ({"source": "s", "prompt": "p"}, "'prompt' and 'completion' \\(or 'response'\\)"),
     ({"source": "s", "prompt": "p", "response": ""}, "empty"),
     ({"source": "s", "messages": [{"role": "user", "content": "p"}]}, "assistant"),
     ({"source": "s", "messages": [{"role": "bot", "content": "p"}]}, "role"),

@@ -10,7 +10,7 @@ when the same command runs again with the same --workdir:
   4. build: `train_partition` into a local staging root (checkpoints: resume), then sign
   5. upload: files (those already there are skipped), stale keys removed, manifest last
 --sketch-only (a sketch assignment): steps 1-3, then gradient sketches of its sources.
-Exit 0 on success; 2 with a last line `MERITRUN_ERROR: <reason>` for a MeritRunError; 1: bug.
+Exit 0 on success; 2 with a last line `error: <reason>` for a MeritRunError; 1: bug.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from meritrun.keys import site_signing_key
 from meritrun.stages import StorageParams
 from meritrun.storage import Storage, open_storage, split_uri
 
-from .stage import ERROR_PREFIX, EXIT_ERROR, EXIT_INTERNAL
+from .stage import EXIT_ERROR, EXIT_INTERNAL
 
 log = logging.getLogger("merit_trainer.contribute")
 STATE_NAME = "contribution.json"
@@ -274,16 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     try:
         summary = contribute(args)
-    except MeritRunError as e:
-        log.error("contribute failed: %s", e)
-        print(ERROR_PREFIX + " ".join(str(e).split()), file=sys.stderr, flush=True)
+    except MeritRunError as e:  # a person reads this: one line, no stage-backend marker
+        print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # process boundary: report any bug instead of dying silently
         log.exception("contribute crashed")
-        print(f"{ERROR_PREFIX}internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_INTERNAL
     print(summary)
     return 0
