@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .clihelp import DefaultsHelpFormatter
 from .errors import MeritRunError
 
 # Subcommands implemented in the trainer/merger packages: name -> (module:function, help).
@@ -100,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 VERBOSE_FLAGS = ("-v", "--verbose")
-_HELP = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
+_HELP = DefaultsHelpFormatter  # --help shows every default
 
 
 def build_parser() -> argparse.ArgumentParser:

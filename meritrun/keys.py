@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .clihelp import DefaultsHelpFormatter
 from .errors import MeritRunError, SpecError
 from .signing import KEY_BYTES, public_key_b64
 
@@ -102,7 +103,7 @@ def site_signing_key(path: Path | None, *, site: str, registered: str | None
 
 def main(argv: list[str] | None = None) -> int:
     """`meritrun keygen --out FILE`: write a site key, print the public key to register."""
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, 
         prog="meritrun keygen", description="Create an ed25519 key a site signs manifests with.")
     parser.add_argument("--out", type=Path, required=True, help="private key file to write")
     parser.add_argument("--force", action="store_true", help="replace an existing file")

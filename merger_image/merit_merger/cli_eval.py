@@ -11,13 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+from meritrun.clihelp import DefaultsHelpFormatter
 from meritrun.errors import MeritRunError
 
 from .evaluation import evaluate_dir, format_eval_table, json_safe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meritrun eval",
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="meritrun eval",
                                 description="Held-out loss, perplexity and exact match per source.")
     p.add_argument("model_dir", type=Path, help="Hugging Face model directory")
     p.add_argument("--data", required=True, type=Path, help="held-out JSONL")

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from meritrun.artifacts import MANIFEST_NAME
+from meritrun.clihelp import DefaultsHelpFormatter
 from meritrun.errors import ContributionRejected, MeritRunError, SpecError
 
 from .checks import load_partition
@@ -31,7 +32,8 @@ _PARAM_FLAGS = ("density", "power", "epsilon", "scale")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meritrun merge", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="meritrun merge",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("partitions", nargs="+", help="partition artifact dirs or file:// / s3:// URIs")
     p.add_argument("--method", default="token-weighted",
                    help=f"one of {', '.join(sorted(METHODS))} (camelCase spec names too)")

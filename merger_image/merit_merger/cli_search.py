@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, base_fingerprint, read_manifest
+from meritrun.clihelp import DefaultsHelpFormatter
 from meritrun.errors import ContributionRejected, MeritRunError, SpecError
 from meritrun.stages import PartitionInput, SearchParams
 
@@ -115,7 +116,7 @@ def expert_name(path: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meritrun search",
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="meritrun search",
                                 description="Rank data-mixture weights by merged proxies.")
     p.add_argument("--base", required=True, type=Path, help="base model directory (theta0)")
     p.add_argument("--experts", required=True, nargs="+", type=Path,

@@ -192,11 +192,17 @@ def test_verbose_anywhere(tmp_path, capsys, argv):
     assert "r: valid" in capsys.readouterr().out
 
 
-def test_help_shows_defaults(capsys):
+@pytest.mark.parametrize("argv,shown", [
+    (["run", "--help"], ["(default: meritrun-work)", "(default: 1)"]),
+    (["merge", "--help"], ["(default: 1.0)", "(default: 2000)"]),
+    (["profile", "--help"], ["(default: 200)", "(default: attention)"]),
+])
+def test_help_shows_defaults(capsys, argv, shown):
     with pytest.raises(SystemExit):
-        main(["run", "--help"])
+        main(argv)
     out = capsys.readouterr().out
-    assert "(default: meritrun-work)" in out and "(default: 1)" in out
+    assert all(s in out for s in shown), out
+    assert "(default: None)" not in out and "(default: False)" not in out
 
 
 def test_immutable_changes_name_the_fields():

@@ -39,6 +39,7 @@ from meritrun.assignment import (
     parse_assignment,
     parse_grant,
 )
+from meritrun.clihelp import DefaultsHelpFormatter
 from meritrun.conditions import from_rfc3339
 from meritrun.data import group_by_source, iter_examples
 from meritrun.errors import MeritRunError, SpecError, StageFailed
@@ -243,7 +244,7 @@ def contribute(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="meritrun contribute",
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="meritrun contribute",
                                 description="Train and upload this site's part of a MeritRun.")
     p.add_argument("--assignment", required=True,
                    help="the grant file the hub issued (or an assignment file / s3:// URI)")

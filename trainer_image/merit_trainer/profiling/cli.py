@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from meritrun.api import PartitioningSpec, ProfilingSpec
+from meritrun.clihelp import DefaultsHelpFormatter
 from meritrun.data import group_by_source, iter_examples
 from meritrun.errors import MeritRunError
 from meritrun.stages import Plan
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, 
         prog="meritrun profile",
         description="Measure gradient conflicts between the sources of a mixture and split it "
                     "into 2^R partitions along the main conflict axes (MERIT).",
