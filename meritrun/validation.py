@@ -86,6 +86,9 @@ def _message(e: dict[str, Any], loc: list[Any]) -> str:
         return unknown_field_message(loc)
     if e["type"] == "finite_number":
         return "must be a finite number (not .inf or .nan)"
+    pattern = (e.get("ctx") or {}).get("pattern")
+    if e["type"] == "string_pattern_mismatch" and pattern in _PATTERN_WORDS:
+        return f"{e['input']!r} {_PATTERN_WORDS[pattern]}"
     return str(e["msg"]).removeprefix("Value error, ")
 
 

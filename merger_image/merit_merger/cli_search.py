@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from meritrun.api.limits import MAX_SEARCH_CANDIDATES, lattice_candidates
 from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, base_fingerprint, read_manifest
 from meritrun.clihelp import DefaultsHelpFormatter
 from meritrun.errors import ContributionRejected, MeritRunError, SpecError
@@ -33,9 +34,18 @@ TABLE_ROWS = 25
 
 def make_candidates(n_experts: int, *, grid: int = 8, dirichlet: int | None = None,
                     seed: int = DIRICHLET_SEED) -> list[Candidate]:
-    """Dirichlet draws (plus uniform) when `dirichlet` is set, else the 1/grid lattice."""
+    """Dirichlet draws (plus uniform) when `dirichlet` is set, else the 1/grid lattice; at most
+    MAX_SEARCH_CANDIDATES either way, counted before any is built (each is a merge)."""
     if dirichlet:
+        if dirichlet > MAX_SEARCH_CANDIDATES:
+            raise SpecError(f"{dirichlet} Dirichlet draws: at most {MAX_SEARCH_CANDIDATES}",
+                            path="spec.mixtureSearch.dirichlet")
         return dirichlet_candidates(n_experts, dirichlet, seed)
+    count = lattice_candidates(grid, n_experts)
+    if count > MAX_SEARCH_CANDIDATES:
+        raise SpecError(f"a 1/{grid} lattice has {count} points for {n_experts} experts (at "
+                        f"most {MAX_SEARCH_CANDIDATES}): lower the grid or use Dirichlet draws",
+                        path="spec.mixtureSearch.grid")
     points = simplex_grid(n_experts, grid)
     if not points:
         raise SpecError(f"a 1/{grid} lattice with every weight >= 1/{grid} has no point for "

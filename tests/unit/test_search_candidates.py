@@ -12,6 +12,7 @@ from merit_merger.cli_search import make_candidates
 from merit_merger.evaluation import json_safe
 from merit_merger.search import dirichlet_candidates, objective_score, rank_order, simplex_grid
 from merit_merger.search_plot import format_ranking_table, plot_search, ternary_xy
+from meritrun.api.limits import lattice_candidates
 from meritrun.errors import SpecError
 
 
@@ -111,3 +112,17 @@ def test_json_safe_turns_non_finite_numbers_into_null():
     doc = json_safe({"a": math.nan, "b": [1.0, math.inf], "c": {"d": (2, -math.inf)}})
     assert json.dumps(doc, allow_nan=False) == (
         '{"a": null, "b": [1.0, null], "c": {"d": [2, null]}}')
+
+
+@pytest.mark.parametrize("grid,experts", [(8, 2), (8, 3), (8, 4), (5, 3), (12, 5)])
+def test_lattice_size_is_counted_exactly_before_building(grid, experts):
+    assert lattice_candidates(grid, experts) == len(simplex_grid(experts, grid))
+
+
+def test_candidates_are_bounded_before_any_is_built():
+    # K = 4 with grid 2000 used to exhaust memory building 1.3e9 candidates
+    with pytest.raises(SpecError, match="1329336999 points for 4 experts"):
+        make_candidates(4, grid=2000)
+    with pytest.raises(SpecError, match="Dirichlet draws: at most 1000"):
+        make_candidates(4, dirichlet=10**6)
+    assert len(make_candidates(2, grid=1000)) == 999

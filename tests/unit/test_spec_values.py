@@ -213,3 +213,20 @@ def test_immutable_changes_name_the_fields():
         "suspend": True, "backoff_limit": 5})
     assert immutable_changes(old, new) == ["spec.training", "spec.merge.method"]
     assert immutable_changes(old, old) == []
+
+
+@pytest.mark.parametrize("spec,path,words", [
+    ({"training": {"learning_rate": 1e-3}}, "spec.training.learning_rate",
+     "did you mean `learningRate`"),
+    ({"merge": {"method": "ota", "ota": {"epsilon": float("inf")}}}, "spec.merge.ota.epsilon",
+     "finite"),
+    ({"training": {"seed": 2**63}}, "spec.training.seed", "less than or equal"),
+    ({"sites": [{"name": "a/b"}]}, "spec.sites[0].name", "'a/b' must be a DNS label"),
+])
+def test_the_operators_spec_parser_says_the_same(spec, path, words):
+    from meritrun.errors import SpecError
+    from meritrun.validation import parse_spec
+
+    with pytest.raises(SpecError) as info:
+        parse_spec({**BASE, **spec})
+    assert info.value.path == path and words in info.value.reason, info.value
