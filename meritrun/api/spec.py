@@ -209,6 +209,32 @@ class TrainingSpec(SpecModel):
     )
     seed: int = _seed("Base seed; partition k trains with seed + k")
     lora: LoraSpec | None = Field(None, description="LoRA settings (method lora).")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Examples per forward pass and process (gradient accumulation "
+        "up to batchSize); must divide batchSize. Default: batchSize.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, ~30% "
+        "more compute).")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this; null: no clipping.")
+    schedule: Literal["linear", "cosine"] = Field(
+        "linear", description="Learning-rate decay after the linear warm-up.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Compute precision: auto is bf16 (fp32 master weights) on GPUs, "
+        "fp32 on CPUs.")
+    nodes: int = Field(
+        1, ge=1, description="Nodes (pods) per partition; each runs one process per GPU.")
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> TrainingSpec:
+        micro = self.micro_batch_size
+        if micro is not None and micro > self.batch_size:
+            raise ValueError(f"training.microBatchSize {micro} is larger than "
+                             f"training.batchSize {self.batch_size}")
+        if micro is not None and self.batch_size % micro:
+            raise ValueError(f"training.microBatchSize {micro} does not divide "
+                             f"training.batchSize {self.batch_size}")
+        return self
 
 
 class JobTemplate(SpecModel):
@@ -228,6 +254,9 @@ class JobTemplate(SpecModel):
         3600, ge=0, le=lim.MAX_DEADLINE_S,
         description="Delete finished Jobs after this many seconds."
     )
+    work_volume: str | None = Field(
+        None, description="PersistentVolumeClaim mounted at the stage's work directory, so "
+        "training checkpoints survive into the next attempt (emptyDir when unset).")
 
 
 class SiteSpec(SpecModel):

@@ -135,7 +135,7 @@ def test_workdir_default_comes_from_the_environment(tmp_path, tiny_base, tiny_mi
 
     assert main(["train", "--params", str(tmp_path / "params.json")]) == 0
 
-    assert (tmp_path / "envwork" / "checkpoint" / "meta.json").is_file()
+    assert (tmp_path / "envwork" / "artifact" / "train_log.json").is_file()
     published = Path(tmp_path / "store" / params.output)
     manifest = PartitionManifest.model_validate_json((published / MANIFEST_NAME).read_text())
     assert manifest.second_moments is None and "optimizer_v.safetensors" not in manifest.files

@@ -15,13 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from merit_trainer.checkpoint import (
-    batch_indices,
-    find_checkpoint,
-    lr_factor,
-    plan_steps,
-    read_optimizer_moments,
-)
+from merit_trainer.checkpoint import batch_indices, lr_factor, plan_steps
 from merit_trainer.moments import dense_second_moment, load_second_moments
 from merit_trainer.sources import load_partition_examples
 from merit_trainer.training import train_partition
@@ -45,16 +39,18 @@ class Run:
     artifact: Path  # where the artifact landed in storage
 
 
-def make_params(tmp: Path, base: Path, data: Path, **training) -> TrainParams:
+def make_params(tmp: Path, base: Path, data: Path, *, attempt: int = 1,
+                **training) -> TrainParams:
     return TrainParams(
-        run="demo", attempt=1, storage={"uri": (tmp / "store").as_uri()}, base_model=str(base),
-        output=partition_prefix("demo", "p1", 1), partition="p1", index=1, sources=SOURCES,
-        data={"uri": str(data)}, training={**TRAINING, **training},
+        run="demo", attempt=attempt, storage={"uri": (tmp / "store").as_uri()},
+        base_model=str(base), output=partition_prefix("demo", "p1", attempt), partition="p1",
+        index=1, sources=SOURCES, data={"uri": str(data)}, training={**TRAINING, **training},
     )
 
 
-def train(tmp: Path, base: Path, data: Path, *, progress=None, every=5, **training) -> Run:
-    params = make_params(tmp, base, data, **training)
+def train(tmp: Path, base: Path, data: Path, *, progress=None, every=5, attempt: int = 1,
+          **training) -> Run:
+    params = make_params(tmp, base, data, attempt=attempt, **training)
     train_partition(params, workdir=tmp / "work", progress=progress, checkpoint_every=every)
     return Run(params, tmp / "work", tmp / "store" / params.output)
 
@@ -85,7 +81,12 @@ def test_artifact_is_uploaded_with_a_verifiable_manifest(full_run, tiny_base, ti
     assert manifest.training["seed"] == 5 + 1  # base seed + partition index
     uploaded = {p.relative_to(full_run.artifact).as_posix()
                 for p in full_run.artifact.rglob("*") if p.is_file()}
-    assert uploaded - set(manifest.files) == {"manifest.json"}
+    assert uploaded - set(manifest.files) == {"manifest.json", "progress.json"}
+    progress = json.loads((full_run.artifact / "progress.json").read_text())
+    assert set(progress) == {"stage", "step", "total", "loss", "updated"}
+    assert (progress["stage"], progress["step"], progress["total"]) == ("train", 20, 20)
+    assert not (full_run.workdir / "checkpoints").exists() or not any(
+        (full_run.workdir / "checkpoints").iterdir())  # removed once published
     assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json",
             "optimizer_v.safetensors", "train_log.json", "loss.png"} <= set(manifest.files)
     for rel, entry in manifest.files.items():
@@ -121,15 +122,14 @@ def test_loss_decreases_and_is_logged(full_run):
     assert (full_run.artifact / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_full_second_moments_are_the_optimizer_exp_avg_sq(full_run):
+def test_full_second_moments_cover_every_weight(full_run):
     kind, entries, meta = load_second_moments(full_run.artifact / "optimizer_v.safetensors")
     assert kind == "full" and meta["step"] == "20" and meta["bias_corrected"] == "false"
     assert read_manifest(full_run.artifact).second_moments.step == 20
-    optimizer_v = read_optimizer_moments(full_run.workdir / "checkpoint")
-    assert set(entries) == set(optimizer_v) == set(_weights(full_run.artifact / "model"))
-    for name, v in optimizer_v.items():
-        assert torch.equal(entries[name], v), name
-        assert (v > 0).any(), name
+    weights = _weights(full_run.artifact / "model")
+    assert set(entries) == set(weights)
+    for name, v in entries.items():
+        assert v.shape == weights[name].shape and (v > 0).any(), name
 
 
 def test_same_seed_gives_identical_weights_and_rank1_factors(full_run, tmp_path, tiny_base,
@@ -138,7 +138,7 @@ def test_same_seed_gives_identical_weights_and_rank1_factors(full_run, tmp_path,
     run = train(tmp_path, tiny_base, tiny_mixture.train, secondMoments="rank1")
     first, second = _weights(full_run.artifact / "model"), _weights(run.artifact / "model")
     assert all(torch.equal(first[n], second[n]) for n in first)
-    full = read_optimizer_moments(full_run.workdir / "checkpoint")
+    _, full, _ = load_second_moments(full_run.artifact / "optimizer_v.safetensors")
     kind, entries, _ = load_second_moments(run.artifact / "optimizer_v.safetensors")
     assert kind == "rank1" and set(entries) == set(full)
     for name, v in full.items():
@@ -162,13 +162,12 @@ def test_interrupted_run_resumes_from_its_checkpoint(full_run, tmp_path, tiny_ba
 
     with pytest.raises(Preempted):
         train(tmp_path, tiny_base, tiny_mixture.train, progress=preempt_at_7)
-    meta = json.loads((tmp_path / "work" / "checkpoint" / "meta.json").read_text())
-    assert meta["step"] == 5  # checkpoint_every=5; steps 6 and 7 are redone
-    assert not (tmp_path / "store").exists()  # nothing published before training finished
-    assert find_checkpoint(tmp_path / "work" / "checkpoint", "another-attempt") is None
+    [meta] = (tmp_path / "work" / "checkpoints").glob("*/step-*/meta.json")
+    assert json.loads(meta.read_text())["step"] == 5  # checkpoint_every=5; 6 and 7 are redone
+    assert not list((tmp_path / "store").rglob("manifest.json"))  # nothing published yet
 
-    seen: list[int] = []
-    run = train(tmp_path, tiny_base, tiny_mixture.train,
+    seen: list[int] = []  # the next attempt of the same partition and configuration resumes
+    run = train(tmp_path, tiny_base, tiny_mixture.train, attempt=2,
                 progress=lambda step, total, loss: seen.append(step))
     assert seen[0] == 6 and seen[-1] == 20
     resumed, uninterrupted = _weights(run.artifact / "model"), _weights(full_run.artifact / "model")
@@ -219,7 +218,7 @@ def test_the_merger_reads_the_rank1_file_the_trainer_writes(full_run, tmp_path):
     from merit_merger.moments import MomentReader
     from merit_trainer.moments import save_second_moments
 
-    full = read_optimizer_moments(full_run.workdir / "checkpoint")
+    _, full, _ = load_second_moments(full_run.artifact / "optimizer_v.safetensors")
     path = save_second_moments(tmp_path / "v.safetensors", full, kind="rank1", beta2=0.999,
                                step=20)
     _, entries, _ = load_second_moments(path)

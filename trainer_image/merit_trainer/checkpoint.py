@@ -1,13 +1,16 @@
-"""Resumable training: the step plan, the batch order and checkpoints of one attempt.
+"""Resumable training: the step plan, the batch order and checkpoints of a partition.
 
-A partition Job can be preempted or its node can die; rerunning the same attempt with the same
-work directory continues from the last checkpoint instead of from the base model. A checkpoint
-holds the trainable weights, optimizer, scheduler, RNG states and progress counters, plus an
-identity (run, partition, attempt, hyperparameters, base fingerprint): a checkpoint of anything
-else is ignored, never resumed. Writes are atomic (temp dir, then rename), so a crash while
-saving leaves the previous checkpoint intact. The batch of every step is a pure function of
-(seed, step), so a resumed run feeds exactly what an uninterrupted run would have fed. This is
-not the artifact (training.py writes that).
+A partition Job can be preempted or its node can die; the next attempt of the same partition
+with the same configuration continues from the last checkpoint instead of from the base model.
+Checkpoints are sharded distributed checkpoints (torch.distributed.checkpoint): every rank
+writes its own shards of the weights and the optimizer state, nobody gathers them. They live in
+the work directory (on Kubernetes the run's work volume, a PVC when `template.workVolume` is
+set) under checkpoints/<identity>/step-<n>; the identity hashes run, partition, sources, base,
+training configuration and data, but not the attempt, so a retry resumes and anything else
+starts over. A step directory counts once rank 0 has renamed it into place after every rank
+wrote, so a crash while saving leaves the previous checkpoint. The batch of every step is a
+pure function of (seed, step), so a resumed run feeds exactly what an uninterrupted run would
+have fed. This is not the artifact (training.py and export.py write that).
 """
 
 from __future__ import annotations
@@ -16,22 +19,19 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from meritrun.errors import StageFailed
+from .dist import Dist, all_gather, barrier
 
 log = logging.getLogger(__name__)
 
 META_NAME = "meta.json"
-WEIGHTS_NAME = "trainable.safetensors"
-STATE_NAME = "state.pt"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclass
@@ -50,23 +50,31 @@ class StepPlan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    schedule: str = "linear"
 
 
 def plan_steps(n_examples: int, *, batch_size: int, epochs: float, max_steps: int | None,
-               warmup_ratio: float = 0.0) -> StepPlan:
+               warmup_ratio: float = 0.0, schedule: str = "linear") -> StepPlan:
     """Steps of a run: a partial last batch still makes a step; fractional epochs round up."""
     per_epoch = math.ceil(n_examples / batch_size)
     total = max(1, math.ceil(epochs * per_epoch - 1e-9))  # 0.1 * 30 is 3.0000000000000004
     if max_steps is not None:
         total = min(total, max_steps)
-    return StepPlan(per_epoch, total, math.ceil(warmup_ratio * total))
+    return StepPlan(per_epoch, total, math.ceil(warmup_ratio * total), schedule)
 
 
 def lr_factor(step: int, plan: StepPlan) -> float:
-    """Multiplier of the peak learning rate for 0-based optimizer step `step`."""
+    """Multiplier of the peak learning rate for 0-based optimizer step `step`.
+
+    Linear warm-up, then linear or cosine decay; neither reaches zero at the last step (a
+    step with learning rate 0 would be wasted data).
+    """
     if step < plan.warmup_steps:
         return (step + 1) / plan.warmup_steps
-    return (plan.total_steps - step) / max(1, plan.total_steps - plan.warmup_steps)
+    decay = max(1, plan.total_steps - plan.warmup_steps)
+    if plan.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (step - plan.warmup_steps) / decay))
+    return (plan.total_steps - step) / decay
 
 
 def batch_indices(step: int, *, n: int, batch_size: int, seed: int) -> list[int]:
@@ -84,96 +92,84 @@ def checkpoint_identity(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    named = model.named_parameters()
-    return {n: p.detach().cpu().contiguous() for n, p in named if p.requires_grad}
+def checkpoint_root(workdir: Path, identity: str) -> Path:
+    return Path(workdir) / CHECKPOINTS_DIR / identity[:32]
 
 
-def _rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def _complete_steps(root: Path, identity: str) -> list[int]:
+    steps = []
+    for meta in root.glob(f"step-*/{META_NAME}"):
+        try:
+            if json.loads(meta.read_text()).get("identity") == identity:
+                steps.append(int(meta.parent.name.removeprefix("step-")))
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable checkpoint %s", meta.parent)
+    return sorted(steps)
 
 
-def _restore_rng(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
 
 
 def save_checkpoint(
-    directory: Path, *, identity: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress,
+    root: Path, *, identity: str, dist: Dist, model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
 ) -> Path:
-    """Write a checkpoint to `directory`, replacing the previous one atomically."""
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_trainable(model), str(tmp / WEIGHTS_NAME))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_states(), "param_names": list(_trainable(model))}, tmp / STATE_NAME)
-    (tmp / META_NAME).write_text(json.dumps({"identity": identity, **asdict(progress)}))
-    # Rename dance: between the two renames only `old` exists, and load_checkpoint looks there.
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-    log.debug("checkpoint at step %d -> %s", progress.step, directory)
-    return directory
+    """Every rank writes its shards; rank 0 then moves the step into place and drops older ones."""
+    import torch.distributed.checkpoint as dcp
 
-
-def find_checkpoint(directory: Path, identity: str) -> Path | None:
-    """The checkpoint directory of this identity, if one is complete on disk."""
-    directory = Path(directory)
-    for candidate in (directory, directory.with_name(f".{directory.name}.old")):
-        meta = candidate / META_NAME
-        if not meta.is_file():
-            continue
-        try:
-            found = json.loads(meta.read_text()).get("identity")
-        except (OSError, json.JSONDecodeError):
-            log.warning("ignoring unreadable checkpoint %s", candidate)
-            continue
-        if found == identity:
-            return candidate
-        log.warning("ignoring checkpoint %s: it belongs to another run/partition/attempt or "
-                    "other hyperparameters", candidate)
-    return None
+    final = Path(root) / f"step-{progress.step:08d}"
+    tmp = Path(root) / f".step-{progress.step:08d}.tmp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(dist)
+    dcp.save(_states(model, optimizer), checkpoint_id=str(tmp))
+    barrier(dist)
+    if dist.main:
+        meta = {"identity": identity, "scheduler": scheduler.state_dict(), **asdict(progress)}
+        (tmp / META_NAME).write_text(json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(dist)
+    log.debug("checkpoint at step %d -> %s", progress.step, final)
+    return final
 
 
 def load_checkpoint(
-    directory: Path, *, identity: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    root: Path, *, identity: str, dist: Dist, model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> Progress | None:
-    """Restore model, optimizer, scheduler and RNG from a matching checkpoint; None if none."""
-    found = find_checkpoint(directory, identity)
-    if found is None:
+    """Restore the latest step every rank can see; None (a fresh start) when there is none."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    seen = all_gather(dist, _complete_steps(Path(root), identity))
+    common = set(seen[0]).intersection(*map(set, seen[1:]))
+    if not common:
         return None
-    weights = load_file(str(found / WEIGHTS_NAME))
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        raise StageFailed(f"checkpoint {found} holds other parameters than the model trains")
-    model.load_state_dict(weights, strict=False)
-    state = torch.load(found / STATE_NAME, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(state["rng"])
+    found = Path(root) / f"step-{max(common):08d}"
+    states = _states(model, optimizer)
+    dcp.load(states, checkpoint_id=str(found))
+    set_state_dict(model, optimizer, model_state_dict=states["model"],
+                   optim_state_dict=states["optim"])
     meta = json.loads((found / META_NAME).read_text())
     meta.pop("identity")
+    scheduler.load_state_dict(meta.pop("scheduler"))
     progress = Progress(**meta)
     log.info("resuming from checkpoint %s at step %d", found, progress.step)
     return progress
 
 
-def read_optimizer_moments(directory: Path) -> dict[str, torch.Tensor]:
-    """name -> exp_avg_sq of a saved checkpoint (for inspection and tests)."""
-    state = torch.load(Path(directory) / STATE_NAME, map_location="cpu", weights_only=True)
-    names = state["param_names"]
-    per_index = state["optimizer"]["state"]
-    return {names[i]: s["exp_avg_sq"] for i, s in per_index.items()}
+def remove_checkpoints(root: Path, dist: Dist) -> None:
+    """After publishing: the artifact supersedes every checkpoint of this training."""
+    barrier(dist)
+    if dist.main:
+        shutil.rmtree(root, ignore_errors=True)

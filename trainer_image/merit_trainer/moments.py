@@ -64,21 +64,29 @@ def save_second_moments(
 ) -> Path:
     """Write optimizer_v.safetensors: `full` stores every v as fp32; `rank1` stores
     NAME::row / NAME::col / NAME::total for ndim >= 2 and NAME (exact) for 1-D tensors."""
-    if kind not in ("rank1", "full"):
-        raise ValueError(f"unknown second-moment kind {kind!r}")
     tensors: dict[str, torch.Tensor] = {}
     for name, v in named_v.items():
-        if SEP in name:
-            raise ValueError(f"tensor name {name!r} contains the reserved separator {SEP!r}")
         if kind == "full" or v.ndim < 2:
             tensors[name] = v.detach().to(torch.float32).contiguous().clone()
             continue
         for factor, t in compress_rank1(v).items():
             tensors[f"{name}{SEP}{factor}"] = t.contiguous()
+    return write_moment_file(path, tensors, kind=kind, beta2=beta2, step=step)
+
+
+def write_moment_file(path: Path, tensors: Mapping[str, torch.Tensor], *, kind: MomentKind,
+                      beta2: float, step: int) -> Path:
+    """Write already-prepared entries (full v, or NAME::row/col/total) with the metadata."""
+    if kind not in ("rank1", "full"):
+        raise ValueError(f"unknown second-moment kind {kind!r}")
+    for key in tensors:
+        name, _, factor = key.partition(SEP)
+        if SEP in factor or (factor and factor not in _FACTOR_NAMES):
+            raise ValueError(f"tensor name {name!r} contains the reserved separator {SEP!r}")
     meta = {"kind": kind, "beta2": repr(float(beta2)), "step": str(int(step)),
             "bias_corrected": "false"}
     path = Path(path)
-    save_file(tensors, str(path), metadata=meta)
+    save_file(dict(tensors), str(path), metadata=meta)
     return path
 
 
