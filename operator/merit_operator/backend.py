@@ -26,6 +26,7 @@ from .manifests import (
     Images,
     RunRef,
     build_params_configmap,
+    build_rendezvous_service,
     build_stage_job,
     job_observation,
     params_configmap_name,
@@ -172,6 +173,9 @@ class KubeBackend:
             # Same name, same run, same attempt: the params may differ only if the spec changed.
             api.merge_patch(f"{cm_path}/{configmap['metadata']['name']}",
                             {"data": configmap["data"]})
+        service = build_rendezvous_service(action, run=where, spec=spec, owned=owned)
+        if service is not None:  # a multi-node gang: its pods' DNS names, before the pods
+            self._create(api, core_path(where.namespace, "services"), service, run)
         return self._create(api, jobs_path(where.namespace), job, run)
 
     def _create(self, api: KubeApi, path: str, body: dict[str, Any], run: RunRef) -> bool:
@@ -208,14 +212,19 @@ class KubeBackend:
         api, where = self._where(run, spec, cluster)
         self._delete(api, jobs_path(where.namespace, name))
         self._delete(api, core_path(where.namespace, "configmaps", params_configmap_name(name)))
+        if spec.training.nodes > 1:  # the gang's headless Service has the Job's name
+            self._delete(api, core_path(where.namespace, "services", name))
 
     def delete_children(self, run: RunRef, spec: MeritRunSpec | None) -> int:
-        """Every Job and ConfigMap of the run, on every cluster it used; returns the count."""
+        """Every Job, ConfigMap (and gang Service) of the run, on every cluster it used; returns the count."""
         deleted = 0
         clusters = self._clusters(spec) if spec is not None else [None]
         for cluster in clusters:
             api, where = self._where(run, spec, cluster) if spec else (self.api, run)
-            for path in (jobs_path(where.namespace), core_path(where.namespace, "configmaps")):
+            paths = [jobs_path(where.namespace), core_path(where.namespace, "configmaps")]
+            if spec is not None and spec.training.nodes > 1:
+                paths.append(core_path(where.namespace, "services"))
+            for path in paths:
                 for obj in api.list(path, labels=run_selector(run)):
                     if is_ours(obj, run):
                         deleted += self._delete(api, f"{path}/{obj['metadata']['name']}")

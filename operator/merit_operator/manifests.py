@@ -17,6 +17,8 @@ from meritrun.jobs import CreateJob
 from meritrun.pipeline import JobObservation
 from meritrun.stages import PARAMS_ENV, stage_command
 
+from . import gang
+
 LABEL_RUN = f"{API_GROUP}/run"
 LABEL_RUN_UID = f"{API_GROUP}/run-uid"
 LABEL_STAGE = f"{API_GROUP}/stage"
@@ -37,7 +39,8 @@ CONTAINER_NAME = "stage"
 # starts only once the old one is terminal (Failed), so two never write the same attempt.
 DISRUPTION_TOLERANT: dict[str, Any] = {
     "podFailurePolicy": {"rules": [
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+        {"action": "Ignore",
+         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]},
     "podReplacementPolicy": "Failed",
 }
 # Merge and search stream tensors on CPUs; a GPU request there would idle an accelerator.
@@ -115,8 +118,9 @@ def stage_resources(stage: str, template: JobTemplate) -> dict[str, Any] | None:
             for kind, amounts in template.resources.items() if isinstance(amounts, dict)}
 
 
-def _container_env(spec: MeritRunSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": PARAMS_ENV, "value": f"{PARAMS_DIR}/{PARAMS_KEY}"}]
+def _container_env(job: CreateJob, spec: MeritRunSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": PARAMS_ENV, "value": f"{PARAMS_DIR}/{PARAMS_KEY}"},
+                                 *gang.gang_env(job, spec)]
     secret = spec.storage.secret_ref if spec.storage else None
     if secret is not None:
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
@@ -124,16 +128,34 @@ def _container_env(spec: MeritRunSpec) -> list[dict[str, Any]]:
     return env + list(spec.template.env or [])
 
 
+def _work_volume(template: JobTemplate) -> dict[str, Any]:
+    """The work directory: the template's PVC (checkpoints outlive the attempt) or an
+    emptyDir (they die with the pod)."""
+    if template.work_volume:
+        return {"name": "work", "persistentVolumeClaim": {"claimName": template.work_volume}}
+    return {"name": "work", "emptyDir": {}}
+
+
+def _work_mount(job: CreateJob, template: JobTemplate) -> dict[str, Any]:
+    mount = {"name": "work", "mountPath": WORK_DIR}
+    if template.work_volume:  # one claim serves every stage: each its own directory
+        mount["subPath"] = f"{job.params.run}/{job.partition or job.stage}"
+    return mount
+
+
 def _pod_spec(job: CreateJob, spec: MeritRunSpec, images: Images) -> dict[str, Any]:
     template = spec.template
-    command = stage_command(job.stage, f"{PARAMS_DIR}/{PARAMS_KEY}", python=images.python)
+    command = [*stage_command(job.stage, f"{PARAMS_DIR}/{PARAMS_KEY}", python=images.python),
+               "--workdir", WORK_DIR]
+    command = gang.launch_command(job, spec, stage_args=command[3:],
+                                  python=images.python) or command
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": stage_image(job.stage, template, images),
-        "command": [*command, "--workdir", WORK_DIR],
-        "env": _container_env(spec),
+        "command": command,
+        "env": _container_env(job, spec),
         "volumeMounts": [{"name": "params", "mountPath": PARAMS_DIR, "readOnly": True},
-                         {"name": "work", "mountPath": WORK_DIR}],
+                         _work_mount(job, template)],
         # The stage's last words (its MERITRUN_ERROR line) become the pod's termination message.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -146,9 +168,10 @@ def _pod_spec(job: CreateJob, spec: MeritRunSpec, images: Images) -> dict[str, A
         "containers": [container],
         "volumes": [
             {"name": "params", "configMap": {"name": params_configmap_name(job.name)}},
-            {"name": "work", "emptyDir": {}},
+            _work_volume(template),
         ],
     }
+    gang.shape_pod(pod, job, spec)
     if template.service_account_name:
         pod["serviceAccountName"] = template.service_account_name
     if template.node_selector:
@@ -173,6 +196,7 @@ def build_stage_job(job: CreateJob, *, run: RunRef, spec: MeritRunSpec, images: 
     job_spec: dict[str, Any] = {
         "backoffLimit": 0, "completions": 1, "parallelism": 1,
         **DISRUPTION_TOLERANT,
+        **gang.gang_job_fields(job, spec),
         "template": {"metadata": {"labels": dict(meta["labels"])},
                      "spec": _pod_spec(job, spec, images)},
     }
@@ -184,6 +208,14 @@ def build_stage_job(job: CreateJob, *, run: RunRef, spec: MeritRunSpec, images: 
     if queue:
         job_spec["suspend"] = True  # Kueue unsuspends the Job once the queue admits it
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def build_rendezvous_service(job: CreateJob, *, run: RunRef, spec: MeritRunSpec,
+                             owned: bool = True) -> dict[str, Any] | None:
+    """The headless Service a multi-node train Job's pods find each other through (same
+    name as the Job); None for a single-pod Job."""
+    return gang.build_rendezvous_service(job, spec, _metadata(job.name, job, run=run,
+                                                              owned=owned))
 
 
 def job_observation(obj: dict[str, Any]) -> JobObservation:

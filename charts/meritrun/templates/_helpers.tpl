@@ -60,6 +60,10 @@ by the kubelet) and the operator gets its own from its environment.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "create", "patch", "delete"]
+# Headless Services of multi-node train Jobs (training.nodes > 1): their pods' DNS names.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "create", "delete"]
 # A failed stage's reason is its pod's termination message.
 - apiGroups: [""]
   resources: ["pods"]
