@@ -216,7 +216,8 @@ class KubeBackend:
             self._delete(api, core_path(where.namespace, "services", name))
 
     def delete_children(self, run: RunRef, spec: MeritRunSpec | None) -> int:
-        """Every Job, ConfigMap (and gang Service) of the run, on every cluster it used; returns the count."""
+        """Every Job, ConfigMap (and gang Service) of the run, on every cluster it used;
+        returns the count."""
         deleted = 0
         clusters = self._clusters(spec) if spec is not None else [None]
         for cluster in clusters:

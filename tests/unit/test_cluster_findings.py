@@ -46,7 +46,8 @@ def test_a_drained_pod_does_not_spend_the_attempt():
     assert spec["podFailurePolicy"] == {"rules": [
         {"action": "Ignore",
          "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}
-    # (status is required by the API up to 1.34.) The replacement starts only once the evicted pod is terminal: never two writers
+    # (status: required by the API up to 1.34.) The replacement starts only once the
+    # evicted pod is terminal: never two writers
     assert spec["podReplacementPolicy"] == "Failed"
     assert spec["backoffLimit"] == 0 and spec["template"]["spec"]["restartPolicy"] == "Never"
 
