@@ -29,6 +29,7 @@ from meritrun.artifacts import PartitionManifest, TokenCounts, base_fingerprint,
 from meritrun.errors import DataError
 from meritrun.stages import TrainParams
 from meritrun.storage import fetch_path
+from meritrun.textenc import Encoded
 
 from .checkpoint import (
     Progress,
@@ -50,6 +51,14 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, float], None]
 DEFAULT_CHECKPOINT_STEPS = 200
+
+
+def encode_examples(tokenizer, examples: list, *, max_len: int) -> tuple[list[Encoded], int]:
+    """Encoded examples with at least one supervised token, and how many were skipped: the
+    train stage's rule (shares.py) as one process applies it."""
+    share = encode_share(tokenizer, examples, dist=Dist(), max_len=max_len)
+    kept = [e for e in share.values() if e.supervised > 0]
+    return kept, len(share) - len(kept)
 
 
 def _configure_threads() -> None:
@@ -128,7 +137,8 @@ def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: Progress
         os.environ.get("MERITRUN_CHECKPOINT_STEPS", DEFAULT_CHECKPOINT_STEPS))
     cache, where = workdir / "cache", {"endpoint": params.storage.endpoint,
                                        "region": params.storage.region}
-    base_dir = node_leader_first(dist, lambda: fetch_path(params.base_model, cache, **where))
+    node_cache = cache / f"node-{dist.rank // dist.local_world}"  # a shared PVC: no races
+    base_dir = node_leader_first(dist, lambda: fetch_path(params.base_model, node_cache, **where))
     try:
         fingerprint = base_fingerprint(base_dir)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
