@@ -226,7 +226,12 @@ def standby_health(port: int) -> Iterator[None]:
     if not port:
         yield
         return
-    server = ThreadingHTTPServer(("0.0.0.0", port), _Healthy)
+    try:
+        server = ThreadingHTTPServer(("0.0.0.0", port), _Healthy)
+    except OSError as e:  # waiting is still right; only the probe is missing
+        log.warning("leader election: no standby /healthz on port %d: %s", port, e)
+        yield
+        return
     thread = threading.Thread(target=server.serve_forever, name="standby-health", daemon=True)
     thread.start()
     try:
