@@ -41,7 +41,7 @@ SECRET_VALUE = "s3cr3t-value-never-in-manifests"
 def make_spec(**template) -> MeritRunSpec:
     return MeritRunSpec.model_validate({
         "baseModel": {"uri": "s3://b/base"}, "data": {"uri": "s3://b/d.jsonl"},
-        "storage": {"endpoint": "http://minio:9000", "bucket": "b",
+        "storage": {"endpoint": "http://minio:9000", "bucket": "bkt",
                     "secretRef": {"name": "creds"}},
         "template": template, "activeDeadlineSeconds": 7200})
 
@@ -189,7 +189,7 @@ def test_merge_patch_nulls_what_disappeared_and_replaces_lists():
 def test_invalid_spec_becomes_failed_with_the_field_path():
     body = {"metadata": {"name": "demo"}, "spec": {"baseModel": {"uri": "s3://b/m"},
                                                    "data": {"uri": "s3://b/d"},
-                                                   "storage": {"bucket": "b"},
+                                                   "storage": {"bucket": "bkt"},
                                                    "training": {"learningRate": -1}}}
     with pytest.raises(SpecError) as caught:
         validated_spec(body)
