@@ -1,9 +1,10 @@
 """The spec's cross-field rules, each in Python (for `meritrun validate`, the local runner and
 the operator) and in CEL (for the API server at admission), side by side so they stay one rule.
 
-Also which fields a live run may not change: the plan is made from them, so an edit would mix
-two runs' artifacts. `IMMUTABLE_FIELDS` feeds both the CRD's transition rules
-(`self == oldSelf`) and `immutable_changes`, the same check for a local rerun.
+Also which fields a live run may change (`MUTABLE_FIELDS`) and which it may not: the plan is
+made from the others, so an edit would mix two runs' artifacts. `IMMUTABLE_FIELDS` feeds both
+the CRD's transition rules (`self == oldSelf`) and `immutable_changes`, the same check for a
+local rerun.
 """
 
 from __future__ import annotations
@@ -41,13 +42,17 @@ SPEC_CEL: list[tuple[str, str]] = [
      "for sources at pull sites or without a uri"),
 ]
 
-# Fixed once a run exists: the plan, its partitions and its artifacts are made from them.
+# What a live run may change: how long and how hard to keep going, and whether to keep the
+# artifacts when it is deleted. Everything else is fixed once the run exists, since the plan,
+# the partitions, their artifacts and the merge are made from it (a test checks that the two
+# lists cover every spec field).
+MUTABLE_FIELDS: tuple[str, ...] = ("suspend", "activeDeadlineSeconds", "backoffLimit",
+                                   "deleteArtifacts")
 IMMUTABLE_FIELDS: tuple[str, ...] = (
-    "baseModel", "data", "storage", "profiling", "partitioning", "training", "sites",
-    "merge.method",
+    "baseModel", "data", "storage", "profiling", "partitioning", "training", "template",
+    "sites", "merge", "mixtureSearch",
 )
-MUTABLE_NOTE = ("suspend, activeDeadlineSeconds, backoffLimit, template, merge (except "
-                "method), mixtureSearch and deleteArtifacts may change on a live run")
+MUTABLE_NOTE = f"only {', '.join(MUTABLE_FIELDS)} may change on a live run"
 
 
 def _transition_rule(field: str) -> dict[str, str]:

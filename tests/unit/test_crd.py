@@ -66,3 +66,49 @@ def test_validation_rules_and_subresources_present():
 
 def test_crd_yaml_round_trips():
     assert yaml.safe_load(render_crd_yaml()) == build_crd()
+
+
+def test_crd_is_a_valid_customresourcedefinition():
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    kubernetes_validate.validate(build_crd(), version, strict=True)
+
+
+def _spec_schema():
+    return build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def test_named_lists_are_list_maps_with_bounded_sizes():
+    spec = _spec_schema()["properties"]
+    for node in (spec["sites"], spec["data"]["properties"]["sources"]):
+        assert node["x-kubernetes-list-type"] == "map"
+        assert node["x-kubernetes-list-map-keys"] == ["name"]
+        assert node["maxItems"] and node["items"]["properties"]["name"]["maxLength"]
+        assert "name" in node["items"]["required"]
+
+
+def test_spec_sections_have_defaults_the_status_none():
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = schema["properties"]["spec"]["properties"]
+    for section in ("profiling", "partitioning", "training", "template", "merge",
+                    "mixtureSearch"):
+        assert spec[section]["default"] == {}, section
+    assert spec["training"]["properties"]["learningRate"]["default"] == 3e-4
+    assert spec["partitioning"]["properties"]["strategy"]["default"] == "conflictPCA"
+    assert not any("default" in node for _, node in _walk(schema["properties"]["status"]))
+
+
+def test_cel_rules_cover_the_models_cross_field_rules_and_immutability():
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    rules = [r for _, node in _walk(schema) for r in node.get("x-kubernetes-validations", [])]
+    messages = " | ".join(r["message"] for r in rules)
+    for words in ("metadata.name: at most 40", "strategy manual needs", "set either data.uri",
+                  "must name an entry of spec.sites", "sketches: no source",
+                  "only pull sites upload sketches", "ota needs full fine-tuning",
+                  "needs data.heldOutUri"):
+        assert words in messages, words
+    for field in ("baseModel", "data", "storage", "profiling", "partitioning", "training",
+                  "template", "sites", "merge", "mixtureSearch"):
+        assert f"spec.{field} cannot change" in messages, field
+    assert all("oldSelf" in r["rule"] for r in rules if "cannot change" in r["message"])

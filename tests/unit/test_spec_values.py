@@ -211,8 +211,16 @@ def test_immutable_changes_name_the_fields():
         "training": old.training.model_copy(update={"learning_rate": 1e-3}),
         "merge": old.merge.model_copy(update={"method": "uniform", "quorum": 0.5}),
         "suspend": True, "backoff_limit": 5})
-    assert immutable_changes(old, new) == ["spec.training", "spec.merge.method"]
+    assert immutable_changes(old, new) == ["spec.training", "spec.merge"]
     assert immutable_changes(old, old) == []
+
+
+def test_every_spec_field_is_either_mutable_or_immutable():
+    from meritrun.api.rules import IMMUTABLE_FIELDS, MUTABLE_FIELDS
+
+    fields = {f.alias or name for name, f in MeritRunSpec.model_fields.items()}
+    assert set(IMMUTABLE_FIELDS) | set(MUTABLE_FIELDS) == fields
+    assert not set(IMMUTABLE_FIELDS) & set(MUTABLE_FIELDS)
 
 
 @pytest.mark.parametrize("spec,path,words", [
