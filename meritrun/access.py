@@ -20,7 +20,7 @@ import logging
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
@@ -32,17 +32,17 @@ from .assignment import (
     SiteCredentials,
     SiteGrant,
     build_train_assignment,
-    find_site,
     read_assignment,
     write_assignment,
 )
 from .conditions import from_rfc3339, to_rfc3339
 from .errors import SpecError, StorageError, TransientError
+from .pipeline.actions import GrantRef
+from .pipeline.pull import grant_expiry
 from .storage import Storage, open_storage, split_uri
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRANT_TTL = timedelta(days=7)  # a site with no deadline still loses access one day
 POLICY_NAME = "meritrun-grant"
 IAM_VERSION = "2010-05-08"
 _IDENTITY = re.compile(r"^[A-Za-z0-9+=,.@_-]{1,64}$")  # AWS IAM user-name rules
@@ -101,18 +101,12 @@ def scope_policy(scope: GrantScope) -> dict:
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def grant_identity(assignment: Assignment) -> str:
+def grant_identity(assignment: Assignment | GrantRef) -> str:
     """Deterministic identity name, so the hub can revoke a grant knowing only its attempt."""
     name = f"meritrun-{assignment.run}-{assignment.site}-{assignment.name}-a{assignment.attempt}"
     if not _IDENTITY.match(name):
         name = "meritrun-" + hashlib.sha256(name.encode()).hexdigest()[:40]
     return name
-
-
-def grant_expiry(spec: MeritRunSpec, site: str, *, start: datetime) -> datetime:
-    """The site's deadline if it has one (it cannot contribute after it anyway), else 7 days."""
-    seconds = find_site(spec, site).deadline_seconds
-    return start + (timedelta(seconds=seconds) if seconds else DEFAULT_GRANT_TTL)
 
 
 def sigv4_headers(*, url: str, body: bytes, access_key: str, secret_key: str, region: str,

@@ -39,8 +39,7 @@ from .artifacts import partition_prefix, run_prefix, sha256_file
 from .conditions import from_rfc3339, to_rfc3339
 from .data import iter_examples
 from .errors import DataError, SpecError
-from .jobs import storage_params
-from .stages import StorageParams, TrainParams
+from .stages import StorageParams, TrainParams, storage_params
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +109,8 @@ class Assignment(BaseModel):
 
 
 def find_site(spec: MeritRunSpec, site: str | None) -> SiteSpec:
-    for s in spec.sites or []:
-        if s.name == site:
-            return s
-    raise SpecError(f"site {site!r} is not in spec.sites", path="spec.sites")
+    """Kept for callers outside the core; `spec.site(name)` is the one lookup."""
+    return spec.site(site)
 
 
 def _common(run: str, spec: MeritRunSpec, site: SiteSpec) -> dict:
@@ -125,7 +122,7 @@ def _common(run: str, spec: MeritRunSpec, site: SiteSpec) -> dict:
 
 def build_train_assignment(run: str, spec: MeritRunSpec, part: PartitionStatus) -> Assignment:
     """The assignment of a pull-site partition, for the attempt the status holds."""
-    site = find_site(spec, part.site)
+    site = spec.site(part.site)
     if site.mode != "pull":
         raise SpecError(f"site {site.name!r} is a {site.mode} site: it gets Jobs, not "
                         "assignments", path="spec.sites")
@@ -143,7 +140,7 @@ def build_train_assignment(run: str, spec: MeritRunSpec, part: PartitionStatus) 
 def build_sketch_assignment(run: str, spec: MeritRunSpec, site_name: str, *, attempt: int,
                             deadline: datetime | None = None) -> Assignment:
     """Ask a site for gradient sketches of its own sources (profiling without its data)."""
-    site = find_site(spec, site_name)
+    site = spec.site(site_name)
     sources = [s.name for s in spec.data.sources or [] if s.site == site.name]
     if not sources:
         raise SpecError(f"no source in data.sources lives at site {site.name!r}",

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
 from .access import GrantIssuer, IamIssuer, grant_identity, offer_assignment
 from .assignment import SiteGrant, parse_grant
-from .contributions import OfferAssignment, RevokeGrant
+from .pipeline.actions import GrantRef, OfferAssignment, RevokeGrant, grant_name
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,34 @@ class GrantKeeper:
     def offer(self, action: OfferAssignment) -> bool:
         """Write the assignment and keep a new grant, unless this attempt's is kept; True if new."""
         a = action.assignment
-        if self.store.attempt(action.grant) == a.attempt:
+        held = self.store.attempt(action.grant)
+        if held == a.attempt:
             return False
+        if held is not None and self.issuer is not None:
+            # The bundle of an older attempt is about to be replaced: its identity must not
+            # outlive the only record of it.
+            self.issuer.revoke(grant_identity(GrantRef(a.run, a.site, a.name, held)))
         grant = offer_assignment(a, storage=self.storage, issuer=self.issuer,
                                  expires=action.expires, endpoint=self.endpoint)
         self.store.put(action.grant, grant)
         log.info("grant %s: %s", action.grant, json.dumps(grant.public_view(), sort_keys=True))
         return True
 
+    def held(self, run: str, candidates: Iterable[tuple[str, str]]) -> dict[str, GrantRef]:
+        """The grants of (site, name) candidates the store still keeps: what `decide` sees."""
+        out: dict[str, GrantRef] = {}
+        for site, name in candidates:
+            grant = grant_name(run, name, site)
+            attempt = self.store.attempt(grant)
+            if attempt is not None:
+                out[grant] = GrantRef(run, site, name, attempt)
+        return out
+
     def revoke(self, action: RevokeGrant) -> None:
-        a = action.assignment
+        """Identity first, then the stored bundle: a failed revocation leaves the bundle, so
+        the grant is still observed and the next round revokes it again."""
+        ref = action.ref
         if self.issuer is not None:
-            self.issuer.revoke(grant_identity(a))
-        self.store.delete(action.grant, attempt=a.attempt)
-        log.info("grant %s (attempt %d) revoked", action.grant, a.attempt)
+            self.issuer.revoke(grant_identity(ref))
+        self.store.delete(action.grant, attempt=ref.attempt)
+        log.info("grant %s (attempt %d) revoked", action.grant, ref.attempt)

@@ -19,13 +19,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from .api import TERMINAL_PHASES, MeritRun, MeritRunStatus, StorageSpec
+from .api import TERMINAL_PHASES, MeritRun, MeritRunSpec, MeritRunStatus, StorageSpec
 from .conditions import now_utc
-from .jobs import CreateJob
-from .observe import observe_storage
+from .driver import ActionsFailed, run_round
+from .errors import SpecError
+from .observe import grant_candidates, observe_storage
 from .pipeline import (
+    CreateJob,
     DeleteJob,
     Event,
     JobObservation,
@@ -33,7 +36,6 @@ from .pipeline import (
     OfferAssignment,
     Policy,
     RevokeGrant,
-    decide,
 )
 from .stages import stage_command
 
@@ -145,33 +147,91 @@ def with_local_storage(run: MeritRun, workdir: Path) -> MeritRun:
     return run.model_copy(update={"spec": spec})
 
 
-def _carry_out(grants, action: OfferAssignment | RevokeGrant) -> None:
-    """Grant I/O; a failure is logged and made good by a later round (offers repeat)."""
-    from .errors import MeritRunError
+def _resumed(status: MeritRunStatus | None) -> MeritRunStatus | None:
+    """An earlier runner's stage processes ended with it (they were ours, not a failure of
+    the attempt): forget that their Jobs were seen, so each is started again under the same
+    attempt instead of counting as vanished."""
+    if status is None:
+        return None
+    status = status.model_copy(deep=True)
+    for stage in [status.profile, status.merge, *status.partitions, status.search]:
+        if stage is not None:
+            stage.job_seen = None
+    return status
 
-    try:
-        if isinstance(action, RevokeGrant):
-            grants.revoke(action)
-        elif grants.offer(action):  # shown at the CLI's level: someone has to hand it over
+
+def refuse_kubeconfig_sites(spec: MeritRunSpec) -> None:
+    """A local run has no cluster to send a kubeconfig site's Jobs to: say so, run nothing."""
+    for i, site in enumerate(spec.sites or []):
+        if site.mode == "kubeconfig":
+            raise SpecError(f"site {site.name!r} is a kubeconfig site: a local run cannot start "
+                            "Jobs on another cluster (it would train that site's partitions "
+                            "here). Run it with the operator, or make the site mode pull",
+                            path=f"spec.sites[{i}].mode")
+
+
+class LocalRun:
+    """The local adapter of `meritrun.driver.Backend`: processes, a folder, a 0600 grant file."""
+
+    def __init__(self, run: MeritRun, *, procs: LocalBackend, storage, grants,
+                 status_path: Path) -> None:
+        self.run, self.procs, self.storage, self.grants = run, procs, storage, grants
+        self.status_path = status_path
+        self.events: list[Event] = []
+
+    def observe(self, spec: MeritRunSpec | None, status: MeritRunStatus | None,
+                now: datetime) -> Observed:
+        name = self.run.metadata.name
+        found = observe_storage(self.storage, name, status)
+        held = self.grants.held(name, grant_candidates(spec, status, found.get("plan")))
+        return Observed(run=name, now=now, generation=self.run.metadata.generation,
+                        jobs=self.procs.observe(), grants=held, **found)
+
+    def create_job(self, action: CreateJob) -> None:
+        if action.cluster is not None:  # refused up front; never run a remote site's work here
+            raise SpecError(f"job {action.name} belongs to cluster {action.cluster!r}",
+                            path="spec.sites")
+        self.procs.create(action)
+
+    def delete_job(self, name: str, cluster: str | None) -> None:
+        self.procs.delete(name)
+
+    def offer_grant(self, action: OfferAssignment) -> None:
+        if self.grants.offer(action):  # shown at the CLI's level: someone has to hand it over
             a = action.assignment
             log.warning("site %s: hand it %s, then at the site: meritrun contribute "
                         "--assignment %s.json --data <its data>%s", a.site,
-                        grants.store.path(action.grant), action.grant,
+                        self.grants.store.path(action.grant), action.grant,
                         " --sketch-only" if a.kind == "sketch" else "")
-    except MeritRunError as e:
-        log.warning("%s %s: %s (retried)", type(action).__name__, action.grant, e)
+
+    def revoke_grant(self, action: RevokeGrant) -> None:
+        self.grants.revoke(action)
+
+    def post_event(self, event: Event) -> None:
+        (log.warning if event.type == "Warning" else log.info)("%s: %s", event.reason,
+                                                               event.message)
+        self.events.append(event)
+
+    def write_status(self, status: MeritRunStatus) -> None:
+        save_status(self.status_path, status)
 
 
 def run_local(
     run: MeritRun, *, workdir: Path, max_parallel: int = 1, poll_seconds: float = 0.5,
     policy: Policy = LOCAL_POLICY,
     on_round: Callable[[MeritRunStatus, list[Event]], None] | None = None,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, settle_rounds: int = 20,
 ) -> MeritRunStatus:
-    """Drive one MeritRun to a terminal phase on this machine; returns the final status."""
+    """Drive one MeritRun to a terminal phase on this machine; returns the final status.
+
+    A round whose actions failed is repeated (they are level-based); a run that ended but
+    cannot revoke a grant or stop a stage after `settle_rounds` more rounds raises
+    ActionsFailed naming them, rather than return as if all were well.
+    """
     from .grants import FileGrantStore, GrantKeeper, issuer_from_env
     from .storage import open_storage
 
+    refuse_kubeconfig_sites(run.spec)
     workdir.mkdir(parents=True, exist_ok=True)
     run = with_local_storage(run, workdir)
     storage_spec = run.spec.storage
@@ -182,31 +242,30 @@ def run_local(
                                                   region=storage_spec.region),
                          FileGrantStore(workdir / "grants"), endpoint=storage_spec.endpoint)
     status_path = workdir / "status.json"
-    status = load_status(status_path)
-    backend = LocalBackend(workdir, max_parallel=max_parallel, env=env)
-    name = run.metadata.name
+    status = _resumed(load_status(status_path))
+    procs = LocalBackend(workdir, max_parallel=max_parallel, env=env)
+    backend = LocalRun(run, procs=procs, storage=storage, grants=grants,
+                       status_path=status_path)
+    unsettled = 0
     try:
         while True:
-            observed = Observed(run=name, now=now_utc(), generation=run.metadata.generation,
-                                jobs=backend.observe(), **observe_storage(storage, name, status))
-            decision = decide(run.spec, status, observed, policy=policy)
+            backend.events = []
+            failed: ActionsFailed | None = None
+            try:
+                decision = run_round(backend, run.spec, status, now=now_utc(), policy=policy)
+            except ActionsFailed as e:  # logged by the driver; repeated by the next round
+                decision, failed = e.decision, e
             status = decision.status
-            save_status(status_path, status)
-            for action in decision.actions:
-                if isinstance(action, CreateJob):
-                    backend.create(action)
-                elif isinstance(action, DeleteJob):
-                    backend.delete(action.name)
-                elif isinstance(action, OfferAssignment | RevokeGrant):
-                    _carry_out(grants, action)
-            for event in decision.events:
-                (log.warning if event.type == "Warning" else log.info)(
-                    "%s: %s", event.reason, event.message)
             if on_round:
-                on_round(status, list(decision.events))
+                on_round(status, list(backend.events))
             if status.phase in TERMINAL_PHASES:
-                return status
-            if not any(isinstance(a, CreateJob | DeleteJob) for a in decision.actions):
+                if failed is None:
+                    return status
+                unsettled += 1
+                if unsettled > settle_rounds:
+                    raise failed
+            if failed or not any(isinstance(a, CreateJob | DeleteJob)
+                                 for a in decision.actions):
                 time.sleep(poll_seconds)  # repeated offers are no work: do not spin on them
     finally:
-        backend.stop_all()
+        procs.stop_all()

@@ -12,7 +12,7 @@ import json
 import logging
 
 from . import artifacts
-from .api import ArtifactRef, MeritRunStatus
+from .api import ArtifactRef, MeritRunSpec, MeritRunStatus
 from .assignment import sketch_output_prefix
 from .errors import ObjectNotFound
 from .pipeline import MergeOutcome, PartitionResult
@@ -111,3 +111,17 @@ def observe_storage(storage, run: str, status: MeritRunStatus | None) -> dict:
     if search is not None and search.attempt >= 1 and search.state == "Running":
         out["search_best"] = read_search_best(storage, run, search.attempt)
     return out
+
+
+def grant_candidates(spec: MeritRunSpec | None, status: MeritRunStatus | None,
+                     plan: Plan | None = None) -> list[tuple[str, str]]:
+    """(site, name) of every grant the run may have offered: its partitions with a site (in
+    the status, or in a plan read before the status recorded it: an offer whose status write
+    was lost) and its sketch sites. Asked of the grant store every round, so a grant is
+    revoked whatever the status says."""
+    out: set[tuple[str, str]] = set()
+    parts = [*(status.partitions if status else []), *(plan.partitions if plan else [])]
+    out |= {(p.site, p.name) for p in parts if p.site}
+    out |= {(sk.site, "sketch") for sk in (status.sketches if status else None) or []}
+    out |= {(s.name, "sketch") for s in (spec.sites or []) if spec and s.sketches}
+    return sorted(out)

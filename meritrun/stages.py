@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .api import (
     DataSpec,
     MergeSpec,
+    MeritRunSpec,
     MixtureSearchSpec,
     PartitioningSpec,
     ProfilingSpec,
@@ -35,6 +36,14 @@ class StorageParams(BaseModel):
     uri: str = Field(description="Storage root: s3://bucket/prefix or file:///path.")
     endpoint: str | None = None
     region: str | None = None
+
+
+def storage_params(spec: MeritRunSpec) -> StorageParams:
+    """The run's storage as every stage sees it (resolved: the local default already set)."""
+    if spec.storage is None:
+        raise ValueError("spec.storage must be resolved before building jobs")
+    return StorageParams(uri=spec.storage.root_uri(), endpoint=spec.storage.endpoint,
+                         region=spec.storage.region)
 
 
 class _Params(BaseModel):
@@ -97,6 +106,10 @@ class MergeParams(_Params):
     stage: str = "merge"
     partitions: list[PartitionInput]
     merge: MergeSpec
+    planned: int | None = Field(None, ge=1, description="Partitions in the plan: the quorum "
+                                "counts over these, not over the partitions sent here.")
+    required: int | None = Field(None, ge=1, description="Accepted contributions needed "
+                                 "(meritrun.pipeline.quorum); the merge refuses below it.")
     held_out: str | None = Field(None, description="Held-out JSONL URI for the report.")
 
 

@@ -43,6 +43,8 @@ class MergeSettings:
     method: str = "token-weighted"
     params: Mapping[str, Any] = field(default_factory=dict)
     quorum: float = 1.0
+    planned: int | None = None  # partitions in the run's plan (None: those given here)
+    required: int | None = None  # accepted ones needed (None: the core's rule)
     outlier_factor: float = 5.0
     refuse_outliers: bool = False
     shard_size_bytes: int = 2000 * MB
@@ -63,7 +65,8 @@ def merge_device(requested: str) -> str:
     return "cuda" if requested == "cuda" or (requested == "auto" and available) else "cpu"
 
 
-def settings_from_spec(spec: MergeSpec, *, device: str | None = None) -> MergeSettings:
+def settings_from_spec(spec: MergeSpec, *, device: str | None = None,
+                       planned: int | None = None, required: int | None = None) -> MergeSettings:
     """MergeSettings from the MeritRun spec's merge section (density from ota or merge;
     the device from merge.device unless given)."""
     ota = spec.ota
@@ -77,7 +80,8 @@ def settings_from_spec(spec: MergeSpec, *, device: str | None = None) -> MergeSe
     params = method.parse_params(values, strict=False)
     return MergeSettings(
         method=method.key, params=dataclasses.asdict(params), quorum=spec.quorum,
-        outlier_factor=spec.outlier_factor, refuse_outliers=spec.refuse_outliers,
+        planned=planned, required=required, outlier_factor=spec.outlier_factor,
+        refuse_outliers=spec.refuse_outliers,
         shard_size_bytes=spec.shard_size_mb * MB, device=device or merge_device(spec.device),
     )
 
@@ -121,7 +125,8 @@ def run_merge_job(
                   refused=refused, verification=verification, quorum=settings.quorum,
                   base=base_info)
     try:
-        require_quorum(len(verification.accepted), len(candidates), settings.quorum, refused)
+        require_quorum(len(verification.accepted), settings.planned or len(candidates),
+                       settings.quorum, refused, needed=settings.required)
     except QuorumNotMet as e:
         timings["total"] = round(time.monotonic() - started, 3)
         report = build_report(**common, result=None, status="failed", reason=str(e),

@@ -101,7 +101,9 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
     storage.delete_prefix(f"{params.output}/{REPORT_NAME}")  # a stale report must not vouch
     try:
         outcome = run_merge_job(
-            base_dir=base_dir, candidates=candidates, settings=settings_from_spec(params.merge),
+            base_dir=base_dir, candidates=candidates,
+            settings=settings_from_spec(params.merge, planned=params.planned,
+                                        required=params.required),
             out_dir=out_dir, base_uri=params.base_model, locations=locations,
             hashes_verified=frozenset(verified),
             expected={part.name: part for part in params.partitions}, run=params.run)

@@ -31,6 +31,7 @@ import torch
 
 from meritrun.artifacts import base_fingerprint
 from meritrun.errors import ContributionRejected, StageFailed
+from meritrun.pipeline import quorum as quorum_rule
 from meritrun.stages import PartitionInput
 
 from .blocks import BlockLoader, block_rows
@@ -210,9 +211,14 @@ def verify_partitions(
 
 
 def require_quorum(accepted: int, total: int, quorum: float,
-                   refused: Sequence[ContributionRejected]) -> None:
-    """Raise QuorumNotMet unless accepted / total >= quorum (and at least one is accepted)."""
-    if total <= 0 or accepted == 0 or accepted / total < quorum - 1e-12:
+                   refused: Sequence[ContributionRejected], *, needed: int | None = None) -> None:
+    """Raise QuorumNotMet unless `needed` (default: the core's rule over `total`) passed.
+
+    The pipeline passes the plan's numbers (MergeParams.planned and .required), so partitions
+    that failed before the merge count as missing here too.
+    """
+    needed = needed or quorum_rule.required(total, quorum)
+    if total <= 0 or accepted < needed:
         reasons = "; ".join(f"{r.partition}: {r.check}" for r in refused) or "none"
         raise QuorumNotMet(f"quorum not met: {accepted}/{total} partitions passed verification, "
-                           f"{quorum:.0%} needed (refused: {reasons})", refused)
+                           f"{needed} needed (quorum {quorum:.0%}; refused: {reasons})", refused)

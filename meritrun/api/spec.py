@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from ..errors import SpecError
 from . import limits as lim
 from ._base import SpecModel
 from .rules import check_spec, spec_validations
@@ -351,6 +352,17 @@ class MeritRunSpec(SpecModel):
                                                 description="Fail after this long.")
     suspend: bool = Field(False, description="Create no new Jobs while true.")
     delete_artifacts: bool = Field(False, description="Delete artifacts with the run.")
+
+    def site(self, name: str | None) -> SiteSpec:
+        """The site named `name`; SpecError when spec.sites has none by that name."""
+        for s in self.sites or []:
+            if s.name == name:
+                return s
+        raise SpecError(f"site {name!r} is not in spec.sites", path="spec.sites")
+
+    def site_mode(self, name: str | None) -> str | None:
+        """The mode of a partition's site; None for this cluster (or a site no longer listed)."""
+        return next((s.mode for s in self.sites or [] if s.name == name), None)
 
     @model_validator(mode="after")
     def _consistent(self) -> MeritRunSpec:

@@ -46,6 +46,8 @@ class StageStatus(ApiModel):
     state: StageState = Field("Pending", description="Stage state.")
     attempt: int = Field(0, ge=0, description="Current attempt (0 before the first).")
     job: str | None = Field(None, description="Job of the current attempt.")
+    job_seen: bool | None = Field(None, description="The current attempt's Job was observed: "
+                                  "if it vanishes now, the attempt failed.")
     retry_after: str | None = Field(None, description="Backoff end (RFC 3339).")
     start_time: str | None = Field(None, description="When the first attempt started.")
     completion_time: str | None = Field(None, description="When the stage finished.")

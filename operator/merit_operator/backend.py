@@ -103,17 +103,23 @@ class KubeBackend:
 
     # --- children ---------------------------------------------------------------------------
 
-    def _where(self, run: RunRef, spec: MeritRunSpec,
+    def _where(self, run: RunRef, spec: MeritRunSpec | None,
                cluster: str | None) -> tuple[KubeApi, RunRef]:
         if cluster is None:
             return self.api, run
+        if spec is None:
+            raise SpecError(f"cannot reach cluster {cluster!r} without a valid spec",
+                            path="spec.sites")
         api, namespace = self.remotes.client_for(run.namespace, spec, cluster)
         return api, replace(run, namespace=namespace)
 
-    def _clusters(self, spec: MeritRunSpec) -> list[str | None]:
-        return [None] + [s.name for s in spec.sites or [] if s.mode == "kubeconfig"]
+    def _clusters(self, spec: MeritRunSpec | None) -> list[str | None]:
+        sites = spec.sites or [] if spec is not None else []
+        return [None] + [s.name for s in sites if s.mode == "kubeconfig"]
 
-    def observe_jobs(self, run: RunRef, spec: MeritRunSpec) -> dict[str, JobObservation]:
+    def observe_jobs(self, run: RunRef, spec: MeritRunSpec | None) -> dict[str, JobObservation]:
+        """The run's Jobs on this cluster and (valid spec) on its kubeconfig sites' clusters,
+        each with the cluster it was seen on, so a DeleteJob goes where the Job runs."""
         seen: dict[str, JobObservation] = {}
         for cluster in self._clusters(spec):
             api, where = self._where(run, spec, cluster)
@@ -125,7 +131,7 @@ class KubeBackend:
                 observation = job_observation(obj)
                 if observation.state == "Failed":
                     observation = self._with_reason(api, where.namespace, name, observation)
-                here[name] = observation
+                here[name] = replace(observation, cluster=cluster)
             if any(o.state == "Active" and not o.waiting for o in here.values()):
                 here = self._with_waiting(api, where, here)
             seen.update(here)
@@ -207,7 +213,7 @@ class KubeBackend:
                 return False
             raise
 
-    def delete_job(self, name: str, *, run: RunRef, spec: MeritRunSpec,
+    def delete_job(self, name: str, *, run: RunRef, spec: MeritRunSpec | None,
                    cluster: str | None = None) -> None:
         api, where = self._where(run, spec, cluster)
         self._delete(api, jobs_path(where.namespace, name))

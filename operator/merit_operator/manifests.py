@@ -202,9 +202,10 @@ def build_stage_job(job: CreateJob, *, run: RunRef, spec: MeritRunSpec, images: 
     }
     if spec.template.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.template.ttl_seconds_after_finished
-    if spec.active_deadline_seconds is not None:
-        # No stage may outlive the whole run; the pipeline enforces the run's own deadline.
-        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    deadline = job.deadline_seconds or spec.active_deadline_seconds
+    if deadline is not None:
+        # No stage may outlive the whole run: what is left of it when the Job is created.
+        job_spec["activeDeadlineSeconds"] = deadline
     if queue:
         job_spec["suspend"] = True  # Kueue unsuspends the Job once the queue admits it
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

@@ -1,48 +1,41 @@
-"""One reconcile round of one MeritRun: read, observe, decide, act, write the status.
+"""One reconcile round of one MeritRun: the Kubernetes adapter of `meritrun.driver`.
 
-Level-based: the round reads the run fresh from the API (never a cached body), observes its
-Jobs and its storage, and asks `meritrun.pipeline.decide` what to do, so it converges from
-whatever state it finds. Actions run before the status is written: if the operator dies in
-between, the next round decides the same actions again and they are idempotent (deterministic
-names, 409 adopted). Blocking: the handlers run it in a worker thread.
+Level-based: the round reads the run fresh from the API (never a cached body), and the
+driver observes (its Jobs on every cluster, its storage, its sites' grants), decides, acts
+and writes the status last, so it converges from whatever state it finds; if the operator
+dies in between, the next round decides the same actions again and they are idempotent
+(deterministic names, 409 adopted). An invalid spec is an observation like any other: the
+pipeline fails the run, stops its Jobs and revokes its grants through the same code.
+Blocking: the handlers run it in a worker thread.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from meritrun.api import TERMINAL_PHASES, MeritRunSpec
+from meritrun.api import TERMINAL_PHASES, MeritRunSpec, MeritRunStatus, StorageSpec
 from meritrun.conditions import now_utc
+from meritrun.driver import ActionsFailed, run_round
 from meritrun.errors import SpecError
-from meritrun.jobs import CreateJob
-from meritrun.observe import observe_storage
+from meritrun.observe import grant_candidates, observe_storage
 from meritrun.pipeline import (
-    DeleteJob,
+    CreateJob,
     Event,
     Observed,
     OfferAssignment,
     Policy,
     RevokeGrant,
-    decide,
 )
 
 from .backend import KubeBackend
 from .manifests import RunRef
 from .metrics import Metrics
 from .settings import Settings
-from .status import (
-    already_reported,
-    failed_for_spec,
-    invalid_spec_status,
-    merge_patch,
-    next_delay,
-    parse_status,
-    validated_spec,
-)
+from .status import merge_patch, next_delay, parse_status, validated_spec
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +77,71 @@ def event_ref(body: dict[str, Any]) -> dict[str, Any]:
             "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid")}}
 
 
+class KubeRound:
+    """The driver's Backend for one round of one run (spec None: it does not validate)."""
+
+    def __init__(self, rec: Reconciler, run: RunRef, spec: MeritRunSpec | None, *,
+                 stored: MeritRunStatus | None, body: dict[str, Any],
+                 spec_error: str | None) -> None:
+        self.rec, self.run, self.spec, self.stored = rec, run, spec, stored
+        self.generation = body["metadata"].get("generation")
+        self.spec_error = spec_error
+        self.storage_spec = spec.storage if spec is not None else _storage_of(body)
+        self.events: list[Event] = []
+        self._grants: Any = None
+
+    def grants(self) -> Any:
+        """One grant keeper (and IAM client) per round, made only when a grant is touched."""
+        if self._grants is None:
+            if self.storage_spec is None:
+                raise SpecError("no usable spec.storage: cannot reach the sites' grants",
+                                path="spec.storage")
+            self._grants = self.rec.grant_keeper(self.run, self.storage_spec)
+        return self._grants
+
+    def observe(self, spec: MeritRunSpec | None, status: MeritRunStatus | None,
+                now: datetime) -> Observed:
+        backend, name = self.rec.backend, self.run.name
+        found: dict[str, Any] = {}
+        if spec is not None and (status is None or status.phase not in TERMINAL_PHASES):
+            found = observe_storage(self.rec.storages.for_spec(spec), name, status)
+        candidates = grant_candidates(spec, status, found.get("plan"))
+        held = self.grants().held(name, candidates) if candidates else {}
+        return Observed(run=name, now=now, generation=self.generation,
+                        jobs=backend.observe_jobs(self.run, spec), grants=held,
+                        spec_error=self.spec_error, **found)
+
+    def create_job(self, action: CreateJob) -> None:
+        assert self.spec is not None  # decide creates nothing for an invalid spec
+        if self.rec.backend.create_job(action, run=self.run, spec=self.spec):
+            self.rec.metrics.job_created(action.stage)
+
+    def delete_job(self, name: str, cluster: str | None) -> None:
+        self.rec.backend.delete_job(name, run=self.run, spec=self.spec, cluster=cluster)
+
+    def offer_grant(self, action: OfferAssignment) -> None:
+        if self.grants().offer(action):
+            self.rec.metrics.grant_issued()
+
+    def revoke_grant(self, action: RevokeGrant) -> None:
+        self.grants().revoke(action)
+
+    def post_event(self, event: Event) -> None:
+        self.events.append(event)  # posted by the async handler, with kopf
+
+    def write_status(self, status: MeritRunStatus) -> None:
+        self.rec.write(self.run, self.stored, status)
+
+
+def _storage_of(body: dict[str, Any]) -> StorageSpec | None:
+    """The storage section alone, when the rest of an invalid spec does not validate: enough
+    to reach the sites' grants and revoke them."""
+    try:
+        return StorageSpec.model_validate(((body.get("spec") or {}).get("storage")) or {})
+    except ValueError:
+        return None
+
+
 class Reconciler:
     def __init__(self, backend: KubeBackend, *, settings: Settings, metrics: Metrics,
                  storages: StorageCache | None = None) -> None:
@@ -98,69 +156,45 @@ class Reconciler:
         body = self.backend.get_run(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return RoundOutcome(gone=True)
-        now = now or now_utc()
         meta = body["metadata"]
         run = RunRef(name=name, namespace=namespace, uid=meta["uid"])
-        generation = meta.get("generation")
-        stored = old = parse_status(body.get("status"))
-        if failed_for_spec(old) and old is not None and old.observed_generation != generation:
-            log.info("run %s/%s: spec changed after InvalidSpec; starting over", namespace, name)
-            old = None
+        stored = parse_status(body.get("status"))
+        spec, error = None, None
         try:
             spec = validated_spec(body)
         except SpecError as e:
-            return self._invalid(body, run, old, e, stored=stored, now=now,
-                                 generation=generation)
-        if old is not None and old.phase in TERMINAL_PHASES:
-            self.metrics.set_phase(run.uid, old.phase)
-            return self._outcome(body, old, (), now)
-        storage = self.storages.for_spec(spec)
-        observed = Observed(run=name, now=now, generation=generation,
-                            jobs=self.backend.observe_jobs(run, spec),
-                            **observe_storage(storage, name, old))
-        decision = decide(spec, old, observed, policy=self.policy)
-        grants = None
-        for action in decision.actions:
-            if isinstance(action, CreateJob):
-                if self.backend.create_job(action, run=run, spec=spec):
-                    self.metrics.job_created(action.stage)
-            elif isinstance(action, DeleteJob):
-                self.backend.delete_job(action.name, run=run, spec=spec)
-            elif isinstance(action, OfferAssignment | RevokeGrant):
-                grants = grants or self._grants(run, spec, storage)  # one per round, if any
-                if isinstance(action, RevokeGrant):
-                    grants.revoke(action)
-                elif grants.offer(action):
-                    self.metrics.grant_issued()
-        self._write(run, stored, decision.status)
-        return self._outcome(body, decision.status, decision.events, now)
+            error = str(e)
+            log.warning("run %s/%s: invalid spec: %s", namespace, name, error)
+        kube = KubeRound(self, run, spec, stored=stored, body=body, spec_error=error)
+        now = now or now_utc()
+        failed: ActionsFailed | None = None
+        try:
+            decision = run_round(kube, spec, stored, now=now, policy=self.policy)
+        except ActionsFailed as e:
+            decision, failed = e.decision, e
+        status = decision.status
+        delay = next_delay(status, requeue_after=decision.requeue_after,
+                           resync_seconds=self.settings.resync_seconds,
+                           idle_seconds=self.settings.idle_resync_seconds)
+        if failed is not None:
+            delay = min(delay, self.settings.error_backoff_seconds)
+        return RoundOutcome(tuple(kube.events), status.phase, delay, event_ref(body),
+                            invalid=error, error=failed)
 
-    def _grants(self, run: RunRef, spec: MeritRunSpec, storage: Any) -> Any:
+    def grant_keeper(self, run: RunRef, storage_spec: StorageSpec) -> Any:
         from meritrun.grants import GrantKeeper, issuer_from_env
+        from meritrun.storage import open_storage
 
         from .grants import SecretGrantStore
 
-        assert spec.storage is not None
-        issuer = issuer_from_env(storage, endpoint=spec.storage.endpoint,
-                                 region=spec.storage.region)
+        storage = open_storage(storage_spec.root_uri(), endpoint=storage_spec.endpoint,
+                               region=storage_spec.region)
+        issuer = issuer_from_env(storage, endpoint=storage_spec.endpoint,
+                                 region=storage_spec.region)
         return GrantKeeper(storage, issuer, SecretGrantStore(self.backend.api, run),
-                           endpoint=self.settings.site_endpoint or spec.storage.endpoint)
+                           endpoint=self.settings.site_endpoint or storage_spec.endpoint)
 
-    def _invalid(self, body: dict[str, Any], run: RunRef, old: Any, error: SpecError, *,
-                 stored: Any, now: datetime, generation: int | None) -> RoundOutcome:
-        self.metrics.set_phase(run.uid, "Failed")
-        if already_reported(old, error, generation):
-            return RoundOutcome(phase="Failed", delay_seconds=self.settings.idle_resync_seconds,
-                                invalid=str(error))
-        log.warning("run %s/%s: invalid spec: %s", run.namespace, run.name, error)
-        new = invalid_spec_status(old, error, now=now, generation=generation)
-        self._write(run, stored, new)
-        # An invalid edit of a running run: its Jobs would train what is no longer asked for.
-        self.backend.delete_children(run, None)
-        event = Event("Warning", "InvalidSpec", str(error))
-        return replace(self._outcome(body, new, (event,), now), invalid=str(error))
-
-    def _write(self, run: RunRef, stored: Any, new: Any) -> None:
+    def write(self, run: RunRef, stored: Any, new: Any) -> None:
         """Patch from what is stored (not what was decided from) so nothing stale survives."""
         old = stored
         patch = merge_patch(old.to_wire() if old else {}, new.to_wire())
@@ -168,12 +202,6 @@ class Reconciler:
             self.backend.patch_status(run.namespace, run.name, patch)
         self.metrics.record_transition(old, new)
         self.metrics.set_phase(run.uid, new.phase)
-
-    def _outcome(self, body: dict[str, Any], status: Any, events: Any,
-                 now: datetime) -> RoundOutcome:
-        delay = next_delay(status, now=now, resync_seconds=self.settings.resync_seconds,
-                           idle_seconds=self.settings.idle_resync_seconds)
-        return RoundOutcome(tuple(events), status.phase, delay, event_ref(body))
 
     def cleanup(self, body: dict[str, Any]) -> int:
         """The finalizer's work: children always, artifacts only when spec.deleteArtifacts."""
@@ -184,8 +212,9 @@ class Reconciler:
         except SpecError:
             spec = None  # nothing was started for an invalid spec on a remote site
         deleted = self.backend.delete_children(run, spec)
-        if spec is not None and spec.storage is not None:
-            self._revoke_all(run, spec, body.get("status"))
+        storage_spec = spec.storage if spec is not None else _storage_of(body)
+        if storage_spec is not None:
+            self._revoke_all(run, spec, storage_spec, parse_status(body.get("status")))
         if spec is not None and spec.delete_artifacts:
             from meritrun.artifacts import run_prefix
 
@@ -194,15 +223,13 @@ class Reconciler:
         self.metrics.forget(run.uid)
         return deleted
 
-    def _revoke_all(self, run: RunRef, spec: MeritRunSpec, raw_status: Any) -> None:
-        """A deleted run's sites lose their access at once (their Secrets go with the run)."""
-        from meritrun.contributions import grants_to_revoke
-
-        status = parse_status(raw_status)
-        if status is None:
+    def _revoke_all(self, run: RunRef, spec: MeritRunSpec | None, storage_spec: StorageSpec,
+                    status: MeritRunStatus | None) -> None:
+        """A deleted run's sites lose their access at once: every grant the store still
+        keeps, whatever the status says (their Secrets go with the run)."""
+        candidates = grant_candidates(spec, status)
+        if not candidates:
             return
-        actions = grants_to_revoke(run.name, spec, status)
-        if actions:
-            grants = self._grants(run, spec, self.storages.for_spec(spec))
-            for action in actions:
-                grants.revoke(action)
+        grants = self.grant_keeper(run, storage_spec)
+        for ref in grants.held(run.name, candidates).values():
+            grants.revoke(RevokeGrant(ref))

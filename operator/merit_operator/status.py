@@ -1,24 +1,22 @@
 """Pure helpers for the MeritRun status as the operator writes it.
 
-The pipeline decides the status of a valid run; this module covers what only the operator
-meets: a spec Kubernetes accepted but the models reject (InvalidSpec), the merge patch that
-turns an old status into a new one (keys that disappeared are sent as null, so the status
-subresource never keeps a stale `retryAfter` or `message`), and when to look again.
+The pipeline decides the status (an invalid spec included: the round observes it and
+`decide` fails the run). This module covers what only the operator meets: reading the spec
+and status off the object, the merge patch that turns an old status into a new one (keys
+that disappeared are sent as null, so the status subresource never keeps a stale
+`retryAfter` or `message`), and when to look again.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
 from meritrun.api import TERMINAL_PHASES, MeritRunSpec, MeritRunStatus, ObjectMeta
-from meritrun.conditions import from_rfc3339, get_condition, set_condition, to_rfc3339
 from meritrun.errors import SpecError
 from meritrun.validation import parse_spec, pydantic_errors
-
-INVALID_SPEC = "InvalidSpec"
 
 
 def validated_spec(body: dict[str, Any]) -> MeritRunSpec:
@@ -52,35 +50,6 @@ def parse_status(raw: dict[str, Any] | None) -> MeritRunStatus | None:
     return MeritRunStatus.model_validate(raw, extra="ignore") if raw else None
 
 
-def failed_for_spec(status: MeritRunStatus | None) -> bool:
-    if status is None or status.phase != "Failed":
-        return False
-    cond = get_condition(status.conditions, "Failed")
-    return cond is not None and cond.reason == INVALID_SPEC
-
-
-def invalid_spec_status(old: MeritRunStatus | None, error: SpecError, *, now: datetime,
-                        generation: int | None) -> MeritRunStatus:
-    """Failed, with a Failed/InvalidSpec condition whose message names the field."""
-    st = (old or MeritRunStatus()).model_copy(deep=True)
-    message = str(error)
-    st.phase, st.message, st.observed_generation = "Failed", message, generation
-    st.completion_time = to_rfc3339(now)
-    for type_ in ("Failed", "Ready"):
-        st.conditions = set_condition(st.conditions, type=type_,
-                                      status="True" if type_ == "Failed" else "False",
-                                      reason=INVALID_SPEC, message=message, now=now,
-                                      generation=generation)
-    return st
-
-
-def already_reported(old: MeritRunStatus | None, error: SpecError,
-                     generation: int | None) -> bool:
-    """The same verdict on the same generation is on record: nothing to write or announce."""
-    return (failed_for_spec(old) and old is not None and old.observed_generation == generation
-            and old.message == str(error))
-
-
 def merge_patch(old: Any, new: Any) -> Any:
     """RFC 7386 merge patch turning old into new (None when equal); lists are replaced."""
     if not isinstance(old, dict) or not isinstance(new, dict):
@@ -98,17 +67,12 @@ def merge_patch(old: Any, new: Any) -> Any:
     return patch or None
 
 
-def next_delay(status: MeritRunStatus, *, now: datetime, resync_seconds: float,
-               idle_seconds: float) -> float:
-    """Seconds until the next round: at the latest resync, sooner when a backoff ends."""
+def next_delay(status: MeritRunStatus, *, requeue_after: timedelta | None,
+               resync_seconds: float, idle_seconds: float) -> float:
+    """Seconds until the next round: at the latest resync, sooner when the pipeline says a
+    change of its own is due (a backoff ends, a deadline passes)."""
     if status.phase in TERMINAL_PHASES:
         return idle_seconds
-    delay = resync_seconds
-    stages = [status.profile, status.merge, *status.partitions]
-    if status.search is not None:
-        stages.append(status.search)
-    for stage in stages:
-        if stage.state == "BackingOff" and stage.retry_after:
-            until = (from_rfc3339(stage.retry_after) - now).total_seconds()
-            delay = min(delay, max(until, 0.0) + 0.05)
-    return delay
+    if requeue_after is None:
+        return resync_seconds
+    return min(resync_seconds, requeue_after.total_seconds() + 0.05)

@@ -25,7 +25,8 @@ def result(name: str, attempt: int = 1) -> PartitionResult:
 
 def step(spec, status, *, at=0, **observed):
     """One round at T0 + `at` seconds with the given observations."""
-    obs = Observed(run="r", now=T0 + timedelta(seconds=at), generation=1, **observed)
+    observed.setdefault("generation", 1)
+    obs = Observed(run="r", now=T0 + timedelta(seconds=at), **observed)
     return decide(spec, status, obs, policy=POLICY)
 
 

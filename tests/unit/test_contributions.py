@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from support.decide import T0, created, make_spec, result, step
 
 from meritrun.contributions import OfferAssignment, RevokeGrant
@@ -57,7 +58,7 @@ def test_arrival_revokes_the_grant_and_verifies_before_it_counts():
     p1 = d.status.partitions[1]
     assert p1.state == "Verifying" and created(d) == ["r-p1-verify-a1"]
     [rev] = revokes(d)
-    assert rev.grant == "r-p1-grant" and rev.assignment.attempt == 1
+    assert rev.grant == "r-p1-grant" and rev.ref.attempt == 1
     verify = next(a for a in d.actions if isinstance(a, CreateJob))
     assert verify.params.output == "runs/r/verdicts/p1/attempt-1"
     assert verify.params.partition.site == "site-b"
@@ -106,14 +107,30 @@ def test_missed_deadline_with_quorum_merges_without_the_site():
     assert created(d) == ["r-merge-a1"] and d.status.merge.left_out == ["p1"]
 
 
-def test_verification_job_that_dies_without_verdict_fails_the_partition():
-    spec = make_spec(sites=[SITE])
+def test_verification_job_that_dies_without_verdict_backs_off_then_offers_again():
+    spec = make_spec(sites=[SITE], backoffLimit=1)
     d = step(spec, awaiting(spec).status, partition_results={"p1": result("p1")})
-    gone = step(spec, d.status)  # the Job vanished: recreated under the same name
+    gone = step(spec, d.status)  # never seen: recreated under the same name
     assert "r-p1-verify-a1" in created(gone) and gone.status.partitions[1].state == "Verifying"
     d = step(spec, d.status, jobs={"r-p1-verify-a1": JobObservation("Failed", "OOMKilled")})
-    assert d.status.partitions[1].state == "Failed"
-    assert "OOMKilled" in d.status.partitions[1].message
+    p1 = d.status.partitions[1]
+    assert p1.state == "BackingOff" and "OOMKilled" in p1.message and p1.attempt == 1
+    assert offers(step(spec, d.status, at=5)) == []  # still backing off: no new grant
+    d = step(spec, d.status, at=11)
+    assert d.status.partitions[1].state == "AwaitingContribution"
+    assert [o.assignment.attempt for o in offers(d)] == [2]
+    d = step(spec, d.status, at=12, partition_results={"p1": result("p1", 2)})
+    d = step(spec, d.status, at=13, jobs={"r-p1-verify-a2": JobObservation("Failed", "OOM")})
+    assert d.status.partitions[1].state == "Failed"  # out of retries (backoffLimit 1)
+
+
+@pytest.mark.parametrize("job", [JobObservation("Failed", "bad", permanent=True), None])
+def test_verification_failing_permanently_or_vanishing_after_seen(job):
+    spec = make_spec(sites=[SITE], backoffLimit=0)
+    d = step(spec, awaiting(spec).status, partition_results={"p1": result("p1")})
+    d = step(spec, d.status, jobs={"r-p1-verify-a1": JobObservation("Active")})
+    d = step(spec, d.status, jobs={"r-p1-verify-a1": job} if job else {})
+    assert d.status.partitions[1].state == "Failed" and not any("verify" in n for n in created(d))
 
 
 def test_a_failed_run_revokes_grants_still_out():

@@ -24,12 +24,11 @@ from merit_operator.manifests import (
 )
 from merit_operator.settings import Settings
 from merit_operator.status import (
-    invalid_spec_status,
     merge_patch,
     next_delay,
     validated_spec,
 )
-from meritrun.api import MeritRunSpec, MeritRunStatus, PartitionStatus
+from meritrun.api import MeritRunSpec, MeritRunStatus, PartitionStatus, PlanSummary
 from meritrun.errors import SpecError
 from meritrun.jobs import merge_job, profile_job, train_job, verify_job
 
@@ -186,19 +185,14 @@ def test_merge_patch_nulls_what_disappeared_and_replaces_lists():
     assert merge_patch(new, new) is None
 
 
-def test_invalid_spec_becomes_failed_with_the_field_path():
+def test_invalid_spec_names_the_field_path():
     body = {"metadata": {"name": "demo"}, "spec": {"baseModel": {"uri": "s3://b/m"},
                                                    "data": {"uri": "s3://b/d"},
                                                    "storage": {"bucket": "bkt"},
                                                    "training": {"learningRate": -1}}}
     with pytest.raises(SpecError) as caught:
         validated_spec(body)
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    st = invalid_spec_status(None, caught.value, now=now, generation=3)
-    failed = next(c for c in st.conditions if c.type == "Failed")
-    assert st.phase == "Failed" and st.observed_generation == 3
-    assert failed.reason == "InvalidSpec" and failed.observed_generation == 3
-    assert failed.message == "spec.training.learningRate: Input should be greater than 0"
+    assert str(caught.value) == "spec.training.learningRate: Input should be greater than 0"
 
 
 @pytest.mark.parametrize(("change", "path"), [
@@ -218,9 +212,21 @@ def test_next_delay_wakes_when_a_backoff_ends():
     st = MeritRunStatus(phase="Training", partitions=[PartitionStatus(
         name="p0", index=0, sources=["a"], state="BackingOff",
         retry_after=(now + timedelta(seconds=7)).strftime("%Y-%m-%dT%H:%M:%SZ"))])
-    assert next_delay(st, now=now, resync_seconds=30, idle_seconds=600) == pytest.approx(7.05)
+    due = step_decision_requeue(st, now)
+    assert next_delay(st, requeue_after=due, resync_seconds=30,
+                      idle_seconds=600) == pytest.approx(7.05)
     st.phase = "Succeeded"
-    assert next_delay(st, now=now, resync_seconds=30, idle_seconds=600) == 600
+    assert next_delay(st, requeue_after=None, resync_seconds=30, idle_seconds=600) == 600
+
+
+def step_decision_requeue(st, now):
+    from meritrun.pipeline import Observed, decide
+
+    spec = MeritRunSpec.model_validate({"baseModel": {"uri": "s3://b/m"},
+                                        "data": {"uri": "s3://b/d"}, "storage": {"bucket": "b"}})
+    st = st.model_copy(update={"plan": PlanSummary(strategy="random", partitions=1),
+                               "start_time": "2026-01-01T00:00:00Z"})
+    return decide(spec, st, Observed(run="r", now=now)).requeue_after
 
 
 def test_settings_from_env_with_units_and_errors():

@@ -161,11 +161,13 @@ def test_merge_refusal_within_quorum_is_recorded_on_success():
     assert d.status.phase == "Succeeded" and d.status.merge.left_out == ["p1"]
 
 
-def test_terminal_run_is_left_alone():
+def test_terminal_run_creates_nothing_and_stops_what_still_runs():
     spec = make_spec()
     done = MeritRunStatus(phase="Succeeded")
-    d = step(spec, done, jobs={"r-p0-a1": JobObservation("Active")})
-    assert d.actions == () and d.status.phase == "Succeeded"
+    d = step(spec, done, jobs={"r-p0-a1": JobObservation("Active"),
+                               "r-p1-a1": JobObservation("Succeeded")})
+    assert d.actions == (DeleteJob("r-p0-a1"),) and d.status.phase == "Succeeded"
+    assert d.events == ()
 
 
 def test_suspend_creates_nothing_and_resume_continues():

@@ -1,5 +1,6 @@
 """What a backend observed in one round: child Jobs from the cluster, stage outputs from
-storage. Plain frozen data; `meritrun.pipeline.decide` reads it, backends fill it.
+storage, live grants from the grant store, and whether the spec is valid. Plain frozen data;
+`decide` reads it, backends fill it.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from .api import ArtifactRef
-from .stages import Plan, Verdict
+from ..api import ArtifactRef
+from ..stages import Plan, Verdict
+from .actions import GrantRef
 
 JobState = Literal["Active", "Succeeded", "Failed"]
 
@@ -21,6 +23,8 @@ class JobObservation:
     message: str | None = None
     # Why an Active Job makes no progress (held by its queue, image pull, unschedulable).
     waiting: str | None = None
+    permanent: bool = False  # the stage said retrying cannot help (bad input, missing file)
+    cluster: str | None = None  # where it was seen (a kubeconfig site), None for this cluster
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class MergeOutcome:
 
 @dataclass(frozen=True)
 class Observed:
-    """Everything a backend saw this round, read from the cluster and from storage."""
+    """Everything a backend saw this round, read from the cluster, storage and grant store."""
 
     run: str
     now: datetime
@@ -54,3 +58,5 @@ class Observed:
     search_best: Mapping[str, float] | None = None
     verdicts: Mapping[str, Verdict] = field(default_factory=dict)  # partition -> its verdict
     sketches: Mapping[str, str] = field(default_factory=dict)  # site -> uri of its sketches
+    grants: Mapping[str, GrantRef] = field(default_factory=dict)  # live grants, by grant name
+    spec_error: str | None = None  # the spec does not validate: "path: why"
