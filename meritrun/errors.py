@@ -6,6 +6,21 @@ them into a message and a non-zero exit. Everything else raises them `from` the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from enum import IntEnum
+
+ERROR_MARKER = "MERITRUN_ERROR:"  # a stage's last stderr line: its one-line reason
+
+
+class ExitCode(IntEnum):
+    """How every stage process (trainer, merger, contribute) ends; backends read it back."""
+
+    OK = 0
+    INTERNAL = 1  # a bug (traceback logged): retried
+    ERROR = 2  # a MeritRunError that another attempt may not meet (storage, network): retried
+    QUORUM = 3  # the merge found too few trustworthy contributions: a verdict on the inputs
+    PERMANENT = 4  # deterministic (invalid params, bad data, a missing file): never retried
+
 
 class MeritRunError(Exception):
     """Base of every error MeritRun raises on purpose."""
@@ -58,3 +73,28 @@ class ContributionRejected(MeritRunError):
 
 class StageFailed(MeritRunError):
     """A pipeline stage (profile, train, merge) could not complete."""
+
+
+PERMANENT_ERRORS: tuple[type[MeritRunError], ...] = (SpecError, DataError, ObjectNotFound,
+                                                     IntegrityError)
+
+
+def exit_code_for(error: BaseException) -> ExitCode:
+    """The exit code a stage ends with for `error` (PERMANENT when retrying cannot help)."""
+    if isinstance(error, PERMANENT_ERRORS):
+        return ExitCode.PERMANENT
+    return ExitCode.ERROR if isinstance(error, MeritRunError) else ExitCode.INTERNAL
+
+
+def error_line(reason: str) -> str:
+    """The marker line a stage prints last (one line, whatever the reason held)."""
+    return f"{ERROR_MARKER} {' '.join(reason.split())}"
+
+
+def find_error_line(lines: Iterable[str], *, limit: int = 500) -> str | None:
+    """The reason of the last marker line among `lines` (a log, a termination message)."""
+    found = None
+    for line in lines:
+        if line.startswith(ERROR_MARKER):
+            found = line[len(ERROR_MARKER):].strip()[:limit]
+    return found

@@ -25,7 +25,7 @@ from pathlib import Path
 from .api import TERMINAL_PHASES, MeritRun, MeritRunSpec, MeritRunStatus, StorageSpec
 from .conditions import now_utc
 from .driver import ActionsFailed, run_round
-from .errors import SpecError
+from .errors import ExitCode, SpecError, find_error_line
 from .observe import grant_candidates, observe_storage
 from .pipeline import (
     CreateJob,
@@ -40,7 +40,6 @@ from .pipeline import (
 from .stages import stage_command
 
 log = logging.getLogger(__name__)
-ERROR_MARKER = "MERITRUN_ERROR:"
 LOCAL_POLICY = Policy(backoff_base_seconds=1.0, backoff_max_seconds=10.0)
 
 
@@ -52,15 +51,12 @@ class _Proc:
 
 
 def last_error_line(log_path: Path) -> str | None:
-    """The stage's own one-line reason, if it printed one."""
+    """The stage's own one-line reason (its MERITRUN_ERROR line), else its last line."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
         return None
-    for line in reversed(lines):
-        if line.startswith(ERROR_MARKER):
-            return line[len(ERROR_MARKER):].strip()[:500]
-    return lines[-1][:500] if lines else None
+    return find_error_line(lines) or (lines[-1][:500] if lines else None)
 
 
 class LocalBackend:
@@ -117,7 +113,8 @@ class LocalBackend:
                 seen[name] = JobObservation("Succeeded")
             else:
                 reason = last_error_line(proc.log_path) or f"exit code {code}"
-                seen[name] = JobObservation("Failed", f"exit code {code}: {reason}")
+                seen[name] = JobObservation("Failed", f"exit code {code}: {reason}",
+                                            permanent=code == ExitCode.PERMANENT)
         return seen
 
     def stop_all(self) -> None:

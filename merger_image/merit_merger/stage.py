@@ -9,8 +9,9 @@ is uploaded. `search` hands SearchParams to the mixture search (merit_merger.sea
 `verify` judges one arriving contribution (merit_merger.verify) and writes its verdict; a
 refusal is a verdict, so it exits 0 too.
 
-Exit codes: 0 success; 1 unexpected error (traceback logged); 2 MeritRunError; 3 quorum not
-met after refusals. Every failure ends with `MERITRUN_ERROR: <reason>` on stderr.
+Exit codes are `meritrun.errors.ExitCode`: 0 success; 1 a bug (traceback logged); 2 an error
+another attempt may not meet; 3 quorum not met after refusals; 4 permanent (bad params, bad
+data, a missing file: not retried). Every failure ends with `MERITRUN_ERROR: <reason>`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from pydantic import ValidationError
 from meritrun.artifacts import MANIFEST_NAME
 from meritrun.errors import (
     ContributionRejected,
+    ExitCode,
     IntegrityError,
     MeritRunError,
     ObjectNotFound,
     SpecError,
+    error_line,
+    exit_code_for,
 )
 from meritrun.stages import MergeParams, SearchParams, VerifyParams
 
@@ -41,7 +45,7 @@ from .verification import QuorumNotMet
 
 log = logging.getLogger(__name__)
 
-EXIT_ERROR, EXIT_MERITRUN, EXIT_QUORUM = 1, 2, 3
+EXIT_ERROR, EXIT_MERITRUN, EXIT_QUORUM = ExitCode.INTERNAL, ExitCode.ERROR, ExitCode.QUORUM
 
 
 def open_stage_storage(params: MergeParams | SearchParams | VerifyParams):
@@ -149,7 +153,7 @@ def _load(stage: str, path: Path) -> MergeParams | SearchParams | VerifyParams:
 
 
 def _fail(code: int, reason: str) -> int:
-    print(f"MERITRUN_ERROR: {' '.join(reason.split())}", file=sys.stderr, flush=True)
+    print(error_line(reason), file=sys.stderr, flush=True)
     return code
 
 
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_QUORUM, str(e))
     except MeritRunError as e:
         log.error("%s", e)
-        return _fail(EXIT_MERITRUN, str(e))
+        return _fail(exit_code_for(e), str(e))
     except Exception as e:  # noqa: BLE001 - the process boundary: log the traceback, exit 1
         log.exception("%s stage failed", args.stage)
         return _fail(EXIT_ERROR, f"{type(e).__name__}: {e}")

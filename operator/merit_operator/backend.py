@@ -15,7 +15,7 @@ from typing import Any
 
 from meritrun import API_GROUP, API_VERSION
 from meritrun.api import PLURAL, MeritRunSpec
-from meritrun.errors import SpecError, TransientError
+from meritrun.errors import ExitCode, SpecError, TransientError, find_error_line
 from meritrun.jobs import CreateJob
 from meritrun.pipeline import JobObservation
 
@@ -36,7 +36,6 @@ from .manifests import (
 from .remote import RemoteClusters
 
 log = logging.getLogger(__name__)
-ERROR_MARKER = "MERITRUN_ERROR:"
 
 
 def run_path(namespace: str, name: str | None = None, *, subresource: str | None = None) -> str:
@@ -60,15 +59,17 @@ def is_ours(obj: dict[str, Any], run: RunRef) -> bool:
     return labels.get(LABEL_RUN) == run.name and labels.get(LABEL_RUN_UID) in (None, run.uid)
 
 
-def termination_reason(pods: list[dict[str, Any]]) -> str | None:
-    """The stage's own one-line reason, from its pod's termination message (the log tail)."""
+def termination_reason(pods: list[dict[str, Any]]) -> tuple[str | None, bool]:
+    """The stage's own one-line reason, from its pod's termination message (the log tail),
+    and whether it exited PERMANENT (retrying the same inputs cannot help)."""
+    reason, permanent = None, False
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or ""
-            for line in reversed(message.splitlines()):
-                if line.startswith(ERROR_MARKER):
-                    return line[len(ERROR_MARKER):].strip()[:300]
-    return None
+            ended = (cs.get("state") or {}).get("terminated") or {}
+            permanent = permanent or ended.get("exitCode") == ExitCode.PERMANENT
+            reason = find_error_line((ended.get("message") or "").splitlines(),
+                                     limit=300) or reason
+    return reason, permanent
 
 
 class KubeBackend:
@@ -165,8 +166,8 @@ class KubeBackend:
             return observation
         pods = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {})
                 .get("job-name") == job]
-        reason = termination_reason(pods)
-        return JobObservation("Failed", reason) if reason else observation
+        reason, permanent = termination_reason(pods)
+        return replace(observation, message=reason or observation.message, permanent=permanent)
 
     def create_job(self, action: CreateJob, *, run: RunRef, spec: MeritRunSpec) -> bool:
         """Create the params ConfigMap and the Job; True if the Job is new."""

@@ -136,10 +136,15 @@ class KubeRound:
 def _storage_of(body: dict[str, Any]) -> StorageSpec | None:
     """The storage section alone, when the rest of an invalid spec does not validate: enough
     to reach the sites' grants and revoke them."""
+    raw = (body.get("spec") or {}).get("storage")
+    if not isinstance(raw, dict):
+        return None
     try:
-        return StorageSpec.model_validate(((body.get("spec") or {}).get("storage")) or {})
+        storage = StorageSpec.model_validate(raw)
+        storage.root_uri()
     except ValueError:
         return None
+    return storage
 
 
 class Reconciler:

@@ -18,6 +18,7 @@ from support.experts import load_state, make_experts, refresh_manifest
 from merit_merger import stage
 from merit_merger.cli_merge import main as cli_main
 from meritrun.api import MergeSpec, OtaSpec
+from meritrun.errors import ExitCode
 from meritrun.stages import MergeParams, PartitionInput, StorageParams
 
 RUN, OUTPUT = "r1", "runs/r1/merged/attempt-1"
@@ -111,9 +112,9 @@ def test_quorum_met_merges_the_rest_with_renormalized_weights(store, tmp_path):
     assert recipe["models"][0]["model"].endswith(f"{prefix('p0')}/model")
 
 
-def test_bad_params_exit_2(tmp_path, capsys):
+def test_bad_params_exit_permanent(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"run": "x"}')
-    assert stage.main(["merge", "--params", str(tmp_path / "bad.json")]) == 2
+    assert stage.main(["merge", "--params", str(tmp_path / "bad.json")]) == ExitCode.PERMANENT
     assert "MERITRUN_ERROR: params" in capsys.readouterr().err
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from merit_trainer.stage import main
 from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, partition_prefix, plan_prefix
+from meritrun.errors import ExitCode
 from meritrun.stages import Plan, ProfileParams, TrainParams
 
 TIMEOUT_S = 180
@@ -75,7 +76,7 @@ def test_invalid_params_exit_nonzero_with_an_error_line(tmp_path):
     done = run_stage("train", "--params", str(params_path), "--workdir", str(tmp_path / "w"),
                      env=_env())
 
-    assert done.returncode == 2
+    assert done.returncode == ExitCode.PERMANENT  # retrying the same params cannot help
     line = error_line(done.stderr)
     assert "attempt" in line and str(params_path) in line
 
@@ -92,7 +93,7 @@ def test_missing_source_is_reported_by_name(tmp_path, tiny_base, tiny_mixture, c
     code = main(["train", "--params", str(tmp_path / "params.json"),
                  "--workdir", str(tmp_path / "w")])
 
-    assert code == 2
+    assert code == ExitCode.PERMANENT
     assert "'no-such-source'" in error_line(capfd.readouterr().err)
     assert not (tmp_path / "store").exists()
 
@@ -100,7 +101,7 @@ def test_missing_source_is_reported_by_name(tmp_path, tiny_base, tiny_mixture, c
 def test_unreadable_params_file_fails_before_loading_anything(capfd):
     code = main(["profile", "--params", "/nonexistent/params.json"])
 
-    assert code == 2
+    assert code == ExitCode.PERMANENT
     assert "cannot read /nonexistent/params.json" in error_line(capfd.readouterr().err)
 
 
@@ -108,7 +109,7 @@ def test_usage_error_also_ends_with_an_error_line(capfd):
     with pytest.raises(SystemExit) as exited:
         main(["train"])
 
-    assert exited.value.code == 2
+    assert exited.value.code == ExitCode.PERMANENT
     assert "--params" in error_line(capfd.readouterr().err)
 
 

@@ -42,12 +42,10 @@ from meritrun.assignment import (
 from meritrun.clihelp import DefaultsHelpFormatter
 from meritrun.conditions import from_rfc3339
 from meritrun.data import group_by_source, iter_examples
-from meritrun.errors import MeritRunError, SpecError, StageFailed
+from meritrun.errors import ExitCode, MeritRunError, SpecError, StageFailed
 from meritrun.keys import site_signing_key
 from meritrun.stages import StorageParams
 from meritrun.storage import Storage, open_storage, split_uri
-
-from .stage import EXIT_ERROR, EXIT_INTERNAL
 
 log = logging.getLogger("merit_trainer.contribute")
 STATE_NAME = "contribution.json"
@@ -277,14 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = contribute(args)
     except MeritRunError as e:  # a person reads this: one line, no stage-backend marker
         print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)
-        return EXIT_ERROR
+        return ExitCode.ERROR
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # process boundary: report any bug instead of dying silently
         log.exception("contribute crashed")
         print(f"internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_INTERNAL
+        return ExitCode.INTERNAL
     print(summary)
     return 0
 

@@ -3,8 +3,9 @@
 This is the process boundary between a backend (a local process or a Kubernetes Job) and the
 training code: it reads the stage parameters, runs the stage, and turns the outcome into an exit
 status plus a last stderr line `MERITRUN_ERROR: <reason>` that the backend copies into the
-MeritRun's status. Exit 2: a MeritRunError (bad params, bad data, storage refused); exit 1: a
-bug (the traceback is logged). No training logic lives here.
+MeritRun's status. Exit codes are `meritrun.errors.ExitCode`: 4 permanent (bad params, bad
+data, a missing file: the pipeline does not retry), 2 another MeritRunError (storage, network),
+1 a bug (the traceback is logged). No training logic lives here.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from meritrun.errors import MeritRunError, SpecError
+from meritrun.errors import ERROR_MARKER, ExitCode, MeritRunError, SpecError, exit_code_for
 from meritrun.stages import PARAMS_ENV, ProfileParams, TrainParams
 
 log = logging.getLogger("merit_trainer.stage")  # not __name__: that is "__main__" under -m
 
-ERROR_PREFIX = "MERITRUN_ERROR: "
-EXIT_ERROR, EXIT_INTERNAL = 2, 1
+ERROR_PREFIX = ERROR_MARKER + " "
+EXIT_ERROR, EXIT_INTERNAL = ExitCode.PERMANENT, ExitCode.INTERNAL  # usage errors: permanent
 
 
 def read_params(path: Path, model: type[BaseModel]) -> BaseModel:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 STAGES[args.stage](args.params, Path(tmp))
     except MeritRunError as e:
         log.error("%s stage failed: %s", args.stage, e)
-        return _fail(str(e), EXIT_ERROR)
+        return _fail(str(e), exit_code_for(e))
     except Exception as e:  # process boundary: report any bug instead of dying silently
         log.exception("%s stage crashed", args.stage)
         return _fail(f"internal error: {type(e).__name__}: {e}", EXIT_INTERNAL)
