@@ -75,8 +75,7 @@ class StageFailed(MeritRunError):
     """A pipeline stage (profile, train, merge) could not complete."""
 
 
-PERMANENT_ERRORS: tuple[type[MeritRunError], ...] = (SpecError, DataError, ObjectNotFound,
-                                                     IntegrityError)
+PERMANENT_ERRORS: tuple[type[MeritRunError], ...] = (SpecError, DataError, ObjectNotFound)
 
 
 def exit_code_for(error: BaseException) -> ExitCode:
