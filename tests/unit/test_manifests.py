@@ -223,7 +223,7 @@ def step_decision_requeue(st, now):
     from meritrun.pipeline import Observed, decide
 
     spec = MeritRunSpec.model_validate({"baseModel": {"uri": "s3://b/m"},
-                                        "data": {"uri": "s3://b/d"}, "storage": {"bucket": "b"}})
+                                        "data": {"uri": "s3://b/d"}, "storage": {"bucket": "merit"}})
     st = st.model_copy(update={"plan": PlanSummary(strategy="random", partitions=1),
                                "start_time": "2026-01-01T00:00:00Z"})
     return decide(spec, st, Observed(run="r", now=now)).requeue_after
