@@ -8,6 +8,8 @@ travel here: S3 keys reach a stage only through its environment (the spec's Secr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,13 +24,6 @@ from .api import (
 )
 
 PARAMS_ENV = "MERITRUN_PARAMS"
-STAGE_MODULES = {
-    "profile": "merit_trainer.stage",
-    "train": "merit_trainer.stage",
-    "merge": "merit_merger.stage",
-    "search": "merit_merger.stage",
-    "verify": "merit_merger.stage",
-}
 
 
 class StorageParams(BaseModel):
@@ -169,9 +164,40 @@ class Plan(BaseModel):
     settings: dict = Field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StageDef:
+    """One stage: what it is given, which image runs it, and its entry module."""
+
+    params: type[_Params]
+    image: Literal["trainer", "merger"]
+    module: str
+
+    @property
+    def gpu(self) -> bool:
+        return self.image == "trainer"
+
+
+# The one stage table: Job builders (meritrun.pipeline.jobs), both backends (stage_command),
+# the operator's image choice and each image's params loader read it. A new stage is one
+# entry here, one params model above, one step in meritrun.pipeline.steps.
+STAGES: dict[str, StageDef] = {
+    "profile": StageDef(ProfileParams, "trainer", "merit_trainer.stage"),
+    "train": StageDef(TrainParams, "trainer", "merit_trainer.stage"),
+    "merge": StageDef(MergeParams, "merger", "merit_merger.stage"),
+    "search": StageDef(SearchParams, "merger", "merit_merger.stage"),
+    "verify": StageDef(VerifyParams, "merger", "merit_merger.stage"),
+}
+STAGE_MODULES = {name: d.module for name, d in STAGES.items()}
+
+
+def stages_of(image: str) -> dict[str, type[_Params]]:
+    """stage -> params model of the stages an image runs (its entry point's loader)."""
+    return {name: d.params for name, d in STAGES.items() if d.image == image}
+
+
 def stage_command(stage: str, params_path: str, *, python: str = "python") -> list[str]:
     """argv that runs a stage, identical for a local process and a Job's container."""
-    return [python, "-m", STAGE_MODULES[stage], stage, "--params", params_path]
+    return [python, "-m", STAGES[stage].module, stage, "--params", params_path]
 
 
 def partition_name(index: int) -> str:

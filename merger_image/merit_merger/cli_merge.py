@@ -23,9 +23,9 @@ from meritrun.clihelp import DefaultsHelpFormatter
 from meritrun.errors import ContributionRejected, MeritRunError, SpecError
 
 from .checks import load_partition
+from .fetch import fetch_partition
 from .job import MB, MergeSettings, run_merge_job
 from .methods import METHODS, get_method
-from .stage import fetch_partition
 from .verification import QuorumNotMet
 
 _PARAM_FLAGS = ("density", "power", "epsilon", "scale")

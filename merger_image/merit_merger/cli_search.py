@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 from meritrun.api.limits import MAX_SEARCH_CANDIDATES, lattice_candidates
-from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, base_fingerprint, read_manifest
+from meritrun.artifacts import MANIFEST_NAME, base_fingerprint, read_manifest
 from meritrun.clihelp import DefaultsHelpFormatter
 from meritrun.errors import ContributionRejected, MeritRunError, SpecError
-from meritrun.stages import PartitionInput, SearchParams
+from meritrun.stages import SearchParams
 
 from .evaluation import json_safe
+from .fetch import fetch_partition
 from .search import Candidate, dirichlet_candidates, search_mixtures, simplex_grid
 from .search_plot import format_ranking_table, plot_search
 
@@ -65,14 +66,6 @@ def write_search_outputs(search: dict, out_dir: Path) -> dict[str, Path]:
 
 # --- the `search` stage ---------------------------------------------------------------------
 
-def fetch_partition(storage, part: PartitionInput, dest: Path) -> tuple[Path, PartitionManifest]:
-    """Download one partition artifact: manifest.json first, then the files it lists."""
-    manifest = PartitionManifest.model_validate_json(
-        storage.get_bytes(f"{part.prefix}/{MANIFEST_NAME}"))
-    storage.download_dir(part.prefix, dest, expected=manifest.files)
-    return dest, read_manifest(dest)
-
-
 def run_search_stage(params: SearchParams, *, workdir: Path) -> dict:
     """Rank the candidate mixtures of params.partitions; writes {output}/search.json + plot."""
     from meritrun.storage import fetch_path, open_storage
@@ -89,11 +82,16 @@ def run_search_stage(params: SearchParams, *, workdir: Path) -> dict:
     fingerprint = base_fingerprint(Path(base_dir))
     expert_dirs = []
     for part in params.partitions:
-        path, manifest = fetch_partition(storage, part, workdir / "partitions" / part.name)
-        if manifest.base != fingerprint:
+        source, _ = fetch_partition(storage, part.name, part.prefix,
+                                    workdir / "partitions" / part.name)
+        if isinstance(source, ContributionRejected):
+            raise source
+        path, manifest = source.artifact_dir, source.manifest
+        if manifest is None or path is None or manifest.base != fingerprint:
             # A proxy built on another base mixes unrelated deltas: refuse it, do not rank it.
-            raise ContributionRejected(part.name, "base",
-                                       f"trained from {manifest.base}, base is {fingerprint}")
+            raise ContributionRejected(part.name, "base", "trained from "
+                                       f"{manifest.base if manifest else None}, base is "
+                                       f"{fingerprint}")
         expert_dirs.append(path)
     names = [p.name for p in params.partitions]
     spec = params.search

@@ -18,72 +18,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from meritrun.artifacts import MANIFEST_NAME
 from meritrun.errors import (
-    ContributionRejected,
     ExitCode,
-    IntegrityError,
     MeritRunError,
-    ObjectNotFound,
     SpecError,
     error_line,
     exit_code_for,
 )
-from meritrun.stages import MergeParams, SearchParams, VerifyParams
+from meritrun.stages import MergeParams, SearchParams, VerifyParams, stages_of
 
-from .checks import load_partition
-from .job import Candidate, run_merge_job, settings_from_spec
+from .fetch import fetch_partition, open_stage_storage
+from .job import run_merge_job, settings_from_spec
 from .report import REPORT_NAME
 from .verification import QuorumNotMet
+from .verify import run_verify_stage
 
 log = logging.getLogger(__name__)
 
 EXIT_ERROR, EXIT_MERITRUN, EXIT_QUORUM = ExitCode.INTERNAL, ExitCode.ERROR, ExitCode.QUORUM
-
-
-def open_stage_storage(params: MergeParams | SearchParams | VerifyParams):
-    from meritrun.storage import open_storage
-
-    return open_storage(params.storage.uri, endpoint=params.storage.endpoint,
-                        region=params.storage.region,
-                        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-                        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
-
-
-def local_root(storage) -> Path | None:
-    """The directory of a local storage root (artifacts are read in place), else None."""
-    from meritrun.storage import LocalStorage
-
-    return storage.root if isinstance(storage, LocalStorage) else None
-
-
-def fetch_partition(storage, name: str, prefix: str, dest: Path) -> tuple[Candidate, bool]:
-    """(source or refusal, whether its files were sha256-verified while downloading)."""
-    root = local_root(storage)
-    try:
-        if root is not None:
-            return load_partition(root / prefix, name), False
-        try:
-            storage.get_file(f"{prefix}/{MANIFEST_NAME}", dest / MANIFEST_NAME)
-        except ObjectNotFound as e:
-            raise ContributionRejected(name, "missing-file", f"{MANIFEST_NAME}: {e}") from e
-        source = load_partition(dest, name)
-        try:
-            storage.download_dir(prefix, dest, expected=source.manifest.files)
-        except IntegrityError as e:
-            raise ContributionRejected(name, "sha256", str(e)) from e
-        except ObjectNotFound as e:
-            raise ContributionRejected(name, "missing-file", str(e)) from e
-        return source, True
-    except ContributionRejected as rejection:
-        return rejection, False
 
 
 def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
@@ -141,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-STAGE_PARAMS = {"merge": MergeParams, "search": SearchParams, "verify": VerifyParams}
+STAGE_PARAMS = stages_of("merger")
 
 
 def _load(stage: str, path: Path) -> MergeParams | SearchParams | VerifyParams:
@@ -168,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage == "merge":
                 run_merge_stage(params, workdir=workdir)
             elif args.stage == "verify":
-                from .verify import run_verify_stage  # imports this module: not at the top
-
                 run_verify_stage(params, workdir=workdir)
             else:
                 run_search(params, workdir=workdir)

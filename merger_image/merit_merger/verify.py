@@ -28,10 +28,10 @@ from meritrun.artifacts import MANIFEST_NAME, VERDICT_NAME, read_manifest, sha25
 from meritrun.errors import ContributionRejected
 from meritrun.stages import PartitionInput, Verdict, VerifyParams
 
+from .fetch import fetch_partition, local_root, open_stage_storage
 from .job import Candidate, MergeSettings, settings_from_spec
 from .methods import get_method
 from .sources import PartitionSource
-from .stage import fetch_partition, local_root, open_stage_storage
 from .verification import verify_partitions
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from meritrun import API_GROUP, API_VERSION
 from meritrun.api import KIND, JobTemplate, MeritRunSpec
 from meritrun.jobs import CreateJob
 from meritrun.pipeline import JobObservation
-from meritrun.stages import PARAMS_ENV, stage_command
+from meritrun.stages import PARAMS_ENV, STAGES, stage_command
 
 from . import gang
 
@@ -44,7 +44,7 @@ DISRUPTION_TOLERANT: dict[str, Any] = {
     "podReplacementPolicy": "Failed",
 }
 # Merge and search stream tensors on CPUs; a GPU request there would idle an accelerator.
-CPU_ONLY_STAGES = frozenset({"merge", "search", "verify"})  # the merger image, no GPU
+CPU_ONLY_STAGES = frozenset(n for n, d in STAGES.items() if not d.gpu)  # the merger image
 
 
 @dataclass(frozen=True)
