@@ -270,7 +270,7 @@ def offer_partition(run: str, spec: MeritRunSpec, part: PartitionStatus, *, stor
                     ) -> SiteGrant:
     """Assignment + grant of a waiting pull partition in one call, for tools and tests.
 
-    The backends get the same from the pipeline's OfferAssignment (`contributions._offer`,
+    The backends get the same from the pipeline's OfferAssignment (`pipeline.pull._offer`,
     carried out by `grants.GrantKeeper`): the same assignment, expiry and issuer call.
     """
     assignment = build_train_assignment(run, spec, part)

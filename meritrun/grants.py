@@ -1,6 +1,6 @@
 """Carrying out the pipeline's OfferAssignment / RevokeGrant actions, for both backends.
 
-The decision is pure (`meritrun.contributions`); this is its I/O: write the assignment, issue
+The decision is pure (`meritrun.pipeline.pull`); this is its I/O: write the assignment, issue
 the scoped storage identity (`access.offer_assignment`), and keep the site's bundle where the
 hub's admin picks it up: a Kubernetes Secret for the operator, a 0600 file for a local run.
 Offers are repeated every round while a partition waits, so `offer` is a no-op when the

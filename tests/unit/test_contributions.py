@@ -7,9 +7,8 @@ from datetime import timedelta
 import pytest
 from support.decide import T0, created, make_spec, result, step
 
-from meritrun.contributions import OfferAssignment, RevokeGrant
 from meritrun.jobs import CreateJob
-from meritrun.pipeline import JobObservation
+from meritrun.pipeline import JobObservation, OfferAssignment, RevokeGrant
 from meritrun.stages import Plan, PlannedPartition, Verdict
 
 SITE = {"name": "site-b", "mode": "pull", "deadlineSeconds": 1000}
