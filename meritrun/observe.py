@@ -115,13 +115,17 @@ def observe_storage(storage, run: str, status: MeritRunStatus | None) -> dict:
 
 def grant_candidates(spec: MeritRunSpec | None, status: MeritRunStatus | None,
                      plan: Plan | None = None) -> list[tuple[str, str]]:
-    """(site, name) of every grant the run may have offered: its partitions with a site (in
-    the status, or in a plan read before the status recorded it: an offer whose status write
-    was lost) and its sketch sites. Asked of the grant store every round, so a grant is
-    revoked whatever the status says."""
-    out: set[tuple[str, str]] = set()
-    parts = [*(status.partitions if status else []), *(plan.partitions if plan else [])]
-    out |= {(p.site, p.name) for p in parts if p.site}
+    """(site, name) of every grant the run may have offered: its pull partitions (by the
+    status, or by a plan read before the status recorded it: an offer whose status write was
+    lost) and its sketch sites. Asked of the grant store every round, so a grant is revoked
+    whatever the status says. Only pull sites: a run without them never touches the store."""
+    def pull(site: str | None) -> bool:
+        return spec is not None and spec.site_mode(site) == "pull"
+
+    parts = status.partitions if status else []
+    out = {(p.site, p.name) for p in parts if p.site and (p.grant or pull(p.site))}
+    out |= {(p.site, p.name) for p in (plan.partitions if plan else []) if p.site and pull(p.site)}
     out |= {(sk.site, "sketch") for sk in (status.sketches if status else None) or []}
-    out |= {(s.name, "sketch") for s in (spec.sites or []) if spec and s.sketches}
+    out |= {(s.name, "sketch") for s in (spec.sites if spec else None) or []
+            if s.mode == "pull" and s.sketches}
     return sorted(out)

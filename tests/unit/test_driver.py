@@ -76,3 +76,20 @@ def test_the_local_runner_refuses_kubeconfig_sites(tmp_path: Path):
     with pytest.raises(SpecError, match=r"spec.sites\[0\].mode: site 'east' is a kubeconfig"):
         run_local(run, workdir=tmp_path / "w")
     assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def test_grant_candidates_are_pull_partitions_and_sketch_sites_only():
+    from meritrun.api import MeritRunStatus, PartitionStatus
+    from meritrun.observe import grant_candidates
+    from meritrun.stages import Plan, PlannedPartition
+
+    spec = make_spec(sites=[{"name": "east", "mode": "kubeconfig", "secretRef": {"name": "k"}},
+                            {"name": "west", "mode": "pull"}])
+    st = MeritRunStatus(partitions=[
+        PartitionStatus(name="p0", index=0, sources=["a"], site="east"),
+        PartitionStatus(name="p1", index=1, sources=["b"], site="west", grant="r-p1-grant")])
+    lost = Plan(strategy="bySite", partitions=[  # a plan the status never recorded
+        PlannedPartition(name="p2", index=2, sources=["c"], tokens=1, site="west")])
+    assert grant_candidates(spec, st, lost) == [("west", "p1"), ("west", "p2")]
+    assert grant_candidates(None, st) == [("west", "p1")]  # an invalid spec: the status says
+    assert grant_candidates(make_spec(), None) == []  # no pull site: the store is never asked
