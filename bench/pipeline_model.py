@@ -360,18 +360,33 @@ def run_sequence(seed: int, *, noisy_rounds: int = 40, quiet_rounds: int = 300) 
                             f"(phase {stored.phase if stored else None})")
 
 
+def _one(seed: int) -> tuple[int, str | None]:
+    try:
+        return run_sequence(seed), None
+    except Violation as e:
+        return 0, str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sequences", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0, help="first seed (seeds are consecutive)")
+    p.add_argument("--workers", type=int, default=1, help="processes (sequences are independent)")
     args = p.parse_args(argv)
     started, total, failures = time.monotonic(), 0, []
-    for seed in range(args.seed, args.seed + args.sequences):
-        try:
-            total += run_sequence(seed)
-        except Violation as e:
-            failures.append(str(e))
-            print(f"VIOLATION {e}", file=sys.stderr)
+    seeds = range(args.seed, args.seed + args.sequences)
+    if args.workers > 1:
+        from multiprocessing import Pool
+
+        with Pool(args.workers) as pool:
+            outcomes = pool.map(_one, seeds, chunksize=50)
+    else:
+        outcomes = map(_one, seeds)
+    for rounds, failure in outcomes:
+        total += rounds
+        if failure:
+            failures.append(failure)
+            print(f"VIOLATION {failure}", file=sys.stderr)
     seconds = time.monotonic() - started
     print(f"{args.sequences} sequences, {total} rounds, {len(failures)} violations, "
           f"{seconds:.1f} s")
