@@ -298,9 +298,9 @@ def check_round(world: World, old: MeritRunStatus | None, spec: MeritRunSpec | N
     for name, stage in _stages(new).items():
         if stage.attempt > world.max_backoff + 1:
             fail(f"{name}: attempt {stage.attempt} exceeds backoffLimit + 1")
-    if old is not None and old.phase in TERMINAL and not restarted:
+    if new.phase in TERMINAL:
         if any(isinstance(a, CreateJob | OfferAssignment) for a in decision.actions):
-            fail("a terminal run created or offered something")
+            fail(f"a {new.phase} run created or offered something")
     active = {j.key: j.name for j in world.jobs.values() if j.state == "Active"}
     for a in decision.actions:
         if isinstance(a, CreateJob):

@@ -13,7 +13,15 @@ from datetime import timedelta
 
 from ..api import MeritRunSpec, MeritRunStatus, PartitionStatus, StageStatus
 from ..conditions import from_rfc3339, set_condition, to_rfc3339
-from .actions import Action, CreateJob, DeleteJob, Event, GrantRef, RevokeGrant
+from .actions import (
+    Action,
+    CreateJob,
+    DeleteJob,
+    Event,
+    GrantRef,
+    OfferAssignment,
+    RevokeGrant,
+)
 from .observations import Observed
 
 
@@ -77,7 +85,10 @@ class Round:
         self.condition("Failed", "True", reason, message)
         self.condition("Ready", "False", reason, message)
         self.event(reason, message, warning=True)
-        self.actions[:] = [a for a in self.actions if not isinstance(a, CreateJob)]
+        # Nothing new starts in the round a run fails, not even what an earlier step of it
+        # decided: the Jobs the status names are deleted and the grants revoked below.
+        self.actions[:] = [a for a in self.actions
+                           if not isinstance(a, CreateJob | OfferAssignment)]
         stop_children(self)
 
 
