@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -59,6 +60,30 @@ def last_error_line(log_path: Path) -> str | None:
     return find_error_line(lines) or (lines[-1][:500] if lines else None)
 
 
+def local_gpus() -> int:
+    """GPUs this machine offers (CUDA_VISIBLE_DEVICES, else nvidia-smi), without torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listed.stdout.splitlines() if line.startswith("GPU "))
+
+
+def with_torchrun(argv: list[str], stage: str, gpus: int) -> list[str]:
+    """The train stage on every local GPU: torchrun --standalone, one process per GPU, as a
+    Kubernetes pod with that many GPUs runs it; anything else runs as it is."""
+    if stage != "train" or gpus < 2 or argv[1] != "-m":
+        return argv
+    return [argv[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(gpus), *argv[1:]]
+
+
 class LocalBackend:
     """Runs stage processes, at most `max_parallel` at a time, in creation order."""
 
@@ -95,12 +120,20 @@ class LocalBackend:
                 job_dir = proc.log_path.parent
                 argv = stage_command(proc.job.stage, str(job_dir / "params.json"),
                                      python=sys.executable)
-                argv += ["--workdir", str(job_dir / "work")]
+                argv += ["--workdir", str(self._stage_workdir(proc.job, job_dir))]
+                argv = with_torchrun(argv, proc.job.stage, local_gpus())
                 log.debug("starting %s: %s", name, " ".join(argv))
                 with proc.log_path.open("ab") as out:
                     proc.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                                   env=self.env, cwd=job_dir)
                 running += 1
+
+    def _stage_workdir(self, job: CreateJob, job_dir: Path) -> Path:
+        """A train stage works in its partition's directory, shared by all its attempts, so
+        a retry resumes from the last checkpoint (as a workVolume PVC does on Kubernetes)."""
+        if job.stage == "train" and job.partition:
+            return self.workdir / "work" / job.partition
+        return job_dir / "work"
 
     def observe(self) -> dict[str, JobObservation]:
         self._start_queued()
