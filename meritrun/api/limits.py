@@ -31,6 +31,7 @@ MAX_SEQ_LEN = 2**20  # tokens per example after truncation
 MAX_EPOCHS = 1000.0
 MAX_STEPS = 10**9
 MAX_LORA_RANK = 4096
+MAX_NODES = 256  # pods of one partition's gang: each holds a share of the model
 MAX_SHARD_MB = 1_000_000  # 1 TB: a shard larger than any single file system wants
 MAX_BACKOFF = 100  # retries per Job: each is a full stage run
 MAX_DEADLINE_S = 10 * 365 * 24 * 3600  # ten years: past this a deadline means nothing

@@ -21,6 +21,7 @@ from .rules import check_spec, spec_validations
 SourceName = Annotated[str, Field(min_length=1, max_length=lim.SOURCE_NAME_LEN)]
 Assignment = Annotated[list[SourceName], Field(min_length=1, max_length=lim.MAX_SOURCES)]
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 SOURCE_NAME = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
 # Named lists are maps keyed by name: the API server refuses duplicates and merges by name.
 _SECTION = {"default": {}}  # the API server then fills the section's own defaults
@@ -194,6 +195,11 @@ class LoraSpec(SpecModel):
 class TrainingSpec(SpecModel):
     """How each partition is trained from the base model (no communication between them)."""
 
+    model_config = _cel(("!has(self.microBatchSize) || !has(self.batchSize) || "
+                         "(self.microBatchSize <= self.batchSize && "
+                         "self.batchSize % self.microBatchSize == 0)",
+                         "microBatchSize must divide batchSize"))
+
     method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA.")
     learning_rate: float = Field(3e-4, gt=0, description="AdamW peak learning rate.")
     epochs: float = Field(1.0, gt=0, le=lim.MAX_EPOCHS,
@@ -211,8 +217,9 @@ class TrainingSpec(SpecModel):
     seed: int = _seed("Base seed; partition k trains with seed + k")
     lora: LoraSpec | None = Field(None, description="LoRA settings (method lora).")
     micro_batch_size: int | None = Field(
-        None, ge=1, description="Examples per forward pass and process (gradient accumulation "
-        "up to batchSize); must divide batchSize. Default: batchSize.")
+        None, ge=1, le=lim.MAX_BATCH,
+        description="Examples per forward pass and process (gradient accumulation up to "
+                    "batchSize); must divide batchSize. Default: batchSize.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, ~30% "
         "more compute).")
@@ -224,7 +231,8 @@ class TrainingSpec(SpecModel):
         "auto", description="Compute precision: auto is bf16 (fp32 master weights) on GPUs, "
         "fp32 on CPUs.")
     nodes: int = Field(
-        1, ge=1, description="Nodes (pods) per partition; each runs one process per GPU.")
+        1, ge=1, le=lim.MAX_NODES,
+        description="Nodes (pods) per partition; each runs one process per GPU.")
 
     @model_validator(mode="after")
     def _micro_batches(self) -> TrainingSpec:
@@ -241,22 +249,28 @@ class TrainingSpec(SpecModel):
 class JobTemplate(SpecModel):
     """What every stage Job's pod gets."""
 
-    image: str | None = Field(None, description="Trainer image (merge uses mergeImage).")
-    merge_image: str | None = Field(None, description="Merger image.")
+    image: str | None = Field(None, max_length=1024,
+                              description="Trainer image (merge uses mergeImage).")
+    merge_image: str | None = Field(None, max_length=1024, description="Merger image.")
     resources: dict[str, Any] | None = Field(
         None, description="Container resources, e.g. limits nvidia.com/gpu."
     )
     node_selector: dict[str, str] | None = Field(None, description="Pod nodeSelector.")
-    tolerations: list[dict[str, Any]] | None = Field(None, description="Pod tolerations.")
-    service_account_name: str | None = Field(None, description="Pod service account.")
-    env: list[dict[str, Any]] | None = Field(None, description="Extra container env entries.")
-    queue_name: str | None = Field(None, description="Kueue LocalQueue (adds the queue label).")
+    tolerations: list[dict[str, Any]] | None = Field(None, max_length=64,
+                                                     description="Pod tolerations.")
+    service_account_name: str | None = Field(None, max_length=253,
+                                             description="Pod service account.")
+    env: list[dict[str, Any]] | None = Field(None, max_length=256,
+                                             description="Extra container env entries.")
+    queue_name: str | None = Field(None, max_length=253,
+                                   description="Kueue LocalQueue (adds the queue label).")
     ttl_seconds_after_finished: int | None = Field(
         3600, ge=0, le=lim.MAX_DEADLINE_S,
         description="Delete finished Jobs after this many seconds."
     )
     work_volume: str | None = Field(
-        None, description="PersistentVolumeClaim mounted at the stage's work directory, so "
+        None, max_length=253, pattern=DNS_SUBDOMAIN,
+        description="PersistentVolumeClaim mounted at the stage's work directory, so "
         "training checkpoints survive into the next attempt (emptyDir when unset).")
 
 

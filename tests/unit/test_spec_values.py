@@ -238,3 +238,14 @@ def test_the_operators_spec_parser_says_the_same(spec, path, words):
     with pytest.raises(SpecError) as info:
         parse_spec({**BASE, **spec})
     assert info.value.path == path and words in info.value.reason, info.value
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"training": {"nodes": 10**6}}, "spec.training.nodes"),
+    ({"training": {"microBatchSize": 10**6}}, "spec.training.microBatchSize"),
+    ({"training": {"maxGradNorm": float("inf")}}, "spec.training.maxGradNorm"),
+    ({"template": {"workVolume": "../x"}}, "spec.template.workVolume"),
+])
+def test_training_and_template_fields_are_bounded(tmp_path, capsys, spec, field):
+    code, out = validate(capsys, write(tmp_path, spec))
+    assert code == 1 and f"{field}:" in out, out
