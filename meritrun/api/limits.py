@@ -13,7 +13,9 @@ from math import comb
 
 from ._base import INT64_MAX
 
-SEED_MAX = INT64_MAX  # partition k trains with seed + k: still inside torch's uint64 seeds
+# The CRD's `maximum` is a JSON number (a float64 in the API server): past 2^53 it cannot be
+# compared exactly with an integer default, and kube-apiserver refuses the whole CRD.
+SEED_MAX = min(INT64_MAX, 2**53 - 1)  # partition k trains with seed + k: far inside uint64
 MAX_AXES = 6  # conflictPCA gives K = 2^axes: 64 partitions, 64 training Jobs
 MAX_PARTITIONS = 2**MAX_AXES  # one Job each, one expert each held open by the merge
 MAX_SOURCES = 256  # sources named in the spec; the plan and status list each of them
