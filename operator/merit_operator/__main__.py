@@ -31,7 +31,7 @@ def main() -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
-    elector = None
+    elector, renewal = None, None
     if settings.leader_election:
         from .leader import elector_for, standby_health
 
@@ -39,13 +39,15 @@ def main() -> int:
         with standby_health(settings.health_port):
             if not elector.wait_for_leadership(stop):
                 return 0
-        threading.Thread(target=elector.keep_renewing, args=(stop, _lost_leadership),
-                         name="lease-renewal", daemon=True).start()
+        renewal = threading.Thread(target=elector.keep_renewing, args=(stop, _lost_leadership),
+                                   name="lease-renewal", daemon=True)
+        renewal.start()
     try:
-        _run_kopf(settings, stop if elector else None)
+        _run_kopf(settings)
     finally:
         stop.set()
-        if elector is not None:
+        if elector is not None and renewal is not None:
+            renewal.join(elector.timing.renew_deadline)  # no renewal after the release
             elector.release()
     return 0
 
@@ -57,7 +59,9 @@ def _lost_leadership() -> None:
     os._exit(1)
 
 
-def _run_kopf(settings: Settings, stop: threading.Event | None) -> None:
+def _run_kopf(settings: Settings) -> None:
+    """kopf until SIGTERM/SIGINT. No stop_flag: a lost Lease ends the process at once, and a
+    threading.Event flag would leave kopf's waiter thread blocking the interpreter's exit."""
     import kopf
 
     from . import handlers  # noqa: F401 - registers the handlers
@@ -70,7 +74,6 @@ def _run_kopf(settings: Settings, stop: threading.Event | None) -> None:
         namespaces=list(settings.namespaces),
         liveness_endpoint=liveness,
         memo=kopf.Memo(settings=settings),
-        stop_flag=stop,
     )
 
 

@@ -101,6 +101,8 @@ class OperatorContext:
         """One serialized round; expected errors become a backoff delay, not an exception."""
         key = (namespace, name)
         async with self._locks[key]:
+            if self._stopping.is_set():  # kopf's cleanup ran while a daemon was still here:
+                return RoundOutcome(gone=True)  # no new round; the next operator resumes
             try:
                 outcome = await self.blocking(self._timed_round, handler, namespace, name)
             except MeritRunError as e:
