@@ -12,6 +12,7 @@ from typing import Any
 
 from . import API_GROUP, API_VERSION
 from .api import KIND, PLURAL, SHORT_NAME, MeritRunSpec, MeritRunStatus
+from .api._base import INT64_MAX
 
 _KEEP = ("description", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
          "minItems", "maxItems", "format", "x-kubernetes-validations", "x-kubernetes-list-type",
@@ -37,6 +38,10 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     return node
 
 
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _structural(node: dict[str, Any], *, defaults: bool) -> dict[str, Any]:
     """One pydantic JSON Schema node -> a structural OpenAPI v3 node (with the models'
     defaults when `defaults`: the spec has them, the status must not, or the server would
@@ -52,8 +57,13 @@ def _structural(node: dict[str, Any], *, defaults: bool) -> dict[str, Any]:
             inner["nullable"] = True
         return inner
     out: dict[str, Any] = {k: node[k] for k in _KEEP if k in node}
-    if defaults and node.get("default") is not None:  # `kubectl explain` shows it
+    if defaults and node.get("default") is not None:  # applied by the API server
         out["default"] = node["default"]
+        if node["default"] != {} and "description" in out:  # `kubectl explain` shows this
+            out["description"] = f"{out['description']} Default: {_shown(node['default'])}."
+    if out.get("maximum") == INT64_MAX:  # as a float64 bound it would round past int64:
+        del out["maximum"]  # the API server refuses such a schema; int64 says the same
+        out["format"] = "int64"
     if "const" in node:
         out["enum"] = [node["const"]]
     if "exclusiveMinimum" in node:

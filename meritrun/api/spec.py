@@ -34,10 +34,11 @@ def _cel(*rules: tuple[str, str]) -> ConfigDict:
         "x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]})
 
 
-def _section(model: type, description: str) -> Any:
+def _section(model: type) -> Any:
     """A spec section that is always there (defaults): `default: {}` in the CRD too, so the API
-    server fills the section's own defaults and `kubectl explain` shows them."""
-    return Field(default_factory=model, json_schema_extra=_SECTION, description=description)
+    server fills the section's own defaults; described by its model's docstring."""
+    return Field(default_factory=model, json_schema_extra=_SECTION,
+                 description=" ".join((model.__doc__ or "").split()))
 
 
 def _seed(what: str) -> Any:
@@ -351,15 +352,15 @@ class MeritRunSpec(SpecModel):
     base_model: ModelRef = Field(description="The merge-ready base checkpoint theta0.")
     data: DataSpec = Field(description="The instruction-tuning mixture.")
     storage: StorageSpec | None = Field(None, description="Artifact storage (local default).")
-    profiling: ProfilingSpec = _section(ProfilingSpec, "Profiling.")
-    partitioning: PartitioningSpec = _section(PartitioningSpec, "Partitioning.")
-    training: TrainingSpec = _section(TrainingSpec, "Training.")
-    template: JobTemplate = _section(JobTemplate, "Job pod template.")
+    profiling: ProfilingSpec = _section(ProfilingSpec)
+    partitioning: PartitioningSpec = _section(PartitioningSpec)
+    training: TrainingSpec = _section(TrainingSpec)
+    template: JobTemplate = _section(JobTemplate)
     sites: list[SiteSpec] | None = Field(
         None, max_length=lim.MAX_SITES, json_schema_extra=_MAP_BY_NAME,
         description="Other sites that train partitions; names are unique.")
-    merge: MergeSpec = _section(MergeSpec, "Merge.")
-    mixture_search: MixtureSearchSpec = _section(MixtureSearchSpec, "Mixture search by merging.")
+    merge: MergeSpec = _section(MergeSpec)
+    mixture_search: MixtureSearchSpec = _section(MixtureSearchSpec)
     backoff_limit: int = Field(2, ge=0, le=lim.MAX_BACKOFF,
                                description="Retries per Job before it counts as failed.")
     active_deadline_seconds: int | None = Field(None, ge=1, le=lim.MAX_DEADLINE_S,
