@@ -13,9 +13,9 @@ from math import comb
 
 from ._base import INT64_MAX
 
-# The CRD's `maximum` is a JSON number (a float64 in the API server): past 2^53 it cannot be
-# compared exactly with an integer default, and kube-apiserver refuses the whole CRD.
-SEED_MAX = min(INT64_MAX, 2**53 - 1)  # partition k trains with seed + k: far inside uint64
+# In the CRD this bound is `format: int64`, not a `maximum` (a float64 in the API server: 2^63-1
+# would round past int64 and kube-apiserver refuses the whole CRD); meritrun.crd does that.
+SEED_MAX = INT64_MAX  # partition k trains with seed + k: still inside torch's uint64 seeds
 MAX_AXES = 6  # conflictPCA gives K = 2^axes: 64 partitions, 64 training Jobs
 MAX_PARTITIONS = 2**MAX_AXES  # one Job each, one expert each held open by the merge
 MAX_SOURCES = 256  # sources named in the spec; the plan and status list each of them

@@ -42,7 +42,7 @@ def _section(model: type) -> Any:
 
 
 def _seed(what: str) -> Any:
-    return Field(0, ge=0, le=lim.SEED_MAX, description=f"{what} (0 to 2^53-1).")
+    return Field(0, ge=0, le=lim.SEED_MAX, description=f"{what} (0 to 2^63-1).")
 
 PartitionStrategy = Literal["conflictPCA", "random", "manual", "bySite"]
 MergeMethodName = Literal["tokenWeighted", "uniform", "taskArithmetic", "ties", "dare", "ota"]

@@ -112,3 +112,12 @@ def test_cel_rules_cover_the_models_cross_field_rules_and_immutability():
                   "template", "sites", "merge", "mixtureSearch"):
         assert f"spec.{field} cannot change" in messages, field
     assert all("oldSelf" in r["rule"] for r in rules if "cannot change" in r["message"])
+
+
+def test_int64_bounds_are_a_format_not_a_float_maximum():
+    # kube-apiserver refuses a CRD whose integer maximum is 2^63-1: as a float64 it rounds past
+    # int64 ('Maximum boundary value must be of type integer')
+    seed = _spec_schema()["properties"]["training"]["properties"]["seed"]
+    assert seed["format"] == "int64" and "maximum" not in seed and seed["minimum"] == 0
+    for path, node in _walk(build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]):
+        assert node.get("maximum", 0) < 2**53, path

@@ -228,7 +228,7 @@ def test_every_spec_field_is_either_mutable_or_immutable():
      "did you mean `learningRate`"),
     ({"merge": {"method": "ota", "ota": {"epsilon": float("inf")}}}, "spec.merge.ota.epsilon",
      "finite"),
-    ({"training": {"seed": 2**53}}, "spec.training.seed", "less than or equal"),
+    ({"training": {"seed": 2**63}}, "spec.training.seed", "less than or equal"),
     ({"sites": [{"name": "a/b"}]}, "spec.sites[0].name", "'a/b' must be a DNS label"),
 ])
 def test_the_operators_spec_parser_says_the_same(spec, path, words):
