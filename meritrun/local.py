@@ -26,8 +26,9 @@ from pathlib import Path
 from .api import TERMINAL_PHASES, MeritRun, MeritRunSpec, MeritRunStatus, StorageSpec
 from .conditions import now_utc
 from .driver import ActionsFailed, run_round
-from .errors import ExitCode, SpecError, find_error_line
+from .errors import ExitCode, SpecError, TransientError, find_error_line
 from .observe import grant_candidates, observe_storage
+from .outage import Outage
 from .pipeline import (
     CreateJob,
     DeleteJob,
@@ -208,6 +209,7 @@ class LocalRun:
         self.run, self.procs, self.storage, self.grants = run, procs, storage, grants
         self.status_path = status_path
         self.events: list[Event] = []
+        self.presented = False  # True when on_round shows the events to a person
 
     def observe(self, spec: MeritRunSpec | None, status: MeritRunStatus | None,
                 now: datetime) -> Observed:
@@ -238,8 +240,9 @@ class LocalRun:
         self.grants.revoke(action)
 
     def post_event(self, event: Event) -> None:
-        (log.warning if event.type == "Warning" else log.info)("%s: %s", event.reason,
-                                                               event.message)
+        # Shown once: by the caller's presenter when it has one (`meritrun run`), else logged.
+        warn = event.type == "Warning" and not self.presented
+        (log.warning if warn else log.info)("%s: %s", event.reason, event.message)
         self.events.append(event)
 
     def write_status(self, status: MeritRunStatus) -> None:
@@ -276,7 +279,8 @@ def run_local(
     procs = LocalBackend(workdir, max_parallel=max_parallel, env=env)
     backend = LocalRun(run, procs=procs, storage=storage, grants=grants,
                        status_path=status_path)
-    unsettled = 0
+    backend.presented = on_round is not None
+    unsettled, outage = 0, Outage()
     try:
         while True:
             backend.events = []
@@ -285,6 +289,10 @@ def run_local(
                 decision = run_round(backend, run.spec, status, now=now_utc(), policy=policy)
             except ActionsFailed as e:  # logged by the driver; repeated by the next round
                 decision, failed = e.decision, e
+            except TransientError as e:  # could not observe (storage down): try again later
+                outage.wait(e)
+                continue
+            outage.clear()
             status = decision.status
             if on_round:
                 on_round(status, list(backend.events))
