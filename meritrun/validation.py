@@ -26,6 +26,7 @@ from .crd import build_crd
 from .errors import SpecError
 
 MAX_DEPTH = 64  # a MeritRun nests about 6 deep; deeper is a mistake, or an attack on recursion
+MAX_VALUES = 100_000  # a MeritRun within every bound of meritrun.api.limits holds far fewer
 _validator: Draft4Validator | None = None
 _PATTERN_WORDS = {
     DNS_LABEL: "must be a DNS label: lower-case letters, digits and '-', starting and ending "
@@ -146,16 +147,22 @@ def parse_spec(spec: Any) -> MeritRunSpec:
         raise SpecError(message, path=path) from e
 
 
-def _depth(node: Any, limit: int) -> int:
-    """Nesting depth of decoded YAML, counted iteratively (stops past limit)."""
-    deepest, stack = 0, [(node, 1)]
-    while stack and deepest <= limit:
+def _too_big(node: Any) -> str | None:
+    """Why decoded YAML is refused before any schema sees it: nested deeper than MAX_DEPTH,
+    or more than MAX_VALUES values (aliases count each time they are used: a few lines of
+    anchors can stand for billions of values). Walked iteratively, stopping at the limit."""
+    seen, stack = 0, [(node, 1)]
+    while stack:
         item, level = stack.pop()
-        deepest = max(deepest, level)
+        seen += 1
+        if level > MAX_DEPTH:
+            return f"YAML nests deeper than {MAX_DEPTH} levels"
+        if seen > MAX_VALUES:
+            return f"YAML holds more than {MAX_VALUES} values (aliases count each use)"
         children = item.values() if isinstance(item, dict) else (
             item if isinstance(item, list) else ())
-        stack.extend((c, level + 1) for c in children if isinstance(c, dict | list))
-    return deepest
+        stack.extend((c, level + 1) for c in children)
+    return None
 
 
 def _yaml_where(e: yaml.YAMLError) -> str:
@@ -184,8 +191,10 @@ def load_documents(path: Path) -> list[Any]:
         raise SpecError(f"YAML nests deeper than {MAX_DEPTH} levels", path=where) from e
     except yaml.YAMLError as e:
         raise SpecError(f"not valid YAML{_yaml_where(e)}", path=where) from e
-    if any(_depth(d, MAX_DEPTH) > MAX_DEPTH for d in docs):
-        raise SpecError(f"YAML nests deeper than {MAX_DEPTH} levels", path=where)
+    for doc in docs:
+        problem = _too_big(doc)
+        if problem:
+            raise SpecError(problem, path=where)
     return docs
 
 

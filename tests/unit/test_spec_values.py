@@ -148,6 +148,16 @@ def test_deeply_nested_yaml_gets_one_line(tmp_path, capsys):
         assert code == 1 and out == f"{path}: YAML nests deeper than 64 levels\n", out[:300]
 
 
+def test_an_alias_bomb_gets_one_line(tmp_path, capsys):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(HEAD + "spec:\n" + "".join(f"  {line}\n" for line in lines))
+    code, out = validate(capsys, path)
+    assert code == 1 and out == f"{path}: YAML holds more than 100000 values (aliases count " \
+                                "each use)\n", out[:300]
+
+
 def test_a_missing_file_is_named_once(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out = validate(capsys, Path("nosuch.yaml"))
