@@ -29,7 +29,7 @@ from support.kube import KubeCluster, OperatorProcess, wait_until  # noqa: E402
 from support.kube_node import NodeOptions  # noqa: E402
 from support.seaweed import SeaweedServer  # noqa: E402
 
-from meritrun.artifacts import plan_prefix  # noqa: E402
+from meritrun.artifacts import RunId, plan_prefix  # noqa: E402
 from meritrun.stages import Plan, PlannedPartition  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def run_doc(name: str, *, bucket: str, endpoint: str, partitions: int) -> dict:
                      "partitioning": {"strategy": "random", "partitions": partitions}}}
 
 
-def write_plan(storage, run: str, partitions: int) -> None:
+def write_plan(storage, run: RunId, partitions: int) -> None:
     plan = Plan(strategy="random", partitions=[
         PlannedPartition(name=f"p{i}", index=i, sources=[f"s{i}"], tokens=1000)
         for i in range(partitions)])
@@ -100,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         storage = open_storage(f"s3://{bucket}", endpoint=s3.endpoint, access_key=s3.access_key,
                                secret_key=s3.secret_key)
         names = [f"scale-{i:03d}" for i in range(args.runs)]
-        for name in names:
-            write_plan(storage, name, args.partitions)
         creds = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
         cluster = KubeCluster(Path(tmp)).start()
         operator = OperatorProcess(cluster, env={**creds, "MERITRUN_RESYNC_SECONDS": "10",
@@ -117,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             cluster.kubectl("apply", "--validate=false", "-f", "-", timeout=120,
                             stdin=yaml.safe_dump_all(docs))
             applied = time.monotonic() - start
+            # The profile stage's plan, where the run's uid (known once created) puts it.
+            for obj in cluster.objects("merit.run/v1alpha1/meritruns"):
+                meta = obj["metadata"]
+                write_plan(storage, RunId(meta["name"], meta["uid"]), args.partitions)
 
             def partition_jobs() -> int:
                 return sum(1 for j in cluster.objects("batch/v1/jobs")

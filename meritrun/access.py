@@ -27,6 +27,7 @@ from urllib.parse import urlencode, urlsplit
 from pydantic import SecretStr
 
 from .api import MeritRunSpec, PartitionStatus
+from .artifacts import RunId
 from .assignment import (
     Assignment,
     SiteCredentials,
@@ -151,7 +152,8 @@ def read_granted_assignment(grant: SiteGrant, *, now: datetime) -> tuple[Assignm
                         path="--assignment")
     storage = open_as_site(grant)
     a = read_assignment(storage, grant.assignment_key)
-    if (a.run, a.site, a.name, a.attempt) != (grant.run, grant.site, grant.name, grant.attempt):
+    if ((a.run, a.run_uid, a.site, a.name, a.attempt)
+            != (grant.run, grant.run_uid, grant.site, grant.name, grant.attempt)):
         raise SpecError(f"the assignment at {grant.assignment_key} is not the one the grant "
                         "names", path="--assignment")
     return a, storage
@@ -258,14 +260,14 @@ def offer_assignment(assignment: Assignment, *, storage: Storage, issuer: GrantI
         scope = grant_scope(assignment, root_uri=storage.root_uri)
         creds = issuer.issue(identity, scope, expires=expires)
     return SiteGrant(
-        run=assignment.run, site=assignment.site, name=assignment.name,
-        attempt=assignment.attempt, storage_root=storage.root_uri,
+        run=assignment.run, run_uid=assignment.run_uid, site=assignment.site,
+        name=assignment.name, attempt=assignment.attempt, storage_root=storage.root_uri,
         assignment_key=assignment.key, endpoint=endpoint or assignment.storage.endpoint,
         region=region or assignment.storage.region, identity=identity if creds else None,
         expires=to_rfc3339(expires), credentials=creds)
 
 
-def offer_partition(run: str, spec: MeritRunSpec, part: PartitionStatus, *, storage: Storage,
+def offer_partition(run: RunId, spec: MeritRunSpec, part: PartitionStatus, *, storage: Storage,
                     issuer: GrantIssuer | None, now: datetime, endpoint: str | None = None
                     ) -> SiteGrant:
     """Assignment + grant of a waiting pull partition in one call, for tools and tests.

@@ -4,13 +4,16 @@ A partition artifact is a directory with a Hugging Face model directory (full sa
 weights, or a peft LoRA adapter), an optional `optimizer_v.safetensors` (Adam second moments,
 full or rank-1 factors) and `manifest.json`. The manifest lists the sha256 and size of every
 other file, so a contribution from a machine we do not control can be checked before use.
-In storage the attempt number is part of every key (write fencing).
+In storage the run's uid and the attempt number are part of every key: a re-created run of
+the same name, or another attempt, never reads or overwrites what another one wrote.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +78,8 @@ class PartitionManifest(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     format: str = FORMAT_VERSION
     run: str
+    run_uid: str | None = Field(None, description="The run's uid (RunId.uid): a reader "
+                                "refuses a manifest of another run.")
     partition: str
     attempt: int = Field(ge=1)
     site: str | None = None
@@ -150,29 +155,61 @@ def read_manifest(artifact_dir: Path) -> PartitionManifest:
     return PartitionManifest.model_validate_json((artifact_dir / MANIFEST_NAME).read_text())
 
 
-# --- storage layout: every key of an attempt carries the attempt number -------------------
+# --- storage layout: every key carries the run's uid and the attempt number -------------
 
-def run_prefix(run: str) -> str:
-    return f"runs/{run}"
+_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def plan_prefix(run: str, attempt: int) -> str:
+@dataclass(frozen=True)
+class RunId:
+    """Which run: its name (for people and Job names) and its uid (for its results).
+
+    The uid is the custom resource's `metadata.uid` (with a reset suffix after an invalid
+    spec was fixed) or, on the local runner, an id made once per workdir run. It is one key
+    segment, so delete-and-re-create of a run with the same name never sees the old results.
+    """
+
+    name: str
+    uid: str
+
+    def __post_init__(self) -> None:
+        if not _UID.match(self.uid):
+            raise ValueError(f"run uid {self.uid!r} is not one safe storage key segment")
+
+    def __str__(self) -> str:
+        return f"{self.name} (uid {self.uid})"
+
+
+def run_prefix(run: RunId) -> str:
+    return f"runs/{run.name}/{run.uid}"
+
+
+def plan_prefix(run: RunId, attempt: int) -> str:
     return f"{run_prefix(run)}/plan/attempt-{attempt}"
 
 
-def partition_prefix(run: str, partition: str, attempt: int) -> str:
+def partition_prefix(run: RunId, partition: str, attempt: int) -> str:
     return f"{run_prefix(run)}/partitions/{partition}/attempt-{attempt}"
 
 
-def merged_prefix(run: str, attempt: int) -> str:
+def merged_prefix(run: RunId, attempt: int) -> str:
     return f"{run_prefix(run)}/merged/attempt-{attempt}"
 
 
-def search_prefix(run: str, attempt: int) -> str:
+def search_prefix(run: RunId, attempt: int) -> str:
     return f"{run_prefix(run)}/search/attempt-{attempt}"
 
 
-def verdict_prefix(run: str, partition: str, attempt: int) -> str:
+def verdict_prefix(run: RunId, partition: str, attempt: int) -> str:
     """The hub's verdict on a contribution: outside the prefix the contributing site may
     write, so a site can never forge its own acceptance."""
     return f"{run_prefix(run)}/verdicts/{partition}/attempt-{attempt}"
+
+
+def names_run(document: dict | None, run: RunId) -> bool:
+    """Whether a stage's JSON output (plan, report, verdict, search) is this run's.
+
+    A document without `run_uid`, or with another one, is not: the reader treats it as
+    absent (it was left by another run of the same name, or forged).
+    """
+    return document is not None and document.get("run_uid") == run.uid

@@ -8,10 +8,10 @@ assignment per (site, partition, attempt) next to the run's artifacts; it holds 
 Building an assignment is pure and deterministic (same spec and status, same bytes), so the
 operator can write it again on every reconcile without changing anything.
 
-Layout, with the attempt in every key like the rest of the run:
-    runs/<run>/sites/<site>/<partition>/attempt-<n>/assignment.json   a training assignment
-    runs/<run>/sites/<site>/sketch/attempt-<n>/assignment.json        a sketch-only assignment
-    runs/<run>/sketches/<site>/attempt-<n>/sketch.npy, sketch.json    what a sketch site uploads
+Layout, with the run's uid and the attempt in every key like the rest of the run:
+    runs/<run>/<uid>/sites/<site>/<partition>/attempt-<n>/assignment.json   a training one
+    runs/<run>/<uid>/sites/<site>/sketch/attempt-<n>/assignment.json        a sketch-only one
+    runs/<run>/<uid>/sketches/<site>/attempt-<n>/sketch.npy, sketch.json    a site's sketches
 A training assignment's output is the usual partition prefix (meritrun.artifacts).
 """
 
@@ -35,11 +35,11 @@ from .api import (
     SiteSpec,
     TrainingSpec,
 )
-from .artifacts import partition_prefix, run_prefix, sha256_file
+from .artifacts import RunId, partition_prefix, run_prefix, sha256_file
 from .conditions import from_rfc3339, to_rfc3339
 from .data import iter_examples
 from .errors import DataError, SpecError
-from .stages import StorageParams, TrainParams, storage_params
+from .stages import StorageParams, TrainParams, run_fields, storage_params
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +49,16 @@ SKETCH = "sketch"
 GRANT_FORMAT: Final = "meritrun.site-grant/v1"
 
 
-def site_prefix(run: str, site: str) -> str:
+def site_prefix(run: RunId, site: str) -> str:
     return f"{run_prefix(run)}/sites/{site}"
 
 
-def assignment_prefix(run: str, site: str, name: str, attempt: int) -> str:
+def assignment_prefix(run: RunId, site: str, name: str, attempt: int) -> str:
     """name: the partition, or "sketch" for a sketch-only assignment (partitions are p<k>)."""
     return f"{site_prefix(run, site)}/{name}/attempt-{attempt}"
 
 
-def sketch_output_prefix(run: str, site: str, attempt: int) -> str:
+def sketch_output_prefix(run: RunId, site: str, attempt: int) -> str:
     return f"{run_prefix(run)}/sketches/{site}/attempt-{attempt}"
 
 
@@ -69,6 +69,7 @@ class Assignment(BaseModel):
     format: Literal["meritrun.assignment/v1"] = ASSIGNMENT_FORMAT
     kind: Literal["train", "sketch"] = Field(description="Train a partition, or only sketch.")
     run: str
+    run_uid: str = Field(description="The run's uid: its manifest must carry it.")
     site: str
     attempt: int = Field(ge=1, description="Attempt of the partition (or of the profile).")
     partition: str | None = Field(None, description="Partition to train (kind train).")
@@ -89,9 +90,13 @@ class Assignment(BaseModel):
         return self.partition if self.kind == "train" and self.partition else SKETCH
 
     @property
+    def run_id(self) -> RunId:
+        return RunId(self.run, self.run_uid)
+
+    @property
     def key(self) -> str:
         """Where this assignment is stored, relative to the run's storage root."""
-        prefix = assignment_prefix(self.run, self.site, self.name, self.attempt)
+        prefix = assignment_prefix(self.run_id, self.site, self.name, self.attempt)
         return f"{prefix}/{ASSIGNMENT_NAME}"
 
     def train_params(self, *, data_uri: str, base_model: str, storage: StorageParams,
@@ -100,7 +105,8 @@ class Assignment(BaseModel):
         if self.kind != "train" or self.partition is None or self.index is None:
             raise SpecError("a sketch assignment trains nothing", path="assignment.kind")
         return TrainParams(
-            run=self.run, attempt=self.attempt, storage=storage, base_model=base_model,
+            **run_fields(self.run_id), attempt=self.attempt, storage=storage,
+            base_model=base_model,
             output=output, partition=self.partition, index=self.index,
             sources=list(self.sources), site=self.site, training=self.training,
             data=DataSpec(uri=data_uri, source_field=self.source_field, sources=None,
@@ -113,14 +119,14 @@ def find_site(spec: MeritRunSpec, site: str | None) -> SiteSpec:
     return spec.site(site)
 
 
-def _common(run: str, spec: MeritRunSpec, site: SiteSpec) -> dict:
-    return {"run": run, "site": site.name, "source_field": spec.data.source_field,
+def _common(run: RunId, spec: MeritRunSpec, site: SiteSpec) -> dict:
+    return {**run_fields(run), "site": site.name, "source_field": spec.data.source_field,
             "base_model": spec.base_model.uri, "training": spec.training,
             "profiling": spec.profiling, "storage": storage_params(spec),
             "public_key": site.public_key}
 
 
-def build_train_assignment(run: str, spec: MeritRunSpec, part: PartitionStatus) -> Assignment:
+def build_train_assignment(run: RunId, spec: MeritRunSpec, part: PartitionStatus) -> Assignment:
     """The assignment of a pull-site partition, for the attempt the status holds."""
     site = spec.site(part.site)
     if site.mode != "pull":
@@ -137,7 +143,7 @@ def build_train_assignment(run: str, spec: MeritRunSpec, part: PartitionStatus) 
                       **_common(run, spec, site))
 
 
-def build_sketch_assignment(run: str, spec: MeritRunSpec, site_name: str, *, attempt: int,
+def build_sketch_assignment(run: RunId, spec: MeritRunSpec, site_name: str, *, attempt: int,
                             deadline: datetime | None = None) -> Assignment:
     """Ask a site for gradient sketches of its own sources (profiling without its data)."""
     site = spec.site(site_name)
@@ -221,6 +227,7 @@ class SiteGrant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     format: Literal["meritrun.site-grant/v1"] = GRANT_FORMAT
     run: str
+    run_uid: str
     site: str
     name: str  # the partition, or "sketch"
     attempt: int

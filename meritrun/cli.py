@@ -91,7 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("error: without a cluster use --local; on Kubernetes: kubectl apply -f FILE",
               file=sys.stderr)
         return 2
-    return run_file(Path(args.file), workdir=Path(args.workdir), parallel=args.parallel)
+    return run_file(Path(args.file), workdir=Path(args.workdir), parallel=args.parallel,
+                    fresh=args.fresh)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run on this machine (no cluster)")
     p.add_argument("--workdir", default="meritrun-work", help="status, artifacts and logs")
     p.add_argument("--parallel", type=positive_int, default=1, help="stage processes at once")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over in this workdir: a new run (new uid), the old status and "
+                        "logs moved to WORKDIR/previous/ (without it, a workdir resumes only "
+                        "the run it holds, with the same spec)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check MeritRun YAML as the cluster would, and that "

@@ -62,10 +62,10 @@ def prepare_demo(workdir: Path, *, strategy: str) -> Path:
 def run_demo(workdir: Path, *, strategy: str = "conflictPCA", parallel: int = 1) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .local import run_local
     from .report import write_demo_report
-    from .runner_cli import ProgressView, print_summary, resolve_paths
+    from .runner_cli import ProgressView, print_summary, resolve_paths, run_in_workdir
     from .validation import load_run
+    from .workdir import resumable
 
     hf_logging.disable_progress_bar()  # one bar per model load/save drowns the run's own
     workdir = workdir.resolve()
@@ -74,9 +74,12 @@ def run_demo(workdir: Path, *, strategy: str = "conflictPCA", parallel: int = 1)
     run = resolve_paths(load_run(yaml_path), workdir)
     view = ProgressView()
     env = {"MERITRUN_TORCH_THREADS": "1"}  # a tiny model: one thread per stage is fastest
+    # Re-running the demo resumes it (or shows its result again); another --strategy, or a
+    # failed demo, starts over.
+    fresh = not resumable(workdir / "run", run)
     try:
-        status = run_local(run, workdir=workdir / "run", max_parallel=parallel, on_round=view,
-                           env=env)
+        status = run_in_workdir(run, workdir=workdir / "run", fresh=fresh, max_parallel=parallel,
+                                on_round=view, env=env).status
     finally:
         view.close()
     print_summary(status)

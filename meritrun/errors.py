@@ -54,6 +54,10 @@ class IntegrityError(StorageError):
     """A downloaded object does not match its recorded sha256 or size."""
 
 
+class WorkdirError(MeritRunError):
+    """A local workdir holds another run (or another spec), or another runner is using it."""
+
+
 class TransientError(MeritRunError):
     """A failure that may go away by itself (network, throttling): retry with backoff."""
 

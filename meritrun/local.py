@@ -7,14 +7,20 @@ a stage whose process vanished is started again under the same attempt, and a st
 artifact is already complete is not run twice. A pull site's grant goes to
 `WORKDIR/grants/<run>-<partition>-grant.json` (0600): hand it to the site for
 `meritrun contribute --assignment FILE`.
+
+Stage processes die with their runner: each starts in its own process group, asks the kernel
+to SIGKILL it when the runner dies (Linux), and carries the workdir's mark
+(meritrun.workdir.stage_environment) so a rerun kills whatever is left before starting again.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .api import TERMINAL_PHASES, MeritRun, MeritRunSpec, MeritRunStatus, StorageSpec
+from .artifacts import RunId
 from .conditions import now_utc
 from .driver import ActionsFailed, run_round
 from .errors import ExitCode, SpecError, TransientError, find_error_line
@@ -40,6 +47,7 @@ from .pipeline import (
     RevokeGrant,
 )
 from .stages import stage_command
+from .workdir import stage_environment
 
 log = logging.getLogger(__name__)
 LOCAL_POLICY = Policy(backoff_base_seconds=1.0, backoff_max_seconds=10.0)
@@ -85,6 +93,36 @@ def with_torchrun(argv: list[str], stage: str, gpus: int) -> list[str]:
             str(gpus), *argv[1:]]
 
 
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """preexec_fn: the stage gets SIGKILL when the runner dies, even by SIGKILL (Linux)."""
+    def arm() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the rerun's leftover sweep covers it
+            return
+        if os.getppid() != parent:  # the runner died before the request took effect
+            os._exit(1)
+    return arm
+
+
+def stop_group(popen: subprocess.Popen, *, grace_s: float = 30.0) -> None:
+    """SIGTERM the stage's process group (it and anything it started), SIGKILL if it lingers."""
+    try:
+        os.killpg(popen.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        popen.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # what ignored SIGTERM, and anything the stage started that outlived it
+        os.killpg(popen.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    popen.wait()
+
+
 class LocalBackend:
     """Runs stage processes, at most `max_parallel` at a time, in creation order."""
 
@@ -94,7 +132,8 @@ class LocalBackend:
         self.max_parallel = max_parallel
         # Stages share the cores: oversubscribed torch threads slow tiny models down ~10x.
         threads = str(max(1, (os.cpu_count() or 1) // max_parallel))
-        self.env = {"MERITRUN_TORCH_THREADS": threads, **os.environ, **(env or {})}
+        self.env = {"MERITRUN_TORCH_THREADS": threads, **os.environ, **(env or {}),
+                    **stage_environment(workdir)}
         self.procs: dict[str, _Proc] = {}
 
     def create(self, job: CreateJob) -> None:
@@ -109,8 +148,7 @@ class LocalBackend:
     def delete(self, name: str) -> None:
         proc = self.procs.pop(name, None)
         if proc and proc.popen and proc.popen.poll() is None:
-            proc.popen.terminate()
-            proc.popen.wait(timeout=30)
+            stop_group(proc.popen)
 
     def _start_queued(self) -> None:
         running = sum(1 for p in self.procs.values() if p.popen and p.popen.poll() is None)
@@ -126,7 +164,9 @@ class LocalBackend:
                 log.debug("starting %s: %s", name, " ".join(argv))
                 with proc.log_path.open("ab") as out:
                     proc.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                                  env=self.env, cwd=job_dir)
+                                                  env=self.env, cwd=job_dir,
+                                                  start_new_session=True,
+                                                  preexec_fn=die_with_parent(os.getpid()))
                 running += 1
 
     def _stage_workdir(self, job: CreateJob, job_dir: Path) -> Path:
@@ -204,9 +244,10 @@ def refuse_kubeconfig_sites(spec: MeritRunSpec) -> None:
 class LocalRun:
     """The local adapter of `meritrun.driver.Backend`: processes, a folder, a 0600 grant file."""
 
-    def __init__(self, run: MeritRun, *, procs: LocalBackend, storage, grants,
+    def __init__(self, run: MeritRun, *, run_uid: str, procs: LocalBackend, storage, grants,
                  status_path: Path) -> None:
         self.run, self.procs, self.storage, self.grants = run, procs, storage, grants
+        self.run_id = RunId(run.metadata.name, run_uid)
         self.status_path = status_path
         self.events: list[Event] = []
         self.presented = False  # True when on_round shows the events to a person
@@ -214,9 +255,9 @@ class LocalRun:
     def observe(self, spec: MeritRunSpec | None, status: MeritRunStatus | None,
                 now: datetime) -> Observed:
         name = self.run.metadata.name
-        found = observe_storage(self.storage, name, status)
+        found = observe_storage(self.storage, self.run_id, status)
         held = self.grants.held(name, grant_candidates(spec, status, found.get("plan")))
-        return Observed(run=name, now=now, generation=self.run.metadata.generation,
+        return Observed(run=self.run_id, now=now, generation=self.run.metadata.generation,
                         jobs=self.procs.observe(), grants=held, **found)
 
     def create_job(self, action: CreateJob) -> None:
@@ -250,7 +291,8 @@ class LocalRun:
 
 
 def run_local(
-    run: MeritRun, *, workdir: Path, max_parallel: int = 1, poll_seconds: float = 0.5,
+    run: MeritRun, *, workdir: Path, run_uid: str, max_parallel: int = 1,
+    poll_seconds: float = 0.5,
     policy: Policy = LOCAL_POLICY,
     on_round: Callable[[MeritRunStatus, list[Event]], None] | None = None,
     env: dict[str, str] | None = None, settle_rounds: int = 20,
@@ -260,6 +302,8 @@ def run_local(
     A round whose actions failed is repeated (they are level-based); a run that ended but
     cannot revoke a grant or stop a stage after `settle_rounds` more rounds raises
     ActionsFailed naming them, rather than return as if all were well.
+    `run_uid` names its results (meritrun.workdir.admit gives it, with the workdir lock
+    held: meritrun.runner_cli.run_in_workdir is the way in).
     """
     from .grants import FileGrantStore, GrantKeeper, issuer_from_env
     from .storage import open_storage
@@ -277,7 +321,7 @@ def run_local(
     status_path = workdir / "status.json"
     status = _resumed(load_status(status_path))
     procs = LocalBackend(workdir, max_parallel=max_parallel, env=env)
-    backend = LocalRun(run, procs=procs, storage=storage, grants=grants,
+    backend = LocalRun(run, run_uid=run_uid, procs=procs, storage=storage, grants=grants,
                        status_path=status_path)
     backend.presented = on_round is not None
     unsettled, outage = 0, Outage()

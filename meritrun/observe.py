@@ -2,7 +2,9 @@
 
 The pipeline decides from observations; this module gathers the storage half of them (the
 cluster half is the backend's). A stage's output counts only once its completion marker
-exists (plan.json, manifest.json, merge_report.json, search.json are always written last).
+exists (plan.json, manifest.json, merge_report.json, search.json are always written last),
+and only if it names this run's uid: a document of another run (left under a reused prefix,
+or forged) is no result and is logged as such.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 
 from . import artifacts
 from .api import ArtifactRef, MeritRunSpec, MeritRunStatus
+from .artifacts import RunId, names_run
 from .assignment import sketch_output_prefix
 from .errors import ObjectNotFound
 from .pipeline import MergeOutcome, PartitionResult
@@ -21,21 +24,30 @@ from .stages import Plan, Verdict
 log = logging.getLogger(__name__)
 
 
-def _read_json(storage, key: str) -> dict | None:
+def _read_json(storage, key: str, run: RunId) -> dict | None:
+    """The JSON document at key if it is this run's; None if absent or another run's."""
     try:
-        return json.loads(storage.get_bytes(key))
+        raw = json.loads(storage.get_bytes(key))
     except ObjectNotFound:
         return None
+    if not names_run(raw, run):
+        _ignore(key, raw.get("run_uid") if isinstance(raw, dict) else None, run)
+        return None
+    return raw
 
 
-def read_plan(storage, run: str, attempt: int) -> tuple[Plan | None, str]:
+def _ignore(key: str, got: object, run: RunId) -> None:
+    log.warning("ignoring %s: it is for run uid %r, not this run's %r", key, got, run.uid)
+
+
+def read_plan(storage, run: RunId, attempt: int) -> tuple[Plan | None, str]:
     key = f"{artifacts.plan_prefix(run, attempt)}/plan.json"
-    raw = _read_json(storage, key)
+    raw = _read_json(storage, key, run)
     return (Plan.model_validate(raw) if raw else None), storage.uri_for(key)
 
 
 def read_partition_result(
-    storage, run: str, partition: str, attempt: int
+    storage, run: RunId, partition: str, attempt: int
 ) -> PartitionResult | None:
     prefix = artifacts.partition_prefix(run, partition, attempt)
     try:
@@ -49,6 +61,9 @@ def read_partition_result(
         log.warning("partition %s attempt %d: unreadable manifest: %s", partition, attempt,
                     str(e)[:200])
         return None
+    if manifest.run_uid != run.uid:
+        _ignore(f"{prefix}/{artifacts.MANIFEST_NAME}", manifest.run_uid, run)
+        return None
     return PartitionResult(
         tokens=manifest.tokens.supervised,
         artifact=ArtifactRef(uri=storage.uri_for(prefix),
@@ -57,9 +72,9 @@ def read_partition_result(
     )
 
 
-def read_merge_outcome(storage, run: str, attempt: int) -> MergeOutcome | None:
+def read_merge_outcome(storage, run: RunId, attempt: int) -> MergeOutcome | None:
     prefix = artifacts.merged_prefix(run, attempt)
-    report = _read_json(storage, f"{prefix}/merge_report.json")
+    report = _read_json(storage, f"{prefix}/merge_report.json", run)
     if report is None:
         return None
     refused = {r["partition"]: f"{r.get('check')}: {r.get('detail', '')}"
@@ -69,28 +84,30 @@ def read_merge_outcome(storage, run: str, attempt: int) -> MergeOutcome | None:
                         refused=refused)
 
 
-def read_verdict(storage, run: str, partition: str, attempt: int) -> Verdict | None:
+def read_verdict(storage, run: RunId, partition: str, attempt: int) -> Verdict | None:
     prefix = artifacts.verdict_prefix(run, partition, attempt)
-    raw = _read_json(storage, f"{prefix}/{artifacts.VERDICT_NAME}")
+    raw = _read_json(storage, f"{prefix}/{artifacts.VERDICT_NAME}", run)
     return None if raw is None else Verdict.model_validate(raw)
 
 
-def read_sketches_uri(storage, run: str, site: str, attempt: int) -> str | None:
+def read_sketches_uri(storage, run: RunId, site: str, attempt: int) -> str | None:
     """The site's sketch prefix once its sketch.json (uploaded last) is there."""
     prefix = sketch_output_prefix(run, site, attempt)
     return storage.uri_for(prefix) if storage.exists(f"{prefix}/sketch.json") else None
 
 
-def read_search_best(storage, run: str, attempt: int) -> dict[str, float] | None:
-    raw = _read_json(storage, f"{artifacts.search_prefix(run, attempt)}/search.json")
+def read_search_best(storage, run: RunId, attempt: int) -> dict[str, float] | None:
+    raw = _read_json(storage, f"{artifacts.search_prefix(run, attempt)}/search.json", run)
     return None if raw is None else {k: float(v) for k, v in raw["best"].items()}
 
 
-def observe_storage(storage, run: str, status: MeritRunStatus | None) -> dict:
-    """Keyword arguments for pipeline.Observed, read for the attempts the status points at."""
+def observe_storage(storage, run: RunId, status: MeritRunStatus | None) -> dict:
+    """Keyword arguments for pipeline.Observed, read for the attempts the status points at,
+    under the uid the status records (a reset run's own; `run` is the object's)."""
     out: dict = {}
     if status is None:
         return out
+    run = RunId(run.name, status.run_uid or run.uid)
     if status.plan is None and status.profile.attempt >= 1:
         out["plan"], out["plan_uri"] = read_plan(storage, run, status.profile.attempt)
     results = {}

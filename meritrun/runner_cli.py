@@ -1,14 +1,21 @@
-"""`meritrun run FILE --local`: load, validate, run with the local backend, show progress."""
+"""`meritrun run FILE --local`: load, validate, run with the local backend, show progress.
+
+The workdir guard (meritrun.workdir) comes first: one runner per workdir, no stage left by a
+dead runner, and the workdir's run must be this run with this spec (or `--fresh`).
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from .api import MeritRun, MeritRunStatus
-from .local import run_local
+from .api import TERMINAL_PHASES, MeritRun, MeritRunStatus
+from .local import load_status, run_local
 from .pipeline import Event
 from .validation import load_run
+from .workdir import STATUS_NAME, Change, admit, kill_leftover_stages, workdir_lock
 
 _URI_SCHEMES = ("s3://", "file://", "http://", "https://")
 
@@ -76,13 +83,50 @@ def print_summary(status: MeritRunStatus) -> None:
         print(f"merged model: {status.model_uri}")
 
 
-def run_file(path: Path, *, workdir: Path, parallel: int = 1) -> int:
+@dataclass(frozen=True)
+class LocalOutcome:
+    status: MeritRunStatus
+    ended_before: str | None  # the terminal phase the run already had when this call began
+    changes: list[Change]  # live-editable fields taken over (suspend, deadline, backoffLimit)
+
+
+def run_in_workdir(run: MeritRun, *, workdir: Path, fresh: bool = False,
+                   on_round: Callable[[MeritRunStatus, list[Event]], None] | None = None,
+                   **options) -> LocalOutcome:
+    """The one way into the local runner: lock, clear leftovers, admit the run, drive it."""
+    workdir = workdir.resolve()
+    with workdir_lock(workdir):
+        kill_leftover_stages(workdir)
+        run_id, changes = admit(workdir, run, fresh=fresh)
+        before = load_status(workdir / STATUS_NAME)
+        for change in changes:
+            print(f"taken over by the running run: {change}", file=sys.stderr)
+        status = run_local(run, workdir=workdir, run_uid=run_id.uid, on_round=on_round,
+                           **options)
+    ended = before.phase if before is not None and before.phase in TERMINAL_PHASES else None
+    return LocalOutcome(status, ended, changes)
+
+
+def explain_rerun(outcome: LocalOutcome, command: str) -> None:
+    """A finished run is not run again by running it again: say so, and how to."""
+    if outcome.ended_before == "Failed":
+        print(f"this run had already failed in this workdir; running the same spec again does "
+              f"not retry it. Fix the cause, then start over: {command} --fresh",
+              file=sys.stderr)
+    elif outcome.ended_before == "Succeeded":
+        print(f"this run had already succeeded in this workdir (result above); to run it "
+              f"again: {command} --fresh", file=sys.stderr)
+
+
+def run_file(path: Path, *, workdir: Path, parallel: int = 1, fresh: bool = False) -> int:
     run = resolve_paths(load_run(path), path.parent.resolve())
     view = ProgressView()
     try:
-        status = run_local(run, workdir=workdir.resolve(), max_parallel=parallel, on_round=view)
+        outcome = run_in_workdir(run, workdir=workdir, fresh=fresh, max_parallel=parallel,
+                                 on_round=view)
     finally:
         view.close()
-    print_summary(status)
-    print(f"status: {workdir / 'status.json'}   logs: {workdir / 'jobs'}")
-    return 0 if status.phase == "Succeeded" else 1
+    print_summary(outcome.status)
+    print(f"status: {workdir / STATUS_NAME}   logs: {workdir / 'jobs'}")
+    explain_rerun(outcome, f"meritrun run {path} --local --workdir {workdir}")
+    return 0 if outcome.status.phase == "Succeeded" else 1

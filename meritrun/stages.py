@@ -22,6 +22,7 @@ from .api import (
     ProfilingSpec,
     TrainingSpec,
 )
+from .artifacts import RunId
 
 PARAMS_ENV = "MERITRUN_PARAMS"
 
@@ -31,6 +32,11 @@ class StorageParams(BaseModel):
     uri: str = Field(description="Storage root: s3://bucket/prefix or file:///path.")
     endpoint: str | None = None
     region: str | None = None
+
+
+def run_fields(run: RunId) -> dict[str, str]:
+    """The `run` and `run_uid` of every stage's parameters (and of an assignment)."""
+    return {"run": run.name, "run_uid": run.uid}
 
 
 def storage_params(spec: MeritRunSpec) -> StorageParams:
@@ -44,6 +50,8 @@ def storage_params(spec: MeritRunSpec) -> StorageParams:
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     run: str
+    run_uid: str = Field(description="The run's uid (artifacts.RunId): written into every "
+                         "manifest, plan and report, checked on read.")
     attempt: int = Field(ge=1)
     storage: StorageParams
     base_model: str = Field(description="URI of the base model directory.")
@@ -78,6 +86,8 @@ class PartitionInput(BaseModel):
     name: str
     prefix: str = Field(description="Key prefix of the partition artifact (with attempt).")
     attempt: int | None = Field(None, ge=1, description="The attempt the prefix holds.")
+    run_uid: str | None = Field(None, description="The run whose artifact it must be "
+                                "(manifest.run_uid); another run's is refused.")
     site: str | None = Field(None, description="Site expected to have trained it (manifest.site).")
     public_key: str | None = Field(
         None, description="The site's registered ed25519 key: the manifest must carry a valid "
@@ -125,6 +135,7 @@ class Verdict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     format: str = "meritrun.verdict/v1"
+    run_uid: str | None = Field(None, description="The run it judged for.")
     partition: str
     attempt: int
     accepted: bool
@@ -156,6 +167,7 @@ class Plan(BaseModel):
     """plan.json: the partition plan written by the profile stage."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
+    run_uid: str | None = Field(None, description="The run it was made for.")
     strategy: str
     partitions: list[PlannedPartition]
     source_tokens: dict[str, int] = Field(default_factory=dict)

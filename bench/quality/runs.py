@@ -55,7 +55,8 @@ class Trainer:
         if (out / MANIFEST_NAME).is_file():
             return read_manifest(out)
         params = TrainParams(
-            run="quality", attempt=1, storage=StorageParams(uri=self.store.resolve().as_uri()),
+            run="quality", run_uid="bench", attempt=1,
+            storage=StorageParams(uri=self.store.resolve().as_uri()),
             base_model=str(base_dir), output=f"runs/{name}", partition=name, index=index,
             sources=list(sources), data=DataSpec(uri=data_uri or self.data_uri),
             training=TrainingSpec(

@@ -28,7 +28,7 @@ from .sources import ExpertReader, PartitionSource
 
 CHECKS = ("sha256", "missing-file", "format", "file-type", "plan", "base-fingerprint",
           "safetensors-header", "tensor-name", "tensor-shape", "tensor-dtype", "non-finite",
-          "magnitude", "tokens", "second-moments", "outlier-norm", "site", "signature")
+          "magnitude", "tokens", "second-moments", "outlier-norm", "site", "signature", "run")
 
 
 def load_partition(artifact_dir: Path, name: str) -> PartitionSource:
@@ -51,7 +51,8 @@ def load_partition(artifact_dir: Path, name: str) -> PartitionSource:
 
 def check_identity(source: PartitionSource, expected: PartitionInput, *, run: str | None = None,
                    attempt: int | None = None) -> None:
-    """Trained at the expected site, and signed by its registered key (when either is set).
+    """For this run (its uid), trained at the expected site, and signed by its registered key
+    (when either is set).
 
     A hub-trained partition has neither, so nothing is checked for it. A valid signature only
     vouches for the manifest it covers, so the signed run/partition/attempt must name this
@@ -59,9 +60,13 @@ def check_identity(source: PartitionSource, expected: PartitionInput, *, run: st
     """
     name, manifest = source.name, source.manifest
     if manifest is None:
-        if expected.site or expected.public_key:
-            raise ContributionRejected(name, "format", "no manifest to check site and signature")
+        if expected.site or expected.public_key or expected.run_uid:
+            raise ContributionRejected(name, "format", "no manifest to check run, site and "
+                                       "signature")
         return
+    if expected.run_uid is not None and manifest.run_uid != expected.run_uid:
+        raise ContributionRejected(name, "run", f"the manifest is for run uid "
+                                   f"{manifest.run_uid!r}, not this run's {expected.run_uid!r}")
     if expected.site and manifest.site != expected.site:
         raise ContributionRejected(name, "site", f"the manifest says site {manifest.site!r}; "
                                    f"the partition is assigned to site {expected.site!r}")

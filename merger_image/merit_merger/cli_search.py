@@ -87,6 +87,10 @@ def run_search_stage(params: SearchParams, *, workdir: Path) -> dict:
         if isinstance(source, ContributionRejected):
             raise source
         path, manifest = source.artifact_dir, source.manifest
+        if part.run_uid is not None and (manifest is None or manifest.run_uid != part.run_uid):
+            raise ContributionRejected(part.name, "run", "the manifest is for run uid "
+                                       f"{manifest.run_uid if manifest else None!r}, not "
+                                       f"{part.run_uid!r}")
         if manifest is None or path is None or manifest.base != fingerprint:
             # A proxy built on another base mixes unrelated deltas: refuse it, do not rank it.
             raise ContributionRejected(part.name, "base", "trained from "
@@ -101,7 +105,7 @@ def run_search_stage(params: SearchParams, *, workdir: Path) -> dict:
                              eval_path=Path(held_out), candidates=candidates,
                              objective=spec.objective)
     search = {
-        "run": params.run, "attempt": params.attempt,
+        "run": params.run, "run_uid": params.run_uid, "attempt": params.attempt,
         "method": f"dirichlet({spec.dirichlet}, seed={spec.seed})" if spec.dirichlet
         else f"grid(1/{spec.grid})",
         "partitions": {p.name: storage.uri_for(p.prefix) for p in params.partitions},

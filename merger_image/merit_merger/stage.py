@@ -17,6 +17,7 @@ data, a missing file: not retried). Every failure ends with `MERITRUN_ERROR: <re
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -42,6 +43,13 @@ from .verify import run_verify_stage
 log = logging.getLogger(__name__)
 
 EXIT_ERROR, EXIT_MERITRUN, EXIT_QUORUM = ExitCode.INTERNAL, ExitCode.ERROR, ExitCode.QUORUM
+
+
+def stamp_report(path: Path, params: MergeParams) -> None:
+    """Name the run in merge_report.json: the hub ignores a report of another run uid."""
+    report = json.loads(path.read_text())
+    report.update(run=params.run, run_uid=params.run_uid)
+    path.write_text(json.dumps(report, indent=1))
 
 
 def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
@@ -71,11 +79,13 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
             expected={part.name: part for part in params.partitions}, run=params.run)
     except QuorumNotMet:
         if (out_dir / REPORT_NAME).is_file():
+            stamp_report(out_dir / REPORT_NAME, params)
             storage.put_file(f"{params.output}/{REPORT_NAME}", out_dir / REPORT_NAME)
         raise
     storage.upload_dir(outcome.model_dir, f"{params.output}/model", skip_existing=False)
     for path in outcome.extra_files:
         storage.put_file(f"{params.output}/{path.name}", path)
+    stamp_report(outcome.report_path, params)
     storage.put_file(f"{params.output}/{REPORT_NAME}", outcome.report_path)
     log.info("merged model at %s", storage.uri_for(f"{params.output}/model"))
     return outcome.report

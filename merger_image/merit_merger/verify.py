@@ -54,6 +54,7 @@ def verify_contribution(
     """
     def verdict(refusal: ContributionRejected | None = None) -> Verdict:
         return Verdict(partition=expected.name, attempt=attempt, accepted=refusal is None,
+                       run_uid=expected.run_uid,
                        check=refusal.check if refusal else None,
                        detail=refusal.detail if refusal else None,
                        manifest_sha256=manifest_sha256, token_bound=expected.token_bound())

@@ -114,6 +114,8 @@ class MeritRunStatus(ApiModel):
 
     phase: Phase = Field("Pending", description="Coarse phase for the printer column.")
     observed_generation: int | None = Field(None, description="Last spec generation acted on.")
+    run_uid: str | None = Field(None, description="Identity of this run's results: they are "
+                                "stored under runs/<name>/<runUid>/ and carry it.")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
     start_time: str | None = Field(None, description="When the run started.")
     completion_time: str | None = Field(None, description="When it reached a terminal phase.")

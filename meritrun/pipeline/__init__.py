@@ -14,6 +14,7 @@ scratch and `fail`), `attempts` (the per-stage attempt machine), `pull` (pull si
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from ..api import TERMINAL_PHASES, MeritRunSpec, MeritRunStatus
@@ -51,18 +52,28 @@ def decide(spec: MeritRunSpec | None, status: MeritRunStatus | None, observed: O
     """
     if (spec is not None and failed_for_spec(status) and status is not None
             and status.observed_generation != observed.generation):
-        status = None  # the invalid spec was fixed: start over
+        # The invalid spec was fixed: start over, under a uid of its own, so attempt 1 of
+        # the new start never meets what the run before the reset stored.
+        status = MeritRunStatus(run_uid=reset_uid(observed))
+        observed = replace(observed, plan=None, plan_uri=None, partition_results={},
+                           merge_outcome=None, search_best=None, verdicts={}, sketches={})
     try:
         return _decide(Round(spec, observed, policy, _copy(status)))
     except (MeritRunError, ValueError) as e:
         # A spec the models accept but the run cannot follow (a site removed or changed
         # mid-run, a Job the spec cannot describe): a Failed status with the reason.
         r = Round(spec, observed, policy, _copy(status))
-        r.status.observed_generation = observed.generation
+        r.status.observed_generation, r.status.run_uid = observed.generation, r.run.uid
         if r.status.phase in TERMINAL_PHASES:
             return _terminal(r)
         r.fail(INVALID_SPEC, str(e) if isinstance(e, MeritRunError) else f"spec: {e}")
         return _finish(r)
+
+
+def reset_uid(observed: Observed) -> str:
+    """The results uid of a run started over at this generation (deterministic: a round
+    whose status write was lost picks the same one again)."""
+    return f"{observed.run.uid}-g{observed.generation or 0}"
 
 
 def _copy(status: MeritRunStatus | None) -> MeritRunStatus:
@@ -83,6 +94,7 @@ def failed_for_spec(status: MeritRunStatus | None) -> bool:
 def _decide(r: Round) -> Decision:
     st, obs, spec = r.status, r.obs, r.spec
     st.observed_generation = obs.generation
+    st.run_uid = r.run.uid
     if st.phase in TERMINAL_PHASES:
         if obs.spec_error and failed_for_spec(st) and st.message != obs.spec_error:
             r.fail(INVALID_SPEC, obs.spec_error)  # a new verdict on a new generation

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .. import artifacts
 from ..api import MeritRunSpec, PartitionStatus
+from ..artifacts import RunId
 from ..stages import (
     MergeParams,
     PartitionInput,
@@ -15,13 +16,14 @@ from ..stages import (
     SearchParams,
     TrainParams,
     VerifyParams,
+    run_fields,
     storage_params,
 )
 from . import quorum
 from .actions import CreateJob, Stage
 
 __all__ = ["CreateJob", "Stage", "job_name", "merge_job", "partition_input", "partition_inputs",
-           "profile_job", "search_job", "source_sites", "storage_params", "train_job",
+           "profile_job", "run_fields", "search_job", "source_sites", "storage_params", "train_job",
            "verify_job"]
 
 
@@ -34,80 +36,83 @@ def source_sites(spec: MeritRunSpec) -> dict[str, str]:
     return {s.name: s.site for s in spec.data.sources or [] if s.site}
 
 
-def profile_job(run: str, spec: MeritRunSpec, attempt: int, *,
+def profile_job(run: RunId, spec: MeritRunSpec, attempt: int, *,
                 site_sketches: dict[str, str] | None = None) -> CreateJob:
     params = ProfileParams(
-        run=run, attempt=attempt, storage=storage_params(spec),
+        **run_fields(run), attempt=attempt, storage=storage_params(spec),
         base_model=spec.base_model.uri, output=artifacts.plan_prefix(run, attempt),
         data=spec.data, profiling=spec.profiling, partitioning=spec.partitioning,
         sites=source_sites(spec), max_seq_len=spec.training.max_seq_len,
         site_sketches=dict(site_sketches or {}),
     )
-    return CreateJob("profile", job_name(run, "profile", attempt), attempt, params)
+    return CreateJob("profile", job_name(run.name, "profile", attempt), attempt, params)
 
 
-def train_job(run: str, spec: MeritRunSpec, part: PartitionStatus, attempt: int,
+def train_job(run: RunId, spec: MeritRunSpec, part: PartitionStatus, attempt: int,
               *, cluster: str | None = None) -> CreateJob:
     params = TrainParams(
-        run=run, attempt=attempt, storage=storage_params(spec),
+        **run_fields(run), attempt=attempt, storage=storage_params(spec),
         base_model=spec.base_model.uri,
         output=artifacts.partition_prefix(run, part.name, attempt),
         partition=part.name, index=part.index, sources=part.sources, site=part.site,
         data=spec.data, training=spec.training,
     )
-    return CreateJob("train", job_name(run, "train", attempt, part.name), attempt, params,
+    return CreateJob("train", job_name(run.name, "train", attempt, part.name), attempt, params,
                      partition=part.name, cluster=cluster)
 
 
-def partition_input(run: str, spec: MeritRunSpec, part: PartitionStatus) -> PartitionInput:
+def partition_input(run: RunId, spec: MeritRunSpec, part: PartitionStatus) -> PartitionInput:
     """Where a partition's artifact is, who must have made (and signed) it, and what the plan
     lets it claim (its sources, their tokens, the epochs)."""
     return PartitionInput(name=part.name,
                           prefix=artifacts.partition_prefix(run, part.name, part.attempt),
-                          attempt=part.attempt or None, site=part.site,
+                          attempt=part.attempt or None, run_uid=run.uid, site=part.site,
                           public_key=spec.site(part.site).public_key if part.site else None,
                           sources=list(part.sources), source_tokens=part.planned_tokens,
                           epochs=spec.training.epochs)
 
 
-def partition_inputs(run: str, spec: MeritRunSpec,
+def partition_inputs(run: RunId, spec: MeritRunSpec,
                      parts: list[PartitionStatus]) -> list[PartitionInput]:
     return [partition_input(run, spec, p) for p in parts]
 
 
-def verify_job(run: str, spec: MeritRunSpec, part: PartitionStatus, attempt: int) -> CreateJob:
+def verify_job(run: RunId, spec: MeritRunSpec, part: PartitionStatus, attempt: int) -> CreateJob:
     """Check a pull site's contribution (attempt = the partition's attempt) as it arrives."""
     params = VerifyParams(
-        run=run, attempt=attempt, storage=storage_params(spec), base_model=spec.base_model.uri,
+        **run_fields(run), attempt=attempt, storage=storage_params(spec),
+        base_model=spec.base_model.uri,
         output=artifacts.verdict_prefix(run, part.name, attempt),
         partition=partition_input(run, spec, part), merge=spec.merge,
     )
-    return CreateJob("verify", job_name(run, "verify", attempt, part.name), attempt, params,
+    return CreateJob("verify", job_name(run.name, "verify", attempt, part.name), attempt, params,
                      partition=part.name)
 
 
-def merge_job(run: str, spec: MeritRunSpec, included: list[PartitionStatus], attempt: int,
+def merge_job(run: RunId, spec: MeritRunSpec, included: list[PartitionStatus], attempt: int,
               *, planned: int | None = None) -> CreateJob:
     """Merge `included`; the quorum is counted over the plan's `planned` partitions."""
     planned = planned or len(included)
     params = MergeParams(
         planned=planned, required=quorum.required(planned, spec.merge.quorum),
-        run=run, attempt=attempt, storage=storage_params(spec), base_model=spec.base_model.uri,
+        **run_fields(run), attempt=attempt, storage=storage_params(spec),
+        base_model=spec.base_model.uri,
         output=artifacts.merged_prefix(run, attempt),
         partitions=partition_inputs(run, spec, included),
         merge=spec.merge, held_out=spec.data.held_out_uri,
     )
-    return CreateJob("merge", job_name(run, "merge", attempt), attempt, params)
+    return CreateJob("merge", job_name(run.name, "merge", attempt), attempt, params)
 
 
-def search_job(run: str, spec: MeritRunSpec, included: list[PartitionStatus],
+def search_job(run: RunId, spec: MeritRunSpec, included: list[PartitionStatus],
                attempt: int) -> CreateJob:
     if spec.data.held_out_uri is None:
         raise ValueError("mixture search needs data.heldOutUri")
     params = SearchParams(
-        run=run, attempt=attempt, storage=storage_params(spec), base_model=spec.base_model.uri,
+        **run_fields(run), attempt=attempt, storage=storage_params(spec),
+        base_model=spec.base_model.uri,
         output=artifacts.search_prefix(run, attempt),
         partitions=partition_inputs(run, spec, included),
         search=spec.mixture_search, held_out=spec.data.held_out_uri,
     )
-    return CreateJob("search", job_name(run, "search", attempt), attempt, params)
+    return CreateJob("search", job_name(run.name, "search", attempt), attempt, params)

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Literal
 
 from ..api import ArtifactRef
+from ..artifacts import RunId
 from ..stages import Plan, Verdict
 from .actions import GrantRef
 
@@ -47,7 +48,7 @@ class MergeOutcome:
 class Observed:
     """Everything a backend saw this round, read from the cluster, storage and grant store."""
 
-    run: str
+    run: RunId  # name and uid: the uid picks this run's results in storage
     now: datetime
     generation: int | None = None
     jobs: Mapping[str, JobObservation] = field(default_factory=dict)

@@ -53,12 +53,12 @@ def _deadline_passed(r: Round, site: SiteSpec, start_time: str | None) -> bool:
 
 def _offer(r: Round, assignment: Assignment, start_time: str) -> OfferAssignment:
     expires = grant_expiry(r.valid_spec, assignment.site, start=from_rfc3339(start_time))
-    return OfferAssignment(assignment, grant_name(r.run, assignment.name, assignment.site),
+    return OfferAssignment(assignment, grant_name(r.run.name, assignment.name, assignment.site),
                            expires)
 
 
 def _revoke(r: Round, held: PartitionStatus | SiteSketchStatus) -> None:
-    ref = held_grant(r.run, held)
+    ref = held_grant(r.run.name, held)
     if ref is not None:
         revoke(r, ref)
 
@@ -67,7 +67,7 @@ def wanted_grants(r: Round) -> dict[str, int]:
     """grant name -> attempt of every grant a site should hold after this round."""
     held = [*r.status.partitions, *(r.status.sketches or [])]
     return {ref.grant: ref.attempt for h in held if h.state == "AwaitingContribution"
-            and (ref := held_grant(r.run, h)) is not None}
+            and (ref := held_grant(r.run.name, h)) is not None}
 
 
 def settle_grants(r: Round) -> None:
@@ -89,7 +89,7 @@ def sketches_ready(r: Round) -> dict[str, str] | None:
         st.sketches = [SiteSketchStatus(site=s.name, start_time=to_rfc3339(r.obs.now))
                        for s in sites]
         for sk in st.sketches:
-            sk.grant = grant_name(r.run, "sketch", sk.site)
+            sk.grant = grant_name(r.run.name, "sketch", sk.site)
             r.event("AwaitingSketches", f"site {sk.site}: gradient sketches of its sources "
                     f"requested (grant {sk.grant})")
     for sk in st.sketches:
@@ -169,7 +169,7 @@ def _await(r: Round, part: PartitionStatus, *, attempt: int) -> None:
     part.state, part.attempt, part.job, part.job_seen = "AwaitingContribution", attempt, None, None
     part.retry_after = None
     part.start_time = part.start_time or to_rfc3339(r.obs.now)
-    part.grant = grant_name(r.run, part.name, part.site or "")
+    part.grant = grant_name(r.run.name, part.name, part.site or "")
     r.event("AwaitingContribution", f"partition {part.name} attempt {attempt} waits for site "
             f"{part.site} (grant {part.grant})")
 

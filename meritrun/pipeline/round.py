@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from ..api import MeritRunSpec, MeritRunStatus, PartitionStatus, StageStatus
+from ..artifacts import RunId
 from ..conditions import from_rfc3339, set_condition, to_rfc3339
 from .actions import (
     Action,
@@ -49,8 +50,10 @@ class Round:
     events: list[Event] = field(default_factory=list)
 
     @property
-    def run(self) -> str:
-        return self.obs.run
+    def run(self) -> RunId:
+        """The run's name, and the uid its results are under: the status's once recorded
+        (a reset run's own), else the object's."""
+        return RunId(self.obs.run.name, self.status.run_uid or self.obs.run.uid)
 
     @property
     def valid_spec(self) -> MeritRunSpec:
@@ -129,7 +132,7 @@ def stop_children(r: Round) -> None:
     st = r.status
     for held in [*st.partitions, *(st.sketches or [])]:
         if held.state == "AwaitingContribution" and held.grant:
-            ref = held_grant(r.run, held)
+            ref = held_grant(r.run.name, held)
             if ref is not None:
                 revoke(r, ref)
     revoke_unwanted(r, wanted={})

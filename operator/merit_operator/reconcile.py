@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from meritrun.api import TERMINAL_PHASES, MeritRunSpec, MeritRunStatus, StorageSpec
+from meritrun.artifacts import RunId, run_prefix
 from meritrun.conditions import now_utc
 from meritrun.driver import ActionsFailed, run_round
 from meritrun.errors import SpecError
@@ -71,6 +72,13 @@ class StorageCache:
             return self._open[key]
 
 
+def results_uids(storage: Any, name: str, uid: str) -> list[str]:
+    """The result uids of one MeritRun object in storage: its uid and its resets' uids."""
+    found = {key.split("/")[2] for key in storage.list_keys(f"runs/{name}")
+             if key.count("/") >= 3}
+    return sorted(u for u in found if u == uid or u.startswith(f"{uid}-g"))
+
+
 def event_ref(body: dict[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
@@ -102,12 +110,13 @@ class KubeRound:
     def observe(self, spec: MeritRunSpec | None, status: MeritRunStatus | None,
                 now: datetime) -> Observed:
         backend, name = self.rec.backend, self.run.name
+        run_id = RunId(name, self.run.uid)  # the status's runUid once it has one (resets)
         found: dict[str, Any] = {}
         if spec is not None and (status is None or status.phase not in TERMINAL_PHASES):
-            found = observe_storage(self.rec.storages.for_spec(spec), name, status)
+            found = observe_storage(self.rec.storages.for_spec(spec), run_id, status)
         candidates = grant_candidates(spec, status, found.get("plan"))
         held = self.grants().held(name, candidates) if candidates else {}
-        return Observed(run=name, now=now, generation=self.generation,
+        return Observed(run=run_id, now=now, generation=self.generation,
                         jobs=backend.observe_jobs(self.run, spec), grants=held,
                         spec_error=self.spec_error, **found)
 
@@ -221,9 +230,11 @@ class Reconciler:
         if storage_spec is not None:
             self._revoke_all(run, spec, storage_spec, parse_status(body.get("status")))
         if spec is not None and spec.delete_artifacts:
-            from meritrun.artifacts import run_prefix
-
-            self.storages.for_spec(spec).delete_prefix(run_prefix(run.name))
+            # This object's results only (<uid> and its resets <uid>-g<n>), never those of
+            # an earlier run of the same name.
+            storage = self.storages.for_spec(spec)
+            for uid in results_uids(storage, run.name, run.uid):
+                storage.delete_prefix(run_prefix(RunId(run.name, uid)))
             log.info("run %s/%s: deleted its artifacts", run.namespace, run.name)
         self.metrics.forget(run.uid)
         return deleted

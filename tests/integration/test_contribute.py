@@ -21,14 +21,14 @@ from support.seaweed import SeaweedServer
 
 from meritrun.access import IamIssuer, offer_assignment, offer_partition
 from meritrun.api import MeritRunSpec, PartitionStatus
-from meritrun.artifacts import MANIFEST_NAME, PartitionManifest
+from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, RunId
 from meritrun.assignment import build_sketch_assignment
 from meritrun.data import iter_examples, write_examples
 from meritrun.keys import generate_site_key
 from meritrun.signing import verify_manifest_signature
 from meritrun.storage import Storage, open_storage
 
-RUN, SITE, DECLARED, UNDECLARED = "mix", "b", ["copy", "sort"], "upper"
+RUN, SITE, DECLARED, UNDECLARED = RunId("mix", "u1"), "b", ["copy", "sort"], "upper"
 FAST = {"batchSize": 8, "maxSeqLen": 64, "maxSteps": 3}
 
 
@@ -64,7 +64,7 @@ def make_hub(tmp: Path, base: str, *, training: dict, public_key: str | None = N
                            start_time=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
     grant = offer_partition(RUN, spec, part, storage=storage, issuer=issuer, now=now)
     (tmp / "grant.json").write_text(grant.bundle_json())
-    return Hub(spec, storage, tmp / "grant.json", "runs/mix/partitions/p1/attempt-1")
+    return Hub(spec, storage, tmp / "grant.json", "runs/mix/u1/partitions/p1/attempt-1")
 
 
 def site_data(tiny_mixture, path: Path, sources: list[str]) -> Path:
@@ -121,8 +121,8 @@ def test_site_contributes_then_resumes_an_interrupted_upload(
 
     manifest = hub.manifest()
     verify_manifest_signature(manifest, public)
-    assert (manifest.run, manifest.partition, manifest.attempt, manifest.site) == (
-        RUN, "p1", 1, SITE)
+    assert (manifest.run, manifest.run_uid, manifest.partition, manifest.attempt,
+            manifest.site) == (RUN.name, RUN.uid, "p1", 1, SITE)
     assert manifest.sources == DECLARED and manifest.tokens.supervised > 0
     assert manifest.site_data["examples"] == {"copy": 40, "sort": 40}
     assert manifest.site_data["ignored"] == {UNDECLARED: 40}
@@ -157,7 +157,7 @@ def test_missing_declared_source_names_it_and_uploads_nothing(tiny_base, tiny_mi
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "'sort'" in last and "'copy'" not in last
     assert "MERITRUN_ERROR" not in done.stderr and done.stderr.count(last) == 1
-    assert hub.storage.list_keys("runs/mix/partitions") == []
+    assert hub.storage.list_keys("runs/mix/u1/partitions") == []
     assert not (tmp_path / "work" / "train").exists()  # failed before any training
 
 

@@ -207,7 +207,8 @@ def test_the_site_grant_is_scoped_then_revoked(federated):
                         access_key=creds.access_key_id,
                         secret_key=creds.secret_access_key.get_secret_value())
     with pytest.raises(StorageError):  # the identity is gone: its own prefix is closed too
-        site.put_bytes(f"runs/{RUN}/partitions/{lab['name']}/attempt-1/late.txt", b"x")
+        site.put_bytes(f"runs/{RUN}/{grant.run_uid}/partitions/{lab['name']}/attempt-1/late.txt",
+                       b"x")
     with pytest.raises(StorageError):
         site.get_bytes(grant.assignment_key)
 

@@ -42,7 +42,8 @@ def test_example_reaches_succeeded_with_plan_and_artifacts(finished_run):
     for p in status.partitions:
         assert p.state == "Succeeded" and p.tokens > 0 and p.artifact.sha256
     assert any(c.type == "Ready" and c.status == "True" for c in status.conditions)
-    store = finished_run / "store" / "runs" / "example"
+    store = finished_run / "store" / "runs" / "example" / status.run_uid
+    assert status.run_uid == json.loads((finished_run / "run.json").read_text())["run_uid"]
     assert (store / "plan" / "attempt-1" / "plan.json").exists()
     assert (store / "merged" / "attempt-1" / "merge_report.json").exists()
 
@@ -78,26 +79,61 @@ def test_demo_report_table_and_files(finished_run, capsys):
     assert (finished_run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_interrupted_run_resumes_without_redoing_finished_work(tmp_path):
+def stage_processes(workdir: Path, stage: str) -> list[int]:
+    """Live stage processes of this workdir running `stage` (by the mark they carry)."""
+    from meritrun.workdir import leftover_stages
+
+    found = []
+    for pid in leftover_stages(workdir):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if stage.encode() in argv:
+            found.append(pid)
+    return found
+
+
+def wait_for(predicate, *, timeout: float, what: str, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc is None or proc.poll() is None, f"the runner exited before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_sigkilled_runner_takes_its_stages_and_the_rerun_finishes_alone(tmp_path):
+    """SIGKILL the runner alone mid-training: its trainer dies with it (no second writer for
+    the attempt); a second runner meanwhile is refused; the rerun resumes and completes."""
     workdir = tmp_path / "work"
     cmd = [sys.executable, "-m", "meritrun.cli", "run", str(EXAMPLE), "--local",
            "--workdir", str(workdir)]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    plan = workdir / "store" / "runs" / "example" / "plan" / "attempt-1" / "plan.json"
-    deadline = time.monotonic() + 240
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not plan.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert plan.exists(), "profile stage never finished"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the runner and its stage processes
+        wait_for(lambda: stage_processes(workdir, "train"), timeout=300, what="a trainer",
+                 proc=proc)
+        run_uid = json.loads((workdir / "run.json").read_text())["run_uid"]
+        plan = workdir / "store" / "runs" / "example" / run_uid / "plan" / "attempt-1"
+        assert (plan / "plan.json").exists()
+        second = run_cli("run", str(EXAMPLE), "--local", "--workdir", str(workdir), timeout=60)
+        assert second.returncode == 2
+        assert f"in use by another meritrun runner (pid {proc.pid})" in second.stderr
+        trainers = stage_processes(workdir, "train")
+        proc.send_signal(signal.SIGKILL)  # the runner only: not its process group
         proc.wait(timeout=30)
-    plan_mtime = plan.stat().st_mtime_ns
-    interrupted = load_status(workdir / "status.json")
-    assert interrupted.phase in ("Profiling", "Training")
+        wait_for(lambda: not stage_processes(workdir, "train"), timeout=30,
+                 what=f"trainer(s) {trainers} to die with their runner")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    plan_mtime = (plan / "plan.json").stat().st_mtime_ns
+    assert load_status(workdir / "status.json").phase == "Training"
     done = run_cli("run", str(EXAMPLE), "--local", "--workdir", str(workdir))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert load_status(workdir / "status.json").phase == "Succeeded"
-    assert plan.stat().st_mtime_ns == plan_mtime, "the finished profile stage ran again"
-    assert not (workdir / "store" / "runs" / "example" / "plan" / "attempt-2").exists()
+    status = load_status(workdir / "status.json")
+    assert status.phase == "Succeeded" and status.run_uid == run_uid  # the same run, resumed
+    assert (plan / "plan.json").stat().st_mtime_ns == plan_mtime, "the profile ran again"
+    assert not (plan.parent / "attempt-2").exists()
+    assert [p.attempt for p in status.partitions] == [1, 1]  # the killed attempt, resumed
+    assert not stage_processes(workdir, "train")

@@ -42,7 +42,8 @@ def contribute(grant: Path, data: Path, key: Path | None, workdir: Path,
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_base, tiny_mixture):
-    from meritrun.local import LOCAL_POLICY, run_local
+    from meritrun.local import LOCAL_POLICY
+    from meritrun.runner_cli import run_in_workdir
 
     tmp = tmp_path_factory.mktemp("local-sites")
     train = list(iter_examples(tiny_mixture.train))
@@ -99,9 +100,10 @@ def finished(tmp_path_factory, tiny_base, tiny_mixture):
     silent = threading.Thread(target=lambda: out.update(sketch_b=send_sketches("b")),
                               name="site-b")  # sketches, then nothing
     silent.start()
-    out["status"] = run_local(run, workdir=workdir, policy=LOCAL_POLICY, poll_seconds=0.3,
-                              on_round=lambda st, ev: out["rounds"].extend(ev),
-                              env={"MERITRUN_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    out["status"] = run_in_workdir(
+        run, workdir=workdir, policy=LOCAL_POLICY, poll_seconds=0.3,
+        on_round=lambda st, ev: out["rounds"].extend(ev),
+        env={"MERITRUN_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"}).status
     site.join(60)
     silent.join(60)
     return out
@@ -112,8 +114,8 @@ def test_sites_sketches_profile_their_sources_without_their_data(finished):
         assert finished[site].returncode == 0, finished[site].stderr[-2000:]
     st = finished["status"]
     assert [(s.site, s.state) for s in st.sketches] == [("a", "Succeeded"), ("b", "Succeeded")]
-    plan = json.loads((finished["workdir"] / "store" / "runs" / RUN / "plan" / "attempt-1"
-                       / "plan.json").read_text())
+    plan = json.loads((finished["workdir"] / "store" / "runs" / RUN / st.run_uid / "plan"
+                       / "attempt-1" / "plan.json").read_text())
     assert plan["settings"]["site_sketches"] == {"a": ["sort"], "b": ["reverse"]}
     assert plan["settings"]["within_site"] == "conflict"
     assert set(plan["scores"]) == {"copy", "upper", "sort", "reverse"}

@@ -45,7 +45,8 @@ def store(pristine, tiny_base: Path, tmp_path: Path) -> Path:
 
 def params(root_uri: str, base_uri: str, merge: MergeSpec, **storage) -> MergeParams:
     return MergeParams(
-        run=RUN, attempt=1, storage=StorageParams(uri=root_uri, **storage), base_model=base_uri,
+        run=RUN, run_uid="u1", attempt=1, storage=StorageParams(uri=root_uri, **storage),
+        base_model=base_uri,
         output=OUTPUT, partitions=[PartitionInput(name=p, prefix=prefix(p))
                                    for p in ("p0", "p1", "p2")], merge=merge)
 

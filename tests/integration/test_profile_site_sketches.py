@@ -19,7 +19,7 @@ import pytest
 from merit_trainer.profiling import profile_to_dir, run_profile_stage
 from meritrun.access import offer_assignment
 from meritrun.api import MeritRunSpec, PartitioningSpec
-from meritrun.artifacts import plan_prefix
+from meritrun.artifacts import RunId, plan_prefix
 from meritrun.assignment import build_sketch_assignment, sketch_output_prefix
 from meritrun.data import group_by_source, iter_examples, write_examples
 from meritrun.errors import DataError, SpecError, StageFailed
@@ -28,7 +28,7 @@ from meritrun.partitioning import by_site_split
 from meritrun.stages import ProfileParams, StorageParams
 from meritrun.storage import open_storage
 
-RUN, SITE, HUB = "fed", "b", ["copy"]
+RUN, SITE, HUB = RunId("fed", "u1"), "b", ["copy"]
 AT_SITE = ["sort", "reverse", "upper"]
 PROFILING = {"projectionDim": 256, "calibrationSamples": 8, "stride": 5}
 SKETCHES = sketch_output_prefix(RUN, SITE, 1)

@@ -89,7 +89,7 @@ def _png_ok(data: bytes) -> bool:
 def test_profile_stage_writes_plan_and_evidence_to_storage(tiny_base, tiny_mixture, tmp_path):
     root = tmp_path / "store"
     params = ProfileParams(
-        run="demo", attempt=1, storage=StorageParams(uri=root.as_uri()),
+        run="demo", run_uid="u1", attempt=1, storage=StorageParams(uri=root.as_uri()),
         base_model=str(tiny_base), output="runs/demo/plan/attempt-1",
         data=DataSpec(uri=tiny_mixture.train.as_uri()),
         profiling=ProfilingSpec(calibration_samples=8, stride=5, projection_dim=1024),
@@ -128,7 +128,8 @@ def test_by_site_keeps_remote_sources_at_their_site(tiny_base, tiny_mixture, tmp
     sources = [{"name": n, "uri": str(files[n])} for n in groups]
     sources.append({"name": "secret", "site": "site-b"})  # its data never leaves site-b
     params = ProfileParams(
-        run="sites", attempt=2, storage=StorageParams(uri=(tmp_path / "store").as_uri()),
+        run="sites", run_uid="u1", attempt=2,
+        storage=StorageParams(uri=(tmp_path / "store").as_uri()),
         base_model=str(tiny_base), output="plan",
         data=DataSpec(sources=sources), sites={"copy": "site-b"},
         profiling=ProfilingSpec(calibration_samples=4),

@@ -25,6 +25,7 @@ from merit_merger.search import MergeProxy, load_expert_state, search_mixtures, 
 from meritrun.api import MixtureSearchSpec
 from meritrun.artifacts import (
     PartitionManifest,
+    RunId,
     TokenCounts,
     base_fingerprint,
     hash_tree,
@@ -172,12 +173,12 @@ def stage_params(root: Path, planted: Planted, **search) -> SearchParams:
     storage = open_storage(root.as_uri())
     parts = []
     for name, art in zip(NAMES, planted.artifacts, strict=True):
-        prefix = partition_prefix("t", name, 1)
+        prefix = partition_prefix(RunId("t", "u1"), name, 1)
         storage.upload_dir(art, prefix)
         parts.append(PartitionInput(name=name, prefix=prefix))
     storage.put_file("data/held_out.jsonl", planted.held_out)
-    return SearchParams(run="t", attempt=1, storage=StorageParams(uri=root.as_uri()),
-                        base_model=planted.base.as_uri(), output=search_prefix("t", 1),
+    return SearchParams(run="t", run_uid="u1", attempt=1, storage=StorageParams(uri=root.as_uri()),
+                        base_model=planted.base.as_uri(), output=search_prefix(RunId("t", "u1"), 1),
                         partitions=parts, held_out=storage.uri_for("data/held_out.jsonl"),
                         search=MixtureSearchSpec(**search))
 

@@ -27,11 +27,12 @@ from meritrun.access import (
     scope_policy,
 )
 from meritrun.api import MeritRunSpec, PartitionStatus
+from meritrun.artifacts import RunId
 from meritrun.assignment import SiteGrant, build_train_assignment, parse_grant, read_assignment
 from meritrun.errors import StorageError
 from meritrun.storage import RetryPolicy
 
-RUN = "acc"
+RUN = RunId("acc", "u1")
 NO_RETRY = RetryPolicy(attempts=1)
 
 
@@ -90,7 +91,7 @@ def test_site_reads_its_assignment_and_base_and_writes_its_own_attempt(hub, tmp_
     site = site_storage(grant)
     assignment = read_assignment(site, grant.assignment_key)
     assert (assignment.partition, assignment.sources, assignment.output) == (
-        "p0", ["copy"], "runs/acc/partitions/p0/attempt-1")
+        "p0", ["copy"], "runs/acc/u1/partitions/p0/attempt-1")
     base_root = f"s3://{hub['bucket']}"
     site_storage(grant, base_root).download_dir("models/base", tmp_path / "base")
     assert sorted(p.name for p in (tmp_path / "base").iterdir()) == [
@@ -113,19 +114,19 @@ def test_site_reads_its_assignment_and_base_and_writes_its_own_attempt(hub, tmp_
 
 def test_site_cannot_touch_other_partitions_attempts_or_assignments(hub):
     a, b = hub["grants"]["a"], hub["grants"]["b"]
-    hub["storage"].put_bytes("runs/acc/partitions/p1/attempt-1/model/model.safetensors", b"B")
+    hub["storage"].put_bytes("runs/acc/u1/partitions/p1/attempt-1/model/model.safetensors", b"B")
     site = site_storage(a)
-    denied(lambda: site.put_bytes("runs/acc/partitions/p1/attempt-1/model/x", b"evil"))
-    denied(lambda: site.get_bytes("runs/acc/partitions/p1/attempt-1/model/model.safetensors"))
-    denied(lambda: site.list_keys("runs/acc/partitions/p1"))
-    denied(lambda: site.delete_prefix("runs/acc/partitions/p1/attempt-1"))
-    denied(lambda: site.put_bytes("runs/acc/partitions/p0/attempt-2/manifest.json", b"{}"))
+    denied(lambda: site.put_bytes("runs/acc/u1/partitions/p1/attempt-1/model/x", b"evil"))
+    denied(lambda: site.get_bytes("runs/acc/u1/partitions/p1/attempt-1/model/model.safetensors"))
+    denied(lambda: site.list_keys("runs/acc/u1/partitions/p1"))
+    denied(lambda: site.delete_prefix("runs/acc/u1/partitions/p1/attempt-1"))
+    denied(lambda: site.put_bytes("runs/acc/u1/partitions/p0/attempt-2/manifest.json", b"{}"))
     denied(lambda: site.get_bytes(b.assignment_key))  # another site's assignment
     denied(lambda: site.put_bytes(a.assignment_key, b"{}"))  # rewrite its own assignment
     denied(lambda: site.list_keys(""))
     # Nothing changed for the other site.
     assert hub["storage"].get_bytes(
-        "runs/acc/partitions/p1/attempt-1/model/model.safetensors") == b"B"
+        "runs/acc/u1/partitions/p1/attempt-1/model/model.safetensors") == b"B"
     read_assignment(hub["storage"], a.assignment_key)
 
 
@@ -149,7 +150,7 @@ def test_revoked_and_rotated_grants_are_refused(hub):
                             now=now)
     second = offer_partition(RUN, spec, part, storage=hub["storage"], issuer=hub["issuer"],
                              now=now)  # a re-issue rotates: the first key stops working
-    out = "runs/acc/partitions/p0/attempt-2"
+    out = "runs/acc/u1/partitions/p0/attempt-2"
     site_storage(second).put_bytes(f"{out}/x", b"1")
     denied(lambda: site_storage(first).put_bytes(f"{out}/y", b"1"))
     hub["issuer"].revoke(second.identity)
@@ -178,8 +179,8 @@ def test_policy_names_only_the_grants_prefixes(hub):
     scope = grant_scope(assignment, root_uri=f"s3://{hub['bucket']}/tenant")
     policy = json.dumps(scope_policy(scope))
     bucket = hub["bucket"]
-    assert f"arn:aws:s3:::{bucket}/tenant/runs/acc/partitions/p0/attempt-1/*" in policy
-    assert f"arn:aws:s3:::{bucket}/tenant/runs/acc/sites/a/p0/attempt-1/*" in policy
+    assert f"arn:aws:s3:::{bucket}/tenant/runs/acc/u1/partitions/p0/attempt-1/*" in policy
+    assert f"arn:aws:s3:::{bucket}/tenant/runs/acc/u1/sites/a/p0/attempt-1/*" in policy
     assert f"arn:aws:s3:::{bucket}/models/base/*" in policy
     assert "p1" not in policy and "attempt-2" not in policy and "s3:*" not in policy
     assert len(policy) < 2048  # the inline-policy limit of AWS, MinIO and SeaweedFS

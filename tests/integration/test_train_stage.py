@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from merit_trainer.stage import main
-from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, partition_prefix, plan_prefix
+from meritrun.artifacts import (
+    MANIFEST_NAME,
+    PartitionManifest,
+    RunId,
+    partition_prefix,
+    plan_prefix,
+)
 from meritrun.errors import ExitCode
 from meritrun.stages import Plan, ProfileParams, TrainParams
 
@@ -44,9 +50,9 @@ def test_train_stage_subprocess_against_s3(tmp_path, s3_bucket, tiny_base, tiny_
     storage = s3_bucket.open()
     storage.upload_dir(tiny_base, "models/base")
     storage.put_file("data/train.jsonl", tiny_mixture.train)
-    output = partition_prefix("s3run", "p0", 2)
+    output = partition_prefix(RunId("s3run", "u1"), "p0", 2)
     params = TrainParams(
-        run="s3run", attempt=2, partition="p0", index=0, sources=["reverse"],
+        run="s3run", run_uid="u1", attempt=2, partition="p0", index=0, sources=["reverse"],
         storage={"uri": s3_bucket.root_uri, "endpoint": s3_bucket.endpoint},
         base_model=f"{s3_bucket.root_uri}/models/base", output=output,
         data={"uri": f"{s3_bucket.root_uri}/data/train.jsonl"},
@@ -71,7 +77,8 @@ def test_train_stage_subprocess_against_s3(tmp_path, s3_bucket, tiny_base, tiny_
 
 def test_invalid_params_exit_nonzero_with_an_error_line(tmp_path):
     params_path = tmp_path / "params.json"
-    params_path.write_text(json.dumps({"run": "r", "attempt": 0, "stage": "train"}))
+    params_path.write_text(json.dumps({"run": "r", "run_uid": "u1", "attempt": 0,
+                                       "stage": "train"}))
 
     done = run_stage("train", "--params", str(params_path), "--workdir", str(tmp_path / "w"),
                      env=_env())
@@ -83,9 +90,10 @@ def test_invalid_params_exit_nonzero_with_an_error_line(tmp_path):
 
 def test_missing_source_is_reported_by_name(tmp_path, tiny_base, tiny_mixture, capfd):
     params = TrainParams(
-        run="r", attempt=1, partition="p3", index=3, sources=["copy", "no-such-source"],
+        run="r", run_uid="u1", attempt=1, partition="p3", index=3,
+        sources=["copy", "no-such-source"],
         storage={"uri": (tmp_path / "store").as_uri()}, base_model=str(tiny_base),
-        output=partition_prefix("r", "p3", 1), data={"uri": str(tiny_mixture.train)},
+        output=partition_prefix(RunId("r", "u1"), "p3", 1), data={"uri": str(tiny_mixture.train)},
         training={"maxSteps": 1},
     )
     (tmp_path / "params.json").write_text(params.model_dump_json())
@@ -125,9 +133,9 @@ def restore_torch_threads():
 def test_workdir_default_comes_from_the_environment(tmp_path, tiny_base, tiny_mixture,
                                                    monkeypatch, restore_torch_threads):
     params = TrainParams(
-        run="r", attempt=1, partition="p0", index=0, sources=["copy"],
+        run="r", run_uid="u1", attempt=1, partition="p0", index=0, sources=["copy"],
         storage={"uri": str(tmp_path / "store")}, base_model=str(tiny_base),
-        output=partition_prefix("r", "p0", 1), data={"uri": str(tiny_mixture.train)},
+        output=partition_prefix(RunId("r", "u1"), "p0", 1), data={"uri": str(tiny_mixture.train)},
         training={"maxSteps": 2, "secondMoments": "none", "maxSeqLen": 64},
     )
     (tmp_path / "params.json").write_text(params.model_dump_json())
@@ -145,8 +153,8 @@ def test_workdir_default_comes_from_the_environment(tmp_path, tiny_base, tiny_mi
 def test_profile_subcommand_runs_the_profile_stage(tmp_path, tiny_base, tiny_mixture,
                                                    monkeypatch, restore_torch_threads):
     params = ProfileParams(
-        run="r", attempt=1, storage={"uri": (tmp_path / "store").as_uri()},
-        base_model=str(tiny_base), output=plan_prefix("r", 1),
+        run="r", run_uid="u1", attempt=1, storage={"uri": (tmp_path / "store").as_uri()},
+        base_model=str(tiny_base), output=plan_prefix(RunId("r", "u1"), 1),
         data={"uri": str(tiny_mixture.train)},
         profiling={"calibrationSamples": 4, "stride": 1, "projectionDim": 64},
         partitioning={"strategy": "conflictPCA", "axes": 1},

@@ -20,7 +20,13 @@ from merit_trainer.moments import dense_second_moment, load_second_moments
 from merit_trainer.sources import load_partition_examples
 from merit_trainer.training import train_partition
 from meritrun.api import DataSpec
-from meritrun.artifacts import base_fingerprint, partition_prefix, read_manifest, sha256_file
+from meritrun.artifacts import (
+    RunId,
+    base_fingerprint,
+    partition_prefix,
+    read_manifest,
+    sha256_file,
+)
 from meritrun.data import read_examples
 from meritrun.errors import DataError
 from meritrun.stages import TrainParams
@@ -42,8 +48,9 @@ class Run:
 def make_params(tmp: Path, base: Path, data: Path, *, attempt: int = 1,
                 **training) -> TrainParams:
     return TrainParams(
-        run="demo", attempt=attempt, storage={"uri": (tmp / "store").as_uri()},
-        base_model=str(base), output=partition_prefix("demo", "p1", attempt), partition="p1",
+        run="demo", run_uid="u1", attempt=attempt, storage={"uri": (tmp / "store").as_uri()},
+        base_model=str(base), output=partition_prefix(RunId("demo", "u1"), "p1", attempt),
+        partition="p1",
         index=1, sources=SOURCES, data={"uri": str(data)}, training={**TRAINING, **training},
     )
 

@@ -25,6 +25,7 @@ from meritrun.api import MergeSpec
 from meritrun.artifacts import (
     MANIFEST_NAME,
     VERDICT_NAME,
+    RunId,
     partition_prefix,
     read_manifest,
     sha256_file,
@@ -34,7 +35,7 @@ from meritrun.artifacts import (
 from meritrun.signing import public_key_b64, sign_manifest
 from meritrun.stages import PartitionInput, StorageParams, Verdict, VerifyParams
 
-RUN, PART, ATTEMPT, SITE = "r1", "p1", 2, "site-b"
+RUN, PART, ATTEMPT, SITE = RunId("r1", "u1"), "p1", 2, "site-b"
 PREFIX = partition_prefix(RUN, PART, ATTEMPT)
 OUTPUT = verdict_prefix(RUN, PART, ATTEMPT)
 WEIGHTS = "model/model.safetensors"
@@ -57,7 +58,7 @@ def sign(artifact: Path, key: Ed25519PrivateKey, **updates: object) -> None:
 
 
 def as_contribution(artifact: Path, key: Ed25519PrivateKey) -> Path:
-    sign(artifact, key, run=RUN, partition=PART, attempt=ATTEMPT, site=SITE)
+    sign(artifact, key, run=RUN.name, run_uid=RUN.uid, partition=PART, attempt=ATTEMPT, site=SITE)
     return artifact
 
 
@@ -76,9 +77,11 @@ def verify_params(root_uri: str, base_uri: str, *, public_key: str | None,
                   site: str | None = SITE, merge: MergeSpec | None = None,
                   **storage: str) -> VerifyParams:
     return VerifyParams(
-        run=RUN, attempt=ATTEMPT, storage=StorageParams(uri=root_uri, **storage),
+        run=RUN.name, run_uid=RUN.uid, attempt=ATTEMPT,
+        storage=StorageParams(uri=root_uri, **storage),
         base_model=base_uri, output=OUTPUT, merge=merge or MergeSpec(),
-        partition=PartitionInput(name=PART, prefix=PREFIX, site=site, public_key=public_key))
+        partition=PartitionInput(name=PART, prefix=PREFIX, site=site, public_key=public_key,
+                                 run_uid=RUN.uid))
 
 
 def run_main(params: VerifyParams, tmp_path: Path) -> int:
@@ -153,6 +156,10 @@ def claims_another_site(artifact: Path, kit: Kit) -> None:
     sign(artifact, kit.key, site="site-c")
 
 
+def signed_for_an_earlier_run_of_the_same_name(artifact: Path, kit: Kit) -> None:
+    sign(artifact, kit.key, run_uid="u0")  # the site's real signature, an old run's uid
+
+
 def tampered_after_upload(artifact: Path, kit: Kit) -> None:
     flip_byte(artifact / WEIGHTS)
 
@@ -168,6 +175,7 @@ def nan_weights(artifact: Path, kit: Kit) -> None:
     (unsigned, "signature", "not signed"),
     (replayed_for_another_partition, "signature", "partition 'p3'"),
     (claims_another_site, "site", "site-c"),
+    (signed_for_an_earlier_run_of_the_same_name, "run", "'u0', not this run's 'u1'"),
 ])
 def test_bad_contributions_are_refused_with_their_check(kit, store, tmp_path, damage, check,
                                                         words):

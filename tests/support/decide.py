@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from meritrun.api import ArtifactRef, MeritRunSpec
+from meritrun.artifacts import RunId
 from meritrun.jobs import CreateJob
 from meritrun.pipeline import Observed, PartitionResult, Policy, decide
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+RUN = RunId("r", "uid-1")
 POLICY = Policy(backoff_base_seconds=10, backoff_max_seconds=60)
 
 
@@ -26,7 +28,7 @@ def result(name: str, attempt: int = 1) -> PartitionResult:
 def step(spec, status, *, at=0, **observed):
     """One round at T0 + `at` seconds with the given observations."""
     observed.setdefault("generation", 1)
-    obs = Observed(run="r", now=T0 + timedelta(seconds=at), **observed)
+    obs = Observed(run=RUN, now=T0 + timedelta(seconds=at), **observed)
     return decide(spec, status, obs, policy=POLICY)
 
 

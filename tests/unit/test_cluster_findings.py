@@ -24,6 +24,7 @@ from merit_operator.manifests import (
 from merit_operator.settings import Settings
 from merit_operator.status import parse_status
 from meritrun.api import MeritRunSpec, PartitionStatus
+from meritrun.artifacts import RunId
 from meritrun.errors import SpecError
 from meritrun.jobs import train_job
 from meritrun.pipeline import JobObservation
@@ -37,7 +38,7 @@ def _job(**template) -> dict:
         "baseModel": {"uri": "s3://b/base"}, "data": {"uri": "s3://b/d.jsonl"},
         "storage": {"endpoint": "http://s3:9000", "bucket": "bkt"}, "template": template})
     part = PartitionStatus(name="p0", index=0, sources=["a"])
-    return build_stage_job(train_job("demo", spec, part, 1), run=RUN, spec=spec,
+    return build_stage_job(train_job(RunId("demo", "u-1"), spec, part, 1), run=RUN, spec=spec,
                            images=Images(trainer="t:1", merger="m:1"))
 
 

@@ -42,7 +42,7 @@ def test_offer_names_the_attempt_prefix_and_is_repeated_until_the_artifact_arriv
     p1 = d.status.partitions[1]
     assert p1.state == "AwaitingContribution" and p1.attempt == 1 and p1.grant == "r-p1-grant"
     [offer] = offers(d)
-    assert offer.assignment.output == "runs/r/partitions/p1/attempt-1"
+    assert offer.assignment.output == "runs/r/uid-1/partitions/p1/attempt-1"
     assert offer.assignment.sources == ["c"] and offer.grant == "r-p1-grant"
     assert offer.expires == T0 + timedelta(seconds=1000)  # the grant dies with the deadline
     again = step(spec, d.status, at=5)
@@ -59,7 +59,7 @@ def test_arrival_revokes_the_grant_and_verifies_before_it_counts():
     [rev] = revokes(d)
     assert rev.grant == "r-p1-grant" and rev.ref.attempt == 1
     verify = next(a for a in d.actions if isinstance(a, CreateJob))
-    assert verify.params.output == "runs/r/verdicts/p1/attempt-1"
+    assert verify.params.output == "runs/r/uid-1/verdicts/p1/attempt-1"
     assert verify.params.partition.site == "site-b"
     assert not offers(d)
     # p0 finishes; the merge must wait for the verdict.
@@ -81,7 +81,7 @@ def test_refused_contribution_is_reported_and_offered_again_as_next_attempt():
     assert "refused (sha256)" in p1.message and p1.artifact is None
     assert any(e.reason == "ContributionRefused" and e.type == "Warning" for e in d.events)
     [offer] = offers(d)
-    assert offer.assignment.output == "runs/r/partitions/p1/attempt-2"
+    assert offer.assignment.output == "runs/r/uid-1/partitions/p1/attempt-2"
     assert offer.expires == T0 + timedelta(seconds=1000)  # re-submission keeps the deadline
 
 
@@ -157,10 +157,10 @@ def test_sketch_sites_are_asked_first_and_profiling_waits_for_them():
     assert offer.assignment.kind == "sketch" and offer.assignment.sources == ["c"]
     assert offer.grant == "r-sketch-site-b-grant"
     assert d.status.sketches[0].state == "AwaitingContribution"
-    d = step(spec, d.status, at=5, sketches={"site-b": "s3://merit/runs/r/sketches/site-b/a1"})
+    d = step(spec, d.status, at=5, sketches={"site-b": "s3://merit/runs/r/uid-1/sketches/site-b/a1"})
     assert d.status.sketches[0].state == "Succeeded" and revokes(d)
     [job] = [a for a in d.actions if isinstance(a, CreateJob)]
-    assert job.params.site_sketches == {"site-b": "runs/r/sketches/site-b/attempt-1"}
+    assert job.params.site_sketches == {"site-b": "runs/r/uid-1/sketches/site-b/attempt-1"}
 
 
 def test_missing_sketches_fail_the_run_at_the_deadline():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.decide import T0, make_spec
+from support.decide import RUN, T0, make_spec
 
 from meritrun.api import MeritRun
 from meritrun.driver import ActionsFailed, run_round
@@ -22,7 +22,7 @@ class Recorder:
         self.broken, self.observed = broken, observed
 
     def observe(self, spec, status, now):
-        return Observed(run="r", now=now, **self.observed)
+        return Observed(run=RUN, now=now, **self.observed)
 
     def _call(self, what: str) -> None:
         self.calls.append(what)
@@ -74,7 +74,7 @@ def test_the_local_runner_refuses_kubeconfig_sites(tmp_path: Path):
                                    "metadata": {"name": "r"},
                                    "spec": spec.model_dump(by_alias=True, exclude_none=True)})
     with pytest.raises(SpecError, match=r"spec.sites\[0\].mode: site 'east' is a kubeconfig"):
-        run_local(run, workdir=tmp_path / "w")
+        run_local(run, workdir=tmp_path / "w", run_uid="u1")
     assert not (tmp_path / "w").exists()  # refused before anything was written
 
 

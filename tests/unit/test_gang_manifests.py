@@ -18,6 +18,7 @@ from merit_operator.manifests import (
     build_stage_job,
 )
 from meritrun.api import MeritRunSpec, PartitionStatus
+from meritrun.artifacts import RunId
 from meritrun.jobs import merge_job, profile_job, train_job
 
 RUN = RunRef(name="demo", namespace="ml", uid="1111-2222")
@@ -36,9 +37,9 @@ def make_spec(*, gpus: int | None = None, nodes: int = 1, **template) -> MeritRu
 
 def render(spec: MeritRunSpec, stage: str = "train") -> dict:
     part = PartitionStatus(name="p0", index=0, sources=["a"])
-    action = {"train": lambda: train_job("demo", spec, part, 1),
-              "profile": lambda: profile_job("demo", spec, 1),
-              "merge": lambda: merge_job("demo", spec, [part], 1)}[stage]()
+    action = {"train": lambda: train_job(RunId("demo", "u-1"), spec, part, 1),
+              "profile": lambda: profile_job(RunId("demo", "u-1"), spec, 1),
+              "merge": lambda: merge_job(RunId("demo", "u-1"), spec, [part], 1)}[stage]()
     job = build_stage_job(action, run=RUN, spec=spec, images=IMAGES)
     kubernetes_validate.validate(job, K8S, strict=True)
     service = build_rendezvous_service(action, run=RUN, spec=spec)

@@ -29,10 +29,12 @@ from merit_operator.status import (
     validated_spec,
 )
 from meritrun.api import MeritRunSpec, MeritRunStatus, PartitionStatus, PlanSummary
+from meritrun.artifacts import RunId
 from meritrun.errors import SpecError
 from meritrun.jobs import merge_job, profile_job, train_job, verify_job
 
 RUN = RunRef(name="demo", namespace="ml", uid="1111-2222")
+RUN_ID = RunId("demo", "1111-2222")
 IMAGES = Images(trainer="trainer:1", merger="merger:1")
 SECRET_VALUE = "s3cr3t-value-never-in-manifests"
 
@@ -50,7 +52,7 @@ def partition() -> PartitionStatus:
 
 
 def train(spec: MeritRunSpec, attempt: int = 2):
-    return train_job("demo", spec, partition(), attempt)
+    return train_job(RUN_ID, spec, partition(), attempt)
 
 
 def container(job: dict) -> dict:
@@ -93,7 +95,8 @@ def test_command_reads_params_from_the_mounted_configmap():
     assert cm["metadata"]["name"] == "demo-p1-a2-params"
     assert cm["metadata"]["ownerReferences"][0]["uid"] == RUN.uid
     params = json.loads(cm["data"][PARAMS_KEY])
-    assert params["output"] == "runs/demo/partitions/p1/attempt-2"
+    assert params["output"] == "runs/demo/1111-2222/partitions/p1/attempt-2"
+    assert (params["run"], params["run_uid"]) == ("demo", "1111-2222")
     assert params["partition"] == "p1" and params["attempt"] == 2
 
 
@@ -122,14 +125,14 @@ def test_template_fields_reach_the_pod():
     assert container(job)["resources"]["limits"] == {"nvidia.com/gpu": 1, "memory": "8Gi"}
     assert pod["serviceAccountName"] == "sa" and pod["nodeSelector"] == {"gpu": "a100"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
-    merge = build_stage_job(merge_job("demo", spec, [partition()], 1), run=RUN, spec=spec,
+    merge = build_stage_job(merge_job(RUN_ID, spec, [partition()], 1), run=RUN, spec=spec,
                             images=IMAGES)
     assert container(merge)["image"] == "my/merger:2"
     # The merge streams tensors on CPUs: no GPU is held for it.
     assert container(merge)["resources"]["limits"] == {"memory": "8Gi"}
     assert container(merge)["command"][2:4] == ["merit_merger.stage", "merge"]
     # So does the check of a pull site's contribution, with the merger image.
-    verify = build_stage_job(verify_job("demo", spec, partition(), 1), run=RUN, spec=spec,
+    verify = build_stage_job(verify_job(RUN_ID, spec, partition(), 1), run=RUN, spec=spec,
                              images=IMAGES)
     assert container(verify)["image"] == "my/merger:2"
     assert container(verify)["resources"]["limits"] == {"memory": "8Gi"}
@@ -138,8 +141,8 @@ def test_template_fields_reach_the_pod():
 
 def test_default_images_come_from_the_settings():
     spec = make_spec()
-    profile = build_stage_job(profile_job("demo", spec, 1), run=RUN, spec=spec, images=IMAGES)
-    merge = build_stage_job(merge_job("demo", spec, [partition()], 1), run=RUN, spec=spec,
+    profile = build_stage_job(profile_job(RUN_ID, spec, 1), run=RUN, spec=spec, images=IMAGES)
+    merge = build_stage_job(merge_job(RUN_ID, spec, [partition()], 1), run=RUN, spec=spec,
                             images=IMAGES)
     assert container(profile)["image"] == "trainer:1"
     assert container(merge)["image"] == "merger:1"
@@ -223,10 +226,11 @@ def step_decision_requeue(st, now):
     from meritrun.pipeline import Observed, decide
 
     spec = MeritRunSpec.model_validate({"baseModel": {"uri": "s3://b/m"},
-                                        "data": {"uri": "s3://b/d"}, "storage": {"bucket": "merit"}})
+                                        "data": {"uri": "s3://b/d"},
+                                        "storage": {"bucket": "merit"}})
     st = st.model_copy(update={"plan": PlanSummary(strategy="random", partitions=1),
                                "start_time": "2026-01-01T00:00:00Z"})
-    return decide(spec, st, Observed(run="r", now=now)).requeue_after
+    return decide(spec, st, Observed(run=RUN_ID, now=now)).requeue_after
 
 
 def test_settings_from_env_with_units_and_errors():

@@ -50,7 +50,7 @@ def test_plan_creates_one_training_job_per_partition():
     assert d.status.plan.partitions == 2 and d.status.progress == "0/2"
     assert any(c.type == "Profiled" and c.status == "True" for c in d.status.conditions)
     train = next(a for a in d.actions if isinstance(a, CreateJob) and a.partition == "p0")
-    assert train.params.output == "runs/r/partitions/p0/attempt-1"
+    assert train.params.output == "runs/r/uid-1/partitions/p0/attempt-1"
 
 
 def test_failed_partition_backs_off_then_retries_with_new_attempt():
@@ -98,7 +98,7 @@ def test_all_partitions_done_starts_merge_with_artifacts_recorded():
     assert d.status.partitions[0].artifact.uri == "s3://merit/p0/a1"
     merge = next(a for a in d.actions if isinstance(a, CreateJob))
     assert [p.prefix for p in merge.params.partitions] == [
-        "runs/r/partitions/p0/attempt-1", "runs/r/partitions/p1/attempt-1"]
+        "runs/r/uid-1/partitions/p0/attempt-1", "runs/r/uid-1/partitions/p1/attempt-1"]
 
 
 def _fail_p1_forever(spec):
@@ -136,7 +136,7 @@ def _merging_status(spec):
 def test_merge_success_finishes_run():
     spec = make_spec()
     d = step(spec, _merging_status(spec), jobs={"r-merge-a1": JobObservation("Succeeded")},
-             merge_outcome=MergeOutcome(model_uri="s3://merit/runs/r/merged/attempt-1/model"))
+             merge_outcome=MergeOutcome(model_uri="s3://merit/runs/r/uid-1/merged/attempt-1/model"))
     assert d.status.phase == "Succeeded"
     assert d.status.model_uri.endswith("merged/attempt-1/model")
     ready = next(c for c in d.status.conditions if c.type == "Ready")

@@ -220,6 +220,20 @@ def test_site_and_signature_are_checked_where_expected(parts, tiny_base):
     assert "not signed" in only_refusal(refused, "p2", "signature").detail
 
 
+def test_a_manifest_of_another_run_uid_is_refused(parts, tiny_base):
+    """A re-created run of the same name must not merge what the earlier one trained."""
+    from meritrun.stages import PartitionInput
+
+    refresh_manifest(parts[0], run_uid="old-uid")
+    refresh_manifest(parts[1], run_uid="new-uid")  # parts[2]: no run_uid at all (older trainer)
+    expected = {p.name: PartitionInput(name=p.name, prefix="x", run_uid="new-uid")
+                for p in parts}
+    refused, result = verify(parts, tiny_base, expected=expected, run="r")
+    assert sorted((r.partition, r.check) for r in refused) == [("p0", "run"), ("p2", "run")]
+    assert "'old-uid', not this run's 'new-uid'" in refused[0].detail
+    assert [s.name for s in result.accepted] == ["p1"]
+
+
 @pytest.mark.parametrize("garbage", [b"not a safetensors file at all",
                                      (10**9).to_bytes(8, "little") + b"{}"])
 def test_a_weight_file_that_is_not_safetensors_is_refused_as_format(parts, tiny_base, garbage):

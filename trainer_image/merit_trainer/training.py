@@ -172,7 +172,8 @@ def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: Progress
                       schedule=spec.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan))
     identity = checkpoint_identity({  # no attempt: a retry of the partition resumes
-        "run": params.run, "partition": params.partition, "index": params.index,
+        "run": params.run, "run_uid": params.run_uid, "partition": params.partition,
+        "index": params.index,
         "sources": params.sources, "base": fingerprint, "examples": len(catalogue),
         "training": spec.model_dump(mode="json"),
     })
@@ -230,7 +231,8 @@ def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: Progress
     manifest = None
     if dist.main:
         manifest = PartitionManifest(
-            run=params.run, partition=params.partition, attempt=params.attempt,
+            run=params.run, run_uid=params.run_uid, partition=params.partition,
+            attempt=params.attempt,
             site=params.site, sources=list(per_source), base=fingerprint,
             tokens=TokenCounts(supervised=state.supervised, total=state.total),
             weights="lora" if spec.method == "lora" else "full", model_dir="model",

@@ -201,6 +201,8 @@ def run_profile_stage(params: ProfileParams, *, workdir: Path) -> Plan:
         partitioning=params.partitioning, site_of=site_bindings(params.data, params.sites),
         remote=data.remote, site_sketches=site_sets, max_seq_len=params.max_seq_len,
     )
+    plan = plan.model_copy(update={"run_uid": params.run_uid})  # the reader checks it
+    (out_dir / PLAN_NAME).write_text(json.dumps(plan.model_dump(mode="json"), indent=2))
     files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != PLAN_NAME)
     for path in [*files, out_dir / PLAN_NAME]:  # plan.json last: it marks completion
         storage.put_file(join_key(params.output.rstrip("/"),
