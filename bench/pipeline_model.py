@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from meritrun.api import ArtifactRef, MeritRunSpec, MeritRunStatus
+from meritrun.artifacts import RunId
 from meritrun.pipeline import (
     CreateJob,
     DeleteJob,
@@ -137,8 +138,8 @@ class World:
                 kw["merge_outcome"] = self.merges.get(st.merge.attempt)
             if st.search is not None and st.search.state == "Running":
                 kw["search_best"] = self.searches.get(st.search.attempt)
-        return Observed(run="r", now=self.now, generation=self.generation, jobs=jobs,
-                        grants=dict(self.store), spec_error=spec_error, **kw)
+        return Observed(run=RunId("r", "model"), now=self.now, generation=self.generation,
+                        jobs=jobs, grants=dict(self.store), spec_error=spec_error, **kw)
 
     # --- carrying out actions, with faults ------------------------------------------------------
 

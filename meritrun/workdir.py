@@ -5,8 +5,8 @@ spec's sha256). A later `meritrun run` in the same workdir resumes that run only
 same run with the same spec; another name or a changed spec is refused with what differs,
 unless `--fresh` moves the old run aside and starts a new one (a new uid, so none of the old
 plan, manifests or model can be mistaken for the new run's). What a live run may change is
-the CRD's rule (meritrun.api.rules.IMMUTABLE_FIELDS, `self == oldSelf` on Kubernetes): those
-changes are taken over without --fresh.
+the CRD's rule (meritrun.api.rules.MUTABLE_FIELDS; `self == oldSelf` on the rest on
+Kubernetes): those changes are taken over without --fresh.
 
 One runner at a time: an flock on `WORKDIR/.lock`, held for the whole run, with the holder's
 pid in the file for the refusal. Stage processes carry `STAGE_OF_ENV=<workdir>` in their
@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from .api import MeritRun
-from .api.rules import IMMUTABLE_FIELDS, MUTABLE_NOTE
+from .api.rules import MUTABLE_FIELDS, MUTABLE_NOTE
 from .artifacts import RunId
 from .errors import WorkdirError
 
@@ -75,10 +75,8 @@ class Change:
 
     @property
     def mutable(self) -> bool:
-        """Not under a field that is fixed once a run exists (the CRD's transition rules)."""
-        field = self.path.removeprefix("spec.")
-        return not any(field == f or field.startswith((f"{f}.", f"{f}["))
-                       for f in IMMUTABLE_FIELDS)
+        """Under a field a live run may change (the CRD's rule); anything else is fixed."""
+        return self.path.removeprefix("spec.").split(".")[0].split("[")[0] in MUTABLE_FIELDS
 
     def __str__(self) -> str:
         return f"{self.path}: {_show(self.old)} -> {_show(self.new)}"

@@ -67,8 +67,9 @@ def test_the_crds_immutable_fields_decide_what_needs_fresh():
     assert not Change("spec.merge.method", "ota", "tokenWeighted").mutable
     assert not Change("spec.data.sources[0].uri", "a", "b").mutable
     assert not Change("spec.training.learningRate", 1, 2).mutable
-    assert Change("spec.merge.quorum", 1.0, 0.5).mutable  # as `kubectl edit` allows it
+    assert not Change("spec.merge.quorum", 1.0, 0.5).mutable  # as the CRD's CEL rule says
     assert Change("spec.backoffLimit", 1, 2).mutable
+    assert Change("spec.deleteArtifacts", False, True).mutable
 
 
 def test_live_editable_fields_are_taken_over(tmp_path):
