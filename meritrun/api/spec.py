@@ -148,6 +148,11 @@ class ProfilingSpec(SpecModel):
     micro_batch_size: int = Field(8, ge=1, le=lim.MAX_BATCH,
                                   description="Examples per backward pass.")
     seed: int = _seed("Seed of calibration sampling and of the projection")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Compute precision of the profiling gradients (bf16 for large "
+        "models on GPUs; the sketch always accumulates in fp32).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory).")
 
 
 class PartitioningSpec(SpecModel):

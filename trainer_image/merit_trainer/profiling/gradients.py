@@ -82,6 +82,16 @@ def load_base(model_dir: Path, *, device: torch.device | None = None,
     return model, tokenizer
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing for a model profiled in eval mode: Hugging Face layers only
+    checkpoint while `training`, so only that flag of each layer is raised; every other
+    module stays in eval mode (no dropout: the gradient at theta0 stays deterministic)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
+
+
 class GradientSketcher:
     """Hooks that sketch each selected parameter's gradient into the current source's row."""
 

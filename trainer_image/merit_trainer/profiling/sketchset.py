@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from meritrun.api import ProfilingSpec
 from meritrun.artifacts import base_fingerprint
@@ -27,7 +28,7 @@ from .calibration import (
     count_supervised_tokens,
     encode_supervised,
 )
-from .gradients import GradientSketcher, load_base
+from .gradients import GradientSketcher, enable_checkpointing, load_base
 from .sketch import DEFAULT_CACHE_BYTES, PROJECTION, CountSketch
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,10 @@ def profile_sketches(
     cache_bytes bounds the hash cache on the model's device (4 bytes per sketched element):
     parameters beyond it have their hashes regenerated on the CPU for every micro-batch.
     """
-    model, tokenizer = load_base(Path(model_dir), device=device)
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+    model, tokenizer = load_base(Path(model_dir), device=device, dtype=dtype)
+    if settings.gradient_checkpointing:
+        enable_checkpointing(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     calib = build_calibration(examples_by_source, stride=settings.stride,
                               samples=settings.calibration_samples, seed=settings.seed)
@@ -93,6 +97,7 @@ def profile_sketches(
             "parameter_count": sketcher.parameter_count, "stride": settings.stride,
             "calibration_samples": settings.calibration_samples,
             "micro_batch_size": settings.micro_batch_size, "max_seq_len": max_seq_len,
+            "precision": settings.precision,
         },
     )
 
