@@ -1,30 +1,32 @@
-"""Scoped site access: the hub grants a pull site storage rights for one attempt, and no more.
+"""Scoped site access, in one place: what a grant allows, how it is offered, issued and revoked.
+
+The backends only persist a grant's bundle (`GrantStore`: a Secret, or a 0600 file in
+`meritrun.grants`) and talk to the storage server through an issuer (`meritrun.iam`: the
+AWS-style IAM API, or `meritrun.minio_issuer`); the pipeline decides when to offer and revoke.
+
 
 A grant lets a site read its assignment (and the base model) and write only under its output
 prefix for the current attempt (`runs/<run>/partitions/<p>/attempt-<n>/`) until it expires or
 is revoked. Mechanism (why: docs/sites.md): one storage identity per grant with an inline
-prefix-scoped policy and an expiring service-account key, created through the storage server's
-IAM API (`IamIssuer`; SeaweedFS: `-s3.iam.readOnly=false`). The site then uses plain S3 calls,
-so multipart uploads of multi-GB shards and file-level resume work unchanged.
+prefix-scoped policy and an expiring service-account key, created through the storage
+server's IAM API (`meritrun.iam.IamIssuer`; SeaweedFS: `-s3.iam.readOnly=false`). The site
+then uses plain S3 calls, so multipart uploads of multi-GB shards and file-level resume work
+unchanged.
 
-Pure parts first (scope, policy, names, SigV4), then the I/O. The secret key is a SecretStr:
+Pure parts first (scope, policy, names), then the I/O. The secret key is a SecretStr:
 never in a repr, log line, event or the status. `SiteGrant.public_view()` may be shown;
 `SiteGrant.bundle_json()` (with the secret) goes only into a Kubernetes Secret or to the site.
 """
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import re
-import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Protocol
-from urllib.parse import urlencode, urlsplit
-
-from pydantic import SecretStr
 
 from .api import MeritRunSpec, PartitionStatus
 from .artifacts import RunId
@@ -37,15 +39,14 @@ from .assignment import (
     write_assignment,
 )
 from .conditions import from_rfc3339, to_rfc3339
-from .errors import SpecError, StorageError, TransientError
-from .pipeline.actions import GrantRef
+from .errors import SpecError
+from .pipeline.actions import GrantRef, OfferAssignment, RevokeGrant, grant_name
 from .pipeline.pull import grant_expiry
 from .storage import Storage, open_storage, split_uri
 
 log = logging.getLogger(__name__)
 
 POLICY_NAME = "meritrun-grant"
-IAM_VERSION = "2010-05-08"
 _IDENTITY = re.compile(r"^[A-Za-z0-9+=,.@_-]{1,64}$")  # AWS IAM user-name rules
 # PutObject covers every step of a multipart upload; Abort is its own action on AWS and MinIO.
 WRITE_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
@@ -110,29 +111,6 @@ def grant_identity(assignment: Assignment | GrantRef) -> str:
     return name
 
 
-def sigv4_headers(*, url: str, body: bytes, access_key: str, secret_key: str, region: str,
-                  service: str, now: datetime) -> dict[str, str]:
-    """AWS Signature V4 headers of a form POST (the IAM/STS query APIs)."""
-    parts, stamp = urlsplit(url), now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    headers = {"content-type": "application/x-www-form-urlencoded; charset=utf-8",
-               "host": parts.netloc, "x-amz-content-sha256": hashlib.sha256(body).hexdigest(),
-               "x-amz-date": stamp}
-    signed = ";".join(sorted(headers))
-    canonical = "\n".join(["POST", parts.path or "/", parts.query,
-                           *(f"{k}:{headers[k]}" for k in sorted(headers)), "", signed,
-                           headers["x-amz-content-sha256"]])
-    scope = f"{stamp[:8]}/{region}/{service}/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
-    key = f"AWS4{secret_key}".encode()
-    for part in (stamp[:8], region, service, "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
-                                f"SignedHeaders={signed}, Signature={signature}")
-    return headers
-
-
 # --- the site side --------------------------------------------------------------------
 
 
@@ -169,82 +147,6 @@ class GrantIssuer(Protocol):
     def revoke(self, identity: str) -> None: ...
 
 
-class IamIssuer:
-    """Grants through the AWS IAM query API of the storage server (SeaweedFS's embedded IAM).
-
-    issue: CreateUser (kept if it exists), PutUserPolicy (the scope), CreateServiceAccount
-    with an Expiration the server enforces. revoke: delete its service accounts, policy and
-    user (a missing one is fine). Needs the hub's admin key; never logs a secret.
-    """
-
-    def __init__(self, endpoint: str, *, access_key: str, secret_key: str,
-                 region: str = "us-east-1", timeout_s: float = 30.0) -> None:
-        import urllib3
-
-        self.endpoint, self.region = endpoint.rstrip("/"), region
-        self._keys = (access_key, SecretStr(secret_key))
-        self._http = urllib3.PoolManager(timeout=timeout_s, retries=False)
-
-    def __repr__(self) -> str:
-        return f"IamIssuer({self.endpoint!r})"
-
-    def _call(self, action: str, *, ok_codes: frozenset[str] = frozenset(),
-              **params: str) -> ET.Element | None:
-        import urllib3
-
-        body = urlencode({"Action": action, "Version": IAM_VERSION, **params}).encode()
-        url = self.endpoint + "/"
-        headers = sigv4_headers(url=url, body=body, access_key=self._keys[0],
-                                secret_key=self._keys[1].get_secret_value(),
-                                region=self.region, service="iam",
-                                now=datetime.now(timezone.utc))
-        try:
-            resp = self._http.request("POST", url, body=body, headers=headers)
-        except urllib3.exceptions.HTTPError as e:
-            raise TransientError(f"IAM {action} at {self.endpoint}: {type(e).__name__}") from e
-        try:
-            root = ET.fromstring(resp.data) if resp.data else ET.Element("empty")
-        except ET.ParseError:  # a proxy's HTML error page: the status code has to do
-            root = ET.Element("unparsable")
-        if resp.status == 200:
-            return root
-        code = root.findtext(".//{*}Code") or str(resp.status)
-        if code in ok_codes:
-            return None
-        message = (root.findtext(".//{*}Message") or "")[:300]
-        error = TransientError if resp.status >= 500 else StorageError
-        raise error(f"IAM {action} at {self.endpoint} refused: {code}: {message}")
-
-    def _delete_keys(self, identity: str) -> None:
-        gone = frozenset({"NoSuchEntity"})
-        listed = self._call("ListServiceAccounts", ParentUser=identity, ok_codes=gone)
-        for sa in [] if listed is None else listed.iterfind(".//{*}ServiceAccountId"):
-            self._call("DeleteServiceAccount", ServiceAccountId=sa.text or "", ok_codes=gone)
-
-    def issue(self, identity: str, scope: GrantScope, *, expires: datetime) -> SiteCredentials:
-        """A new key for the identity; keys issued to it before stop working (rotation)."""
-        self._call("CreateUser", UserName=identity, ok_codes=frozenset({"EntityAlreadyExists"}))
-        self._delete_keys(identity)
-        self._call("PutUserPolicy", UserName=identity, PolicyName=POLICY_NAME,
-                   PolicyDocument=json.dumps(scope_policy(scope)))
-        root = self._call("CreateServiceAccount", ParentUser=identity,
-                          Expiration=str(int(expires.timestamp())),
-                          Description="meritrun site grant")
-        assert root is not None
-        key_id, secret = root.findtext(".//{*}AccessKeyId"), root.findtext(".//{*}SecretAccessKey")
-        if not key_id or not secret:
-            raise StorageError(f"IAM CreateServiceAccount at {self.endpoint} returned no key")
-        log.info("granted %s until %s (write %s/%s)", identity, to_rfc3339(expires), *scope.write)
-        return SiteCredentials(access_key_id=key_id, secret_access_key=SecretStr(secret))
-
-    def revoke(self, identity: str) -> None:
-        gone = frozenset({"NoSuchEntity"})
-        self._delete_keys(identity)
-        self._call("DeleteUserPolicy", UserName=identity, PolicyName=POLICY_NAME, ok_codes=gone)
-        self._call("DeleteUser", UserName=identity, ok_codes=gone)
-        log.info("revoked %s", identity)
-
-
 def offer_assignment(assignment: Assignment, *, storage: Storage, issuer: GrantIssuer | None,
                      expires: datetime, endpoint: str | None = None,
                      region: str | None = None) -> SiteGrant:
@@ -279,3 +181,62 @@ def offer_partition(run: RunId, spec: MeritRunSpec, part: PartitionStatus, *, st
     start = from_rfc3339(part.start_time) if part.start_time else now
     return offer_assignment(assignment, storage=storage, issuer=issuer, endpoint=endpoint,
                             expires=grant_expiry(spec, assignment.site, start=start))
+
+
+# --- the hub side: the lifecycle the backends drive -----------------------------------------
+
+
+class GrantStore(Protocol):
+    """Where a site's bundle (with its secret) is kept for the hub's admin to hand over: a
+    Kubernetes Secret (merit_operator.grants) or a 0600 file (meritrun.grants). Persistence
+    only: what to issue and when to revoke is decided here and in the pipeline."""
+
+    def attempt(self, name: str) -> int | None: ...
+    def put(self, name: str, grant: SiteGrant) -> None: ...
+    def delete(self, name: str, *, attempt: int) -> None: ...
+
+
+class GrantKeeper:
+    """Carries out the pipeline's OfferAssignment / RevokeGrant and reports the live grants.
+
+    Offers repeat every round while a partition waits, so `offer` is a no-op when the bundle
+    of that attempt is already kept: one identity and key per attempt, not per round."""
+
+    def __init__(self, storage: Storage, issuer: GrantIssuer | None, store: GrantStore, *,
+                 endpoint: str | None = None) -> None:
+        self.storage, self.issuer, self.store, self.endpoint = storage, issuer, store, endpoint
+
+    def offer(self, action: OfferAssignment) -> bool:
+        """Write the assignment and keep a new grant, unless this attempt's is kept; True if new."""
+        a = action.assignment
+        held = self.store.attempt(action.grant)
+        if held == a.attempt:
+            return False
+        if held is not None and self.issuer is not None:
+            # The bundle of an older attempt is about to be replaced: its identity must not
+            # outlive the only record of it.
+            self.issuer.revoke(grant_identity(GrantRef(a.run, a.site, a.name, held)))
+        grant = offer_assignment(a, storage=self.storage, issuer=self.issuer,
+                                 expires=action.expires, endpoint=self.endpoint)
+        self.store.put(action.grant, grant)
+        log.info("grant %s: %s", action.grant, json.dumps(grant.public_view(), sort_keys=True))
+        return True
+
+    def held(self, run: str, candidates: Iterable[tuple[str, str]]) -> dict[str, GrantRef]:
+        """The grants of (site, name) candidates the store still keeps: what `decide` sees."""
+        out: dict[str, GrantRef] = {}
+        for site, name in candidates:
+            grant = grant_name(run, name, site)
+            attempt = self.store.attempt(grant)
+            if attempt is not None:
+                out[grant] = GrantRef(run, site, name, attempt)
+        return out
+
+    def revoke(self, action: RevokeGrant) -> None:
+        """Identity first, then the stored bundle: a failed revocation leaves the bundle, so
+        the grant is still observed and the next round revokes it again."""
+        ref = action.ref
+        if self.issuer is not None:
+            self.issuer.revoke(grant_identity(ref))
+        self.store.delete(action.grant, attempt=ref.attempt)
+        log.info("grant %s (attempt %d) revoked", action.grant, ref.attempt)

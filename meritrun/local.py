@@ -305,7 +305,9 @@ def run_local(
     `run_uid` names its results (meritrun.workdir.admit gives it, with the workdir lock
     held: meritrun.runner_cli.run_in_workdir is the way in).
     """
-    from .grants import FileGrantStore, GrantKeeper, issuer_from_env
+    from .access import GrantKeeper
+    from .grants import FileGrantStore
+    from .iam import issuer_from_env
     from .storage import open_storage
 
     refuse_kubeconfig_sites(run.spec)

@@ -11,7 +11,7 @@ A grant is a service account of the hub's own (admin) user with:
   account) knowing only the grant's identity, and a re-issue for the same attempt replaces the
   old key (rotation: the old bundle stops working).
 
-Chosen with `MERITRUN_GRANT_ISSUER=minio` (grants.issuer_from_env). The secret is generated
+Chosen with `MERITRUN_GRANT_ISSUER=minio` (iam.issuer_from_env). The secret is generated
 here, returned once as a SecretStr, and never logged.
 """
 

@@ -196,7 +196,8 @@ class Reconciler:
                             invalid=error, error=failed)
 
     def grant_keeper(self, run: RunRef, storage_spec: StorageSpec) -> Any:
-        from meritrun.grants import GrantKeeper, issuer_from_env
+        from meritrun.access import GrantKeeper
+        from meritrun.iam import issuer_from_env
         from meritrun.storage import open_storage
 
         from .grants import SecretGrantStore

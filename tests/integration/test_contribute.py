@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 from support.seaweed import SeaweedServer
 
-from meritrun.access import IamIssuer, offer_assignment, offer_partition
+from meritrun.access import offer_assignment, offer_partition
 from meritrun.api import MeritRunSpec, PartitionStatus
 from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, RunId
 from meritrun.assignment import build_sketch_assignment
 from meritrun.data import iter_examples, write_examples
+from meritrun.iam import IamIssuer
 from meritrun.keys import generate_site_key
 from meritrun.signing import verify_manifest_signature
 from meritrun.storage import Storage, open_storage

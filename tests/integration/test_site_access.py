@@ -18,7 +18,6 @@ import pytest
 from support.seaweed import SeaweedServer
 
 from meritrun.access import (
-    IamIssuer,
     grant_identity,
     grant_scope,
     offer_assignment,
@@ -30,6 +29,7 @@ from meritrun.api import MeritRunSpec, PartitionStatus
 from meritrun.artifacts import RunId
 from meritrun.assignment import SiteGrant, build_train_assignment, parse_grant, read_assignment
 from meritrun.errors import StorageError
+from meritrun.iam import IamIssuer
 from meritrun.storage import RetryPolicy
 
 RUN = RunId("acc", "u1")
