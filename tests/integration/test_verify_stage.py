@@ -32,6 +32,7 @@ from meritrun.artifacts import (
     verdict_prefix,
     write_manifest,
 )
+from meritrun.errors import ExitCode
 from meritrun.signing import public_key_b64, sign_manifest
 from meritrun.stages import PartitionInput, StorageParams, Verdict, VerifyParams
 
@@ -208,11 +209,11 @@ def test_ota_needs_the_second_moments(kit, store, tmp_path):
     assert (verdict.accepted, verdict.check) == (False, "second-moments")
 
 
-def test_undecidable_exits_2_without_a_verdict(kit, store, tmp_path, capsys):
+def test_undecidable_exits_permanent_without_a_verdict(kit, store, tmp_path, capsys):
     upload(store, kit.good)
     params = verify_params(store.as_uri(), (store / "models" / "gone").as_uri(),
                            public_key=public_key_b64(kit.key))
-    assert run_main(params, tmp_path) == 2
+    assert run_main(params, tmp_path) == ExitCode.PERMANENT  # a missing base: no retry helps
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("MERITRUN_ERROR: ")
     assert not (store / OUTPUT).exists()
 
