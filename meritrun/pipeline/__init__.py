@@ -153,8 +153,10 @@ def _requeue_after(r: Round) -> timedelta | None:
         due.append(from_rfc3339(st.start_time) + timedelta(
             seconds=spec.active_deadline_seconds + 1))
     for p in [*st.partitions, *(st.sketches or [])]:
-        site = next((s for s in (spec.sites if spec else None) or [] if s.name == p.site), None)
-        if p.state == "AwaitingContribution" and site and site.deadline_seconds and p.start_time:
+        if p.state != "AwaitingContribution" or spec is None or spec.site_mode(p.site) is None:
+            continue
+        site = spec.site(p.site)
+        if site.deadline_seconds and p.start_time:
             due.append(from_rfc3339(p.start_time) + timedelta(seconds=site.deadline_seconds + 1))
     if not due:
         return None

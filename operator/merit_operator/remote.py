@@ -36,8 +36,8 @@ class RemoteClusters:
 
     def client_for(self, namespace: str, spec: MeritRunSpec, site_name: str) -> tuple[KubeApi, str]:
         """(client, namespace on that cluster) for a kubeconfig site of the run."""
-        site = next((s for s in spec.sites or [] if s.name == site_name), None)
-        if site is None or site.mode != "kubeconfig" or site.secret_ref is None:
+        site = spec.site(site_name)
+        if site.mode != "kubeconfig" or site.secret_ref is None:
             raise SpecError(f"site {site_name!r} needs mode kubeconfig and a secretRef",
                             path="spec.sites")
         secret_name = site.secret_ref.name
