@@ -3,13 +3,14 @@
 The world stands in for a cluster, storage, a grant store and pull sites: Jobs are created,
 succeed, fail (some permanently), vanish (before or after a round saw them), are seen late;
 stages write their outputs; the merge refuses contributions; sites upload; time jumps; status
-writes and grant calls are lost; the spec is edited (suspend, deadline, a site's mode, a site
-removed, an invalid spec). Every round checks the invariants below; after a noisy phase the
-world goes quiet and the run must end, with every Job stopped and every grant revoked.
+writes, API calls and grant calls are lost; the spec is edited (suspend, deadline, a site's
+mode, a site removed, an invalid spec). Every round checks the invariants in `check_round`;
+after a noisy phase the world goes quiet and the run must end, with every Job stopped and
+every grant revoked (store and identities).
 
-    python -m bench.pipeline_model --sequences 27000 [--seed 0]
+    python -m bench.pipeline_model --sequences 27000 --workers 2 [--seed 0]
 
-The unit test (tests/unit/test_pipeline_model.py) runs a few hundred sequences.
+The unit test (tests/unit/test_pipeline_model.py) runs 120 sequences.
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ class World:
     # --- carrying out actions, with faults ------------------------------------------------------
 
     def apply(self, action: Any) -> None:
+        if isinstance(action, CreateJob | DeleteJob) and self.chance(0.05):
+            return  # an API error: the driver reports it, the next round asks again
         if isinstance(action, CreateJob):
             if action.name not in self.jobs:
                 self.jobs[action.name] = SimJob(
