@@ -51,7 +51,7 @@ def decide(spec: MeritRunSpec | None, status: MeritRunStatus | None, observed: O
     `spec` is None when it does not validate (then `observed.spec_error` says why).
     """
     if (spec is not None and failed_for_spec(status) and status is not None
-            and status.observed_generation != observed.generation):
+            and status.observed_generation != observed.generation and not started(status)):
         # The invalid spec was fixed: start over, under a uid of its own, so attempt 1 of
         # the new start never meets what the run before the reset stored.
         status = MeritRunStatus(run_uid=reset_uid(observed))
@@ -66,7 +66,7 @@ def decide(spec: MeritRunSpec | None, status: MeritRunStatus | None, observed: O
         r.status.observed_generation, r.status.run_uid = observed.generation, r.run.uid
         if r.status.phase in TERMINAL_PHASES:
             return _terminal(r)
-        r.fail(INVALID_SPEC, str(e) if isinstance(e, MeritRunError) else f"spec: {e}")
+        _fail_for_spec(r, str(e) if isinstance(e, MeritRunError) else f"spec: {e}")
         return _finish(r)
 
 
@@ -83,6 +83,20 @@ def _copy(status: MeritRunStatus | None) -> MeritRunStatus:
     return MeritRunStatus.model_validate(status.model_dump(mode="python", round_trip=True))
 
 
+def started(status: MeritRunStatus) -> bool:
+    """Whether the run ever started a Job or asked a site for anything."""
+    return status.profile.attempt > 0 or bool(status.sketches) or bool(status.partitions)
+
+
+def _fail_for_spec(r: Round, message: str) -> None:
+    """InvalidSpec. A run that never started anything starts over once its spec is fixed; one
+    that did stays Failed (its Job names would be reused): it says how to run it again."""
+    if started(r.status):
+        message += ("; the run had started, so a fixed spec does not restart it: delete and "
+                    "re-create the MeritRun (locally: --fresh)")
+    r.fail(INVALID_SPEC, message)
+
+
 def failed_for_spec(status: MeritRunStatus | None) -> bool:
     """The run failed because its spec did not validate (a fixed spec starts it over)."""
     if status is None or status.phase != "Failed":
@@ -96,12 +110,13 @@ def _decide(r: Round) -> Decision:
     st.observed_generation = obs.generation
     st.run_uid = r.run.uid
     if st.phase in TERMINAL_PHASES:
-        if obs.spec_error and failed_for_spec(st) and st.message != obs.spec_error:
-            r.fail(INVALID_SPEC, obs.spec_error)  # a new verdict on a new generation
+        if (obs.spec_error and failed_for_spec(st)
+                and not (st.message or "").startswith(obs.spec_error)):
+            _fail_for_spec(r, obs.spec_error)  # a new verdict on a new generation
             return _finish(r)
         return _terminal(r)
     if spec is None or obs.spec_error:
-        r.fail(INVALID_SPEC, obs.spec_error or "spec does not validate")
+        _fail_for_spec(r, obs.spec_error or "spec does not validate")
         return _finish(r)
     if st.start_time is None:
         st.start_time = to_rfc3339(obs.now)

@@ -145,7 +145,15 @@ def test_an_invalid_spec_fails_stops_and_revokes_through_the_same_path():
     assert d.status.phase == "Failed" and d.status.message.startswith("spec.training")
     assert deletes(d) == [("r-p0-a1", None)] and revoked(d) == [GRANT]
     assert next(c for c in d.status.conditions if c.type == "Failed").reason == "InvalidSpec"
-    fixed = step(spec, d.status, generation=2)
+    fixed = step(spec, d.status, generation=2)  # it had started: its Job names would be reused
+    assert fixed.status.phase == "Failed" and created(fixed) == []
+    assert "delete and re-create" in fixed.status.message
+
+
+def test_a_spec_invalid_from_the_start_runs_once_fixed():
+    d = step(None, None, spec_error="spec.training.learningRate: must be > 0")
+    assert d.status.phase == "Failed" and "re-create" not in d.status.message
+    fixed = step(make_spec(), d.status, generation=2)
     assert fixed.status.phase == "Profiling" and created(fixed) == ["r-profile-a1"]
 
 
