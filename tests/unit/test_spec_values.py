@@ -259,3 +259,19 @@ def test_the_operators_spec_parser_says_the_same(spec, path, words):
 def test_training_and_template_fields_are_bounded(tmp_path, capsys, spec, field):
     code, out = validate(capsys, write(tmp_path, spec))
     assert code == 1 and f"{field}:" in out, out
+
+
+@pytest.mark.parametrize("body,field", [
+    ("  training: {learningRate: .inf}\n", "spec.training.learningRate: must be a finite"),
+    ("  training: {learning_rate: 0.1}\n", "did you mean `learningRate`"),
+    ("  sites: [{name: Lab}]\n", "spec.sites[0].name: 'Lab' must be a DNS label"),
+    ("  mixtureSearch: {grid: 1000000}\n", "spec.mixtureSearch.grid"),
+])
+def test_run_local_refuses_bad_values_before_starting(tmp_path, capsys, body, field):
+    path = write(tmp_path, "spec:\n  baseModel: {uri: s3://m/b}\n  data: {uri: s3://d/x}\n"
+                           + body)
+    work = tmp_path / "work"
+    assert main(["run", str(path), "--local", "--workdir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert field in err and err.count("\n") == 1, err
+    assert not work.exists()
