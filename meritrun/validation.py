@@ -21,7 +21,7 @@ from pydantic.alias_generators import to_camel
 
 from . import API_GROUP, API_VERSION
 from .api import KIND, MeritRun, MeritRunSpec
-from .api.spec import DNS_LABEL, SOURCE_NAME
+from .api.fields import DNS_LABEL, SOURCE_NAME
 from .crd import build_crd
 from .errors import SpecError
 

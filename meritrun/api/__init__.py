@@ -10,21 +10,16 @@ from typing import Any
 from pydantic import Field
 
 from ._base import ApiModel
+from .places import DataSpec, ModelRef, SecretRef, SiteSpec, SourceSpec, StorageSpec
 from .spec import (
-    DataSpec,
     JobTemplate,
     LoraSpec,
     MergeSpec,
     MeritRunSpec,
     MixtureSearchSpec,
-    ModelRef,
     OtaSpec,
     PartitioningSpec,
     ProfilingSpec,
-    SecretRef,
-    SiteSpec,
-    SourceSpec,
-    StorageSpec,
     TrainingSpec,
 )
 from .status import (

@@ -9,126 +9,19 @@ sizes are bounded by meritrun.api.limits.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
 from ..errors import SpecError
 from . import limits as lim
 from ._base import SpecModel
+from .fields import DNS_SUBDOMAIN, MAP_BY_NAME, Assignment, SourceName, cel, section, seed_field
+from .places import DataSpec, ModelRef, SiteSpec, StorageSpec
 from .rules import check_spec, spec_validations
-
-SourceName = Annotated[str, Field(min_length=1, max_length=lim.SOURCE_NAME_LEN)]
-Assignment = Annotated[list[SourceName], Field(min_length=1, max_length=lim.MAX_SOURCES)]
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-SOURCE_NAME = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
-# Named lists are maps keyed by name: the API server refuses duplicates and merges by name.
-_SECTION = {"default": {}}  # the API server then fills the section's own defaults
-_MAP_BY_NAME = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
-
-
-def _cel(*rules: tuple[str, str]) -> ConfigDict:
-    """A model config carrying CEL rules (rule, message) for the CRD."""
-    return ConfigDict(**SpecModel.model_config, json_schema_extra={
-        "x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]})
-
-
-def _section(model: type) -> Any:
-    """A spec section that is always there (defaults): `default: {}` in the CRD too, so the API
-    server fills the section's own defaults; described by its model's docstring."""
-    return Field(default_factory=model, json_schema_extra=_SECTION,
-                 description=" ".join((model.__doc__ or "").split()))
-
-
-def _seed(what: str) -> Any:
-    return Field(0, ge=0, le=lim.SEED_MAX, description=f"{what} (0 to 2^63-1).")
 
 PartitionStrategy = Literal["conflictPCA", "random", "manual", "bySite"]
 MergeMethodName = Literal["tokenWeighted", "uniform", "taskArithmetic", "ties", "dare", "ota"]
-SiteMode = Literal["pull", "kubeconfig"]
-
-
-class SecretRef(SpecModel):
-    """A Secret in the run's namespace."""
-
-    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
-
-
-class ModelRef(SpecModel):
-    """A Hugging Face model directory (config, safetensors weights, tokenizer)."""
-
-    uri: str = Field(
-        min_length=1, max_length=lim.URI_LEN,
-        description="Where the model directory lives: s3://bucket/prefix, file:///path or a path.",
-    )
-
-
-class SourceSpec(SpecModel):
-    """One data source stored on its own, possibly at another site."""
-
-    name: str = Field(min_length=1, max_length=lim.SOURCE_NAME_LEN, pattern=SOURCE_NAME,
-                      description="Source name, as in the examples' source field (letters, "
-                                  "digits, '.', '_', '-'; unique).")
-    uri: str | None = Field(None, max_length=lim.URI_LEN,
-                            description="JSONL file of this source; omit at pull sites.")
-    site: str | None = Field(None, max_length=lim.NAME_LEN,
-                             description="Site that holds this source's data (a sites[].name).")
-
-
-class DataSpec(SpecModel):
-    """The instruction-tuning mixture: JSON Lines with a source field."""
-
-    model_config = _cel(("has(self.uri) || (has(self.sources) && size(self.sources) > 0)",
-                         "set either data.uri or data.sources"))
-
-    uri: str | None = Field(None, max_length=lim.URI_LEN,
-                            description="One JSONL file holding every source.")
-    source_field: str = Field("source", min_length=1, max_length=253,
-                              description="Field of each example naming its source.")
-    sources: list[SourceSpec] | None = Field(
-        None, max_length=lim.MAX_SOURCES, json_schema_extra=_MAP_BY_NAME,
-        description="Sources stored separately (alternative to uri); names are unique.",
-    )
-    held_out_uri: str | None = Field(None, max_length=lim.URI_LEN,
-                                     description="Held-out JSONL for evaluation reports.")
-
-    @model_validator(mode="after")
-    def _one_location(self) -> DataSpec:
-        if self.uri is None and not self.sources:
-            raise ValueError("set either data.uri or data.sources")
-        names = [s.name for s in self.sources or []]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise ValueError(f"sources[{i}].name {name!r} repeats sources"
-                                 f"[{names.index(name)}]: each source is counted once")
-        return self
-
-
-class StorageSpec(SpecModel):
-    """Object storage shared by every stage: S3-compatible (MinIO) or a local directory."""
-
-    uri: str | None = Field(
-        None, max_length=lim.URI_LEN,
-        description="Root of the run's artifacts: s3://bucket/prefix or file:///path.",
-    )
-    endpoint: str | None = Field(None, max_length=lim.URI_LEN,
-                                 description="S3 endpoint URL, e.g. http://minio:9000.")
-    bucket: str | None = Field(None, min_length=3, max_length=63,
-                               description="Bucket (when uri is not given).")
-    region: str | None = Field(None, max_length=64,
-                               description="S3 region, if the server needs one.")
-    secret_ref: SecretRef | None = Field(
-        None,
-        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; mounted into Jobs.",
-    )
-
-    def root_uri(self) -> str:
-        if self.uri:
-            return self.uri.rstrip("/")
-        if self.bucket:
-            return f"s3://{self.bucket}"
-        raise ValueError("storage needs uri or bucket")
 
 
 class ProfilingSpec(SpecModel):
@@ -147,7 +40,7 @@ class ProfilingSpec(SpecModel):
     centered: bool = Field(True, description="Double-centre the conflict matrix before PCA.")
     micro_batch_size: int = Field(8, ge=1, le=lim.MAX_BATCH,
                                   description="Examples per backward pass.")
-    seed: int = _seed("Seed of calibration sampling and of the projection")
+    seed: int = seed_field("Seed of calibration sampling and of the projection")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Compute precision of the profiling gradients (bf16 for large "
         "models on GPUs; the sketch always accumulates in fp32).")
@@ -158,7 +51,7 @@ class ProfilingSpec(SpecModel):
 class PartitioningSpec(SpecModel):
     """How sources are grouped into partitions."""
 
-    model_config = _cel(("!has(self.strategy) || self.strategy != 'manual' || "
+    model_config = cel(("!has(self.strategy) || self.strategy != 'manual' || "
                          "(has(self.assignments) && size(self.assignments) > 0)",
                          "strategy manual needs partitioning.assignments"))
 
@@ -175,7 +68,7 @@ class PartitioningSpec(SpecModel):
         None, max_length=lim.MAX_PARTITIONS,
         description="manual: the sources of each partition (each source exactly once).",
     )
-    seed: int = _seed("Seed of random splits and tie-breaking")
+    seed: int = seed_field("Seed of random splits and tie-breaking")
 
     @model_validator(mode="after")
     def _manual_needs_assignments(self) -> PartitioningSpec:
@@ -201,7 +94,7 @@ class LoraSpec(SpecModel):
 class TrainingSpec(SpecModel):
     """How each partition is trained from the base model (no communication between them)."""
 
-    model_config = _cel(("!has(self.microBatchSize) || !has(self.batchSize) || "
+    model_config = cel(("!has(self.microBatchSize) || !has(self.batchSize) || "
                          "(self.microBatchSize <= self.batchSize && "
                          "self.batchSize % self.microBatchSize == 0)",
                          "microBatchSize must divide batchSize"))
@@ -220,7 +113,7 @@ class TrainingSpec(SpecModel):
     second_moments: Literal["none", "rank1", "full"] = Field(
         "rank1", description="Save Adam exp_avg_sq for OTA: rank-1 factors, full, or none."
     )
-    seed: int = _seed("Base seed; partition k trains with seed + k")
+    seed: int = seed_field("Base seed; partition k trains with seed + k")
     lora: LoraSpec | None = Field(None, description="LoRA settings (method lora).")
     micro_batch_size: int | None = Field(
         None, ge=1, le=lim.MAX_BATCH,
@@ -280,30 +173,6 @@ class JobTemplate(SpecModel):
         "training checkpoints survive into the next attempt (emptyDir when unset).")
 
 
-class SiteSpec(SpecModel):
-    """A place outside this cluster that trains partitions."""
-
-    model_config = _cel(
-        ("!has(self.sketches) || !self.sketches || !has(self.mode) || self.mode == 'pull'",
-         "sketches: only pull sites upload sketches"),
-        ("!has(self.publicKey) || !has(self.mode) || self.mode == 'pull'",
-         "publicKey: only pull sites sign their manifests"),
-    )
-
-    name: str = Field(min_length=1, max_length=lim.NAME_LEN, pattern=DNS_LABEL,
-                      description="Site name, as used by sources[].site: a DNS label "
-                                  "(lower-case letters, digits, '-'; unique).")
-    mode: SiteMode = Field("pull", description="pull: the site fetches and pushes; kubeconfig.")
-    secret_ref: SecretRef | None = Field(None, description="kubeconfig Secret (kubeconfig mode).")
-    deadline_seconds: int | None = Field(None, ge=1, le=lim.MAX_DEADLINE_S,
-                                         description="Wait this long for the site.")
-    public_key: str | None = Field(None, max_length=256,
-                                   description="ed25519 public key (base64) for manifests.")
-    sketches: bool = Field(
-        False, description="pull: ask the site for gradient sketches of its sources before "
-                           "profiling, so the split is conflict-aware without seeing its data.")
-
-
 class OtaSpec(SpecModel):
     """Curvature-aware OTA merge parameters."""
 
@@ -342,7 +211,7 @@ class MixtureSearchSpec(SpecModel):
                                   f"1/grid; at most {lim.MAX_SEARCH_CANDIDATES} candidates).")
     dirichlet: int | None = Field(None, ge=1, le=lim.MAX_SEARCH_CANDIDATES,
                                   description="Use N Dirichlet draws instead.")
-    seed: int = _seed("Seed of the Dirichlet draws")
+    seed: int = seed_field("Seed of the Dirichlet draws")
     objective: Literal["mean-loss", "mean-accuracy", "weighted"] = Field(
         "mean-loss", description="What ranks the candidates."
     )
@@ -357,15 +226,15 @@ class MeritRunSpec(SpecModel):
     base_model: ModelRef = Field(description="The merge-ready base checkpoint theta0.")
     data: DataSpec = Field(description="The instruction-tuning mixture.")
     storage: StorageSpec | None = Field(None, description="Artifact storage (local default).")
-    profiling: ProfilingSpec = _section(ProfilingSpec)
-    partitioning: PartitioningSpec = _section(PartitioningSpec)
-    training: TrainingSpec = _section(TrainingSpec)
-    template: JobTemplate = _section(JobTemplate)
+    profiling: ProfilingSpec = section(ProfilingSpec)
+    partitioning: PartitioningSpec = section(PartitioningSpec)
+    training: TrainingSpec = section(TrainingSpec)
+    template: JobTemplate = section(JobTemplate)
     sites: list[SiteSpec] | None = Field(
-        None, max_length=lim.MAX_SITES, json_schema_extra=_MAP_BY_NAME,
+        None, max_length=lim.MAX_SITES, json_schema_extra=MAP_BY_NAME,
         description="Other sites that train partitions; names are unique.")
-    merge: MergeSpec = _section(MergeSpec)
-    mixture_search: MixtureSearchSpec = _section(MixtureSearchSpec)
+    merge: MergeSpec = section(MergeSpec)
+    mixture_search: MixtureSearchSpec = section(MixtureSearchSpec)
     backoff_limit: int = Field(2, ge=0, le=lim.MAX_BACKOFF,
                                description="Retries per Job before it counts as failed.")
     active_deadline_seconds: int | None = Field(None, ge=1, le=lim.MAX_DEADLINE_S,
