@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if workdir:
             STAGES[args.stage](args.params, Path(workdir))
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would get its own tmp
+            raise SpecError("the ranks of a torchrun gang need one shared work directory",
+                            path="--workdir")
         else:
             with tempfile.TemporaryDirectory(prefix=f"meritrun-{args.stage}-") as tmp:
                 STAGES[args.stage](args.params, Path(tmp))
