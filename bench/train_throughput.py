@@ -76,7 +76,7 @@ def prepare(root: Path, epochs: float) -> Path:
     train, _ = make_mixture(DEMO_SOURCES, train=240, held_out=1, seed=0)
     write_examples(root / "train.jsonl", train)
     params = TrainParams(
-        run="bench", attempt=1, storage={"uri": (root / "store").as_uri()},
+        run="bench", run_uid="bench-uid", attempt=1, storage={"uri": (root / "store").as_uri()},
         base_model=str(base), output="runs/bench/p0", partition="p0", index=0,
         sources=[s for s, _ in DEMO_SOURCES][:2], data={"uri": str(root / "train.jsonl")},
         training={"learningRate": 2e-3, "epochs": epochs, "batchSize": 16, "maxSeqLen": 128,

@@ -38,7 +38,7 @@ class Done:
 
 def make_params(tmp: Path, base: Path, data: Path, *, attempt: int = 1, **training) -> TrainParams:
     return TrainParams(
-        run="dist", attempt=attempt, storage={"uri": (tmp / "store").as_uri()},
+        run="dist", run_uid="u1", attempt=attempt, storage={"uri": (tmp / "store").as_uri()},
         base_model=str(base), output=f"runs/dist/p0/a{attempt}", partition="p0", index=0,
         sources=["copy", "sort", "reverse"], data={"uri": str(data)},
         training={**TRAINING, **training},
