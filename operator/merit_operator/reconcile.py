@@ -62,10 +62,13 @@ class StorageCache:
         self._lock = threading.Lock()
 
     def for_spec(self, spec: MeritRunSpec) -> Any:
+        assert spec.storage is not None
+        return self.for_storage(spec.storage)
+
+    def for_storage(self, storage: StorageSpec) -> Any:
         from meritrun.storage import open_storage
 
-        assert spec.storage is not None
-        key = (spec.storage.root_uri(), spec.storage.endpoint, spec.storage.region)
+        key = (storage.root_uri(), storage.endpoint, storage.region)
         with self._lock:
             if key not in self._open:
                 self._open[key] = open_storage(key[0], endpoint=key[1], region=key[2])
@@ -198,12 +201,10 @@ class Reconciler:
     def grant_keeper(self, run: RunRef, storage_spec: StorageSpec) -> Any:
         from meritrun.access import GrantKeeper
         from meritrun.iam import issuer_from_env
-        from meritrun.storage import open_storage
 
         from .grants import SecretGrantStore
 
-        storage = open_storage(storage_spec.root_uri(), endpoint=storage_spec.endpoint,
-                               region=storage_spec.region)
+        storage = self.storages.for_storage(storage_spec)
         issuer = issuer_from_env(storage, endpoint=storage_spec.endpoint,
                                  region=storage_spec.region)
         return GrantKeeper(storage, issuer, SecretGrantStore(self.backend.api, run),
