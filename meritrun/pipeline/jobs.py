@@ -68,8 +68,14 @@ def partition_input(run: RunId, spec: MeritRunSpec, part: PartitionStatus) -> Pa
                           prefix=artifacts.partition_prefix(run, part.name, part.attempt),
                           attempt=part.attempt or None, run_uid=run.uid, site=part.site,
                           public_key=spec.site(part.site).public_key if part.site else None,
-                          sources=list(part.sources), source_tokens=part.planned_tokens,
+                          sources=list(part.sources), source_tokens=planned_tokens(part),
                           epochs=spec.training.epochs)
+
+
+def planned_tokens(part: PartitionStatus) -> int | None:
+    """The plan's token count of a partition's sources, None when the hub could not count
+    them (a pull site's data, without sketches, counts 0 in the plan: no bound, not 0)."""
+    return part.planned_tokens or None
 
 
 def partition_inputs(run: RunId, spec: MeritRunSpec,

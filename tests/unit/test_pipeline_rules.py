@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from support.decide import created, make_spec, result, step
+from support.decide import RUN, created, make_spec, result, step
 
 from meritrun.api import MeritRunStatus
 from meritrun.pipeline import DeleteJob, GrantRef, JobObservation, MergeOutcome, RevokeGrant
@@ -186,3 +186,14 @@ def test_requeue_after_is_when_a_backoff_ends():
     d = step(spec, training(spec, k=1).status, jobs={"r-p0-a1": JobObservation("Failed")})
     assert d.requeue_after == timedelta(seconds=10)
     assert step(spec, MeritRunStatus(phase="Succeeded")).requeue_after is None
+
+
+@pytest.mark.parametrize(("planned", "bound"), [(40, 40), (0, None)])
+def test_a_pull_sites_unknown_token_count_is_no_bound(planned, bound):
+    from meritrun.api import PartitionStatus
+    from meritrun.pipeline.jobs import partition_input
+
+    part = PartitionStatus(name="p1", index=1, sources=["c"], site="west", attempt=1,
+                           planned_tokens=planned)
+    got = partition_input(RUN, make_spec(sites=[PULL]), part)
+    assert got.source_tokens == bound and got.token_bound() == bound
