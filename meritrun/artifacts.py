@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MANIFEST_NAME = "manifest.json"
 OPTIMIZER_V_NAME = "optimizer_v.safetensors"
 VERDICT_NAME = "verdict.json"
+# Written beside the artifact by the trainer while it trains (step, loss) for the status
+# display; not part of the artifact: never listed in the manifest, never opened by a merge.
+PROGRESS_NAME = "progress.json"
+SIDE_FILES = frozenset({MANIFEST_NAME, PROGRESS_NAME})
 FORMAT_VERSION = "meritrun.partition/v1"
 TOKEN_DEFINITION = "supervised = response/assistant tokens after truncation, summed over epochs"
 _CHUNK = 8 << 20

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from meritrun.artifacts import FORMAT_VERSION, MANIFEST_NAME
+from meritrun.artifacts import FORMAT_VERSION, MANIFEST_NAME, SIDE_FILES
 from meritrun.errors import ContributionRejected, StorageError
 from meritrun.signing import verify_manifest_signature
 from meritrun.stages import PartitionInput
@@ -114,7 +114,7 @@ def check_files(source: PartitionSource, *, hashes: bool = True) -> None:
     are listed (so every file read later is one the manifest vouches for)."""
     root, manifest, name = source.artifact_dir, source.manifest, source.name
     for rel in _tree(root, name):
-        if rel != MANIFEST_NAME and rel not in manifest.files:
+        if rel not in SIDE_FILES and rel not in manifest.files:
             raise ContributionRejected(name, "sha256", f"{rel} is not in the manifest")
     for rel, entry in manifest.files.items():
         if not os.path.lexists(root / rel):

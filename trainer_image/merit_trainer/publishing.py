@@ -22,6 +22,7 @@ import torch
 from meritrun.artifacts import (
     MANIFEST_NAME,
     OPTIMIZER_V_NAME,
+    PROGRESS_NAME,
     PartitionManifest,
     SecondMoments,
     write_manifest,
@@ -36,7 +37,6 @@ from .moments import write_moment_file
 
 log = logging.getLogger(__name__)
 
-PROGRESS_NAME = "progress.json"
 PROGRESS_EVERY_S = 2.0
 
 
