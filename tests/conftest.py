@@ -14,5 +14,6 @@ pytest_plugins = [
     "support.processes",
     "support.tiny",
     "support.seaweed",
+    "support.minio",
     "support.kube",
 ]

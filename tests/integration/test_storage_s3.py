@@ -1,4 +1,5 @@
-"""The storage interface against a real S3 server (SeaweedFS), and retries against a fake one."""
+"""The storage interface against real S3 servers (SeaweedFS and MinIO), and retries against a
+fake one."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from support.minio import MinioServer
 from support.seaweed import Identity, S3Bucket, SeaweedServer
 
 from meritrun.artifacts import FileEntry, hash_tree
@@ -38,6 +40,20 @@ def make_tree(root: Path) -> Path:
     (root / "model" / "sub" / "config.json").write_text('{"a": 1}')
     (root / "manifest.json").write_text("{}")
     return root
+
+
+@pytest.fixture(params=["seaweed", "minio"])
+def s3_bucket(request: pytest.FixtureRequest, seaweed: SeaweedServer,
+              minio: MinioServer) -> Iterator[S3Bucket]:
+    """A fresh bucket on each real server: the same storage code must work on both. (Both
+    session servers are named here, so they start before any test's process-leak check.)"""
+    server = {"seaweed": seaweed, "minio": minio}[request.param]
+    name = server.make_bucket()
+    yield S3Bucket(name, server)
+    try:
+        server.remove_bucket(name)
+    except Exception:  # noqa: BLE001 - the server goes away with the session anyway
+        pass
 
 
 @pytest.fixture(autouse=True)
