@@ -19,7 +19,9 @@ from .errors import MeritRunError
 DELEGATED = {
     "profile": ("merit_trainer.profiling.cli:main", "profile gradient conflicts, write a plan"),
     "merge": ("merit_merger.cli_merge:main", "merge partition artifacts into one model"),
-    "eval": ("merit_merger.cli_eval:main", "evaluate a model directory on held-out JSONL"),
+    "eval": ("merit_merger.cli_eval:main", "held-out scores of a model (or several side by side)"),
+    "compare": ("merit_merger.cli_eval:compare_main",
+                "did it help? held-out loss and accuracy per source of several models"),
     "search": ("merit_merger.cli_search:main", "rank data mixtures by merging experts"),
     "contribute": ("merit_trainer.contribute:main", "train and upload a site's partition"),
     "keygen": ("meritrun.keys:main", "create a site's ed25519 manifest-signing key"),

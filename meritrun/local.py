@@ -34,7 +34,7 @@ from .artifacts import RunId
 from .conditions import now_utc
 from .driver import ActionsFailed, run_round
 from .errors import ExitCode, SpecError, TransientError, find_error_line
-from .observe import grant_candidates, observe_storage
+from .observe import attach_progress, grant_candidates, observe_storage
 from .outage import Outage
 from .pipeline import (
     CreateJob,
@@ -169,6 +169,10 @@ class LocalBackend:
                                                   preexec_fn=die_with_parent(os.getpid()))
                 running += 1
 
+    def queued(self) -> frozenset[str]:
+        """Jobs created but not started (more stages than --parallel slots)."""
+        return frozenset(n for n, p in self.procs.items() if p.popen is None)
+
     def _stage_workdir(self, job: CreateJob, job_dir: Path) -> Path:
         """A train stage works in its partition's directory, shared by all its attempts, so
         a retry resumes from the last checkpoint (as a workVolume PVC does on Kubernetes)."""
@@ -287,6 +291,8 @@ class LocalRun:
         self.events.append(event)
 
     def write_status(self, status: MeritRunStatus) -> None:
+        # Step, total and loss of each training partition (or: queued), for people to see.
+        attach_progress(self.storage, self.run_id, status, queued=self.procs.queued())
         save_status(self.status_path, status)
 
 

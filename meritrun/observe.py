@@ -14,11 +14,12 @@ import json
 import logging
 
 from . import artifacts
-from .api import ArtifactRef, MeritRunSpec, MeritRunStatus
+from .api import ArtifactRef, MeritRunSpec, MeritRunStatus, StageProgress
 from .artifacts import RunId, names_run
 from .assignment import sketch_output_prefix
 from .errors import ObjectNotFound
 from .pipeline import MergeOutcome, PartitionResult
+from .progress import read_progress
 from .stages import Plan, Verdict
 
 log = logging.getLogger(__name__)
@@ -146,3 +147,20 @@ def grant_candidates(spec: MeritRunSpec | None, status: MeritRunStatus | None,
     out |= {(s.name, "sketch") for s in (spec.sites if spec else None) or []
             if s.mode == "pull" and s.sketches}
     return sorted(out)
+
+
+def attach_progress(storage, run: RunId, status: MeritRunStatus, *,
+                    queued: frozenset[str] = frozenset()) -> MeritRunStatus:
+    """The status with each running partition's progress: `queued` (its job waits for a
+    slot) or what its stage last wrote to progress.json. Shown, never decided on, so it is
+    filled in after `decide`; a partition that is not running keeps its last progress."""
+    run = RunId(run.name, status.run_uid or run.uid)
+    for p in status.partitions:
+        if p.state != "Running" or p.attempt < 1:
+            continue
+        if p.job in queued:
+            p.progress = StageProgress(queued=True)
+            continue
+        found = read_progress(storage, artifacts.partition_prefix(run, p.name, p.attempt))
+        p.progress = found or (None if p.progress and p.progress.queued else p.progress)
+    return status

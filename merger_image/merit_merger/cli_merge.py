@@ -1,16 +1,23 @@
 """`meritrun merge`: merge partition artifacts on one machine, with the stage's checks.
 
     meritrun merge --method ota --base BASE_DIR --out OUT_DIR PART_DIR_OR_URI... [options]
+    meritrun merge --recipe mergekit.yaml --out OUT_DIR
 
 Partitions are artifact dirs (manifest.json + model/ ...), or file:// / s3:// URIs of one
-(downloaded and sha256-verified on the way). Runs the same job as the merge stage (verify,
-quorum, merge, report) and prints a table of partitions with tokens, weights and status.
-Exit codes: 0 merged, 2 error, 3 quorum not met. Printing lives here and nowhere else.
+(downloaded and sha256-verified on the way), or plain Hugging Face model (or LoRA adapter)
+directories: those carry no manifest, so verification checks only tensor names, shapes,
+dtypes and finiteness (no hashes, base fingerprint or token count) and the methods that need
+token counts or second moments refuse them. `--recipe` runs a mergekit recipe of the methods
+MeritRun has (merit_merger.recipe). Runs the same job as the merge stage (verify, quorum,
+merge, report, model card; `--held-out` adds the scores) and prints a table of partitions with
+tokens, weights and status. Exit codes: 0 merged, 2 error, 3 quorum not met. Printing lives
+here and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -26,6 +33,8 @@ from .checks import load_partition
 from .fetch import fetch_partition
 from .job import MB, MergeSettings, run_merge_job
 from .methods import METHODS, get_method
+from .recipe import RecipePlan, recipe_plan
+from .sources import PartitionSource
 from .verification import QuorumNotMet
 
 _PARAM_FLAGS = ("density", "power", "epsilon", "scale")
@@ -34,10 +43,17 @@ _PARAM_FLAGS = ("density", "power", "epsilon", "scale")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, prog="meritrun merge",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("partitions", nargs="+", help="partition artifact dirs or file:// / s3:// URIs")
-    p.add_argument("--method", default="token-weighted",
-                   help=f"one of {', '.join(sorted(METHODS))} (camelCase spec names too)")
-    p.add_argument("--base", required=True, help="base model dir (or URI)")
+    p.add_argument("partitions", nargs="*",
+                   help="partition artifact dirs, file:// / s3:// URIs of one, or plain HF "
+                        "model dirs")
+    p.add_argument("--method", default=None,
+                   help=f"one of {', '.join(sorted(METHODS))} (camelCase spec names too; "
+                        "default token-weighted)")
+    p.add_argument("--recipe", type=Path,
+                   help="a mergekit recipe (models, merge_method, parameters) to run instead "
+                        "of --method and PARTITION...")
+    p.add_argument("--base", help="base model dir (or URI); a recipe's base_model otherwise")
+    p.add_argument("--held-out", help="held-out JSONL: score base, partitions and merged model")
     p.add_argument("--out", required=True, type=Path, help="output dir (model/ + report)")
     p.add_argument("--density", type=float, help="TIES/DARE density; OTA: FFG keep fraction")
     p.add_argument("--power", type=float, help="OTA exponent p (default 0.5)")
@@ -67,13 +83,22 @@ def _name_of(path: Path, taken: set[str]) -> str:
     return name
 
 
-def _gather(args, workdir: Path):
+def plain_source(path: Path, name: str) -> PartitionSource:
+    """A Hugging Face model (or peft adapter) dir without a manifest, as a merge input."""
+    lora = (path / "adapter_config.json").is_file()
+    if not lora and not (path / "config.json").is_file():
+        raise ContributionRejected(name, "missing-file", f"{MANIFEST_NAME} is missing and "
+                                   f"{path} is no Hugging Face model directory (no config.json)")
+    return PartitionSource(name, path, 1, "lora" if lora else "full")
+
+
+def _gather(args, workdir: Path, uris: list[str]):
     """(base dir, candidates, names verified on download) from the command line."""
     from meritrun.storage import fetch_path, open_storage, split_uri
 
     base_dir = fetch_path(args.base, workdir / "base", endpoint=args.endpoint)
     candidates, verified, taken = [], set(), set()
-    for i, uri in enumerate(args.partitions):
+    for i, uri in enumerate(uris):
         root, key = split_uri(uri)
         if root.startswith("s3://"):
             name = _name_of(Path(key), taken)
@@ -81,9 +106,12 @@ def _gather(args, workdir: Path):
             candidate, checked = fetch_partition(storage, name, key, workdir / f"p{i}")
         else:  # a local artifact dir is read in place, its hashes checked by verification
             path = fetch_path(uri, workdir)
+            if not (path / MANIFEST_NAME).is_file() and (path.parent / MANIFEST_NAME).is_file():
+                path = path.parent  # the model/ dir of an artifact (what recipes name)
             name, checked = _name_of(path, taken), False
             try:
-                candidate = load_partition(path, name)
+                candidate = (load_partition(path, name) if (path / MANIFEST_NAME).is_file()
+                             else plain_source(path, name))
             except ContributionRejected as rejection:
                 candidate = rejection
         candidates.append(candidate)
@@ -114,26 +142,69 @@ def _check_numbers(args: argparse.Namespace) -> None:
                         path="--outlier-factor")
 
 
+def _plan(args) -> tuple[str, dict, list[str], list[float] | None]:
+    """(method, params, partition URIs, explicit weights) from --recipe or the flags."""
+    values = {k: getattr(args, k) for k in _PARAM_FLAGS}
+    if args.recipe is None:
+        if not args.partitions or not args.base:
+            raise SpecError("give PARTITION... and --base, or --recipe mergekit.yaml",
+                            path="merge")
+        method = get_method(args.method or "token-weighted")
+        return method.key, dataclasses.asdict(method.parse_params(values)), args.partitions, None
+    if args.partitions or args.method or any(v is not None for v in values.values()):
+        raise SpecError("--recipe names the models, the method and its parameters: give no "
+                        "PARTITION, --method or method flags with it", path="merge")
+    plan: RecipePlan = recipe_plan(args.recipe)
+    args.base = args.base or plan.base
+    if not args.base:
+        raise SpecError(f"{args.recipe} names no base_model: give --base", path="merge")
+    args.dtype = args.dtype or plan.dtype
+    method = get_method(plan.method)
+    return (method.key, dataclasses.asdict(method.parse_params(plan.params)), plan.models,
+            plan.weights)
+
+
+def _weighted(candidates: list, weights: list[float] | None) -> list:
+    """A recipe's linear weights replace the token counts (both are normalised the same way)."""
+    if weights is None:
+        return candidates
+    return [dataclasses.replace(c, tokens=w) if isinstance(c, PartitionSource) else c
+            for c, w in zip(candidates, weights, strict=True)]
+
+
+def _tensors_only(candidates: list) -> list[str]:
+    return [c.name for c in candidates if isinstance(c, PartitionSource) and c.manifest is None]
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_numbers(args)
-        method = get_method(args.method)
-        values = {k: getattr(args, k) for k in _PARAM_FLAGS}
-        params = method.parse_params(values)  # a flag the method does not take is an error
-        import dataclasses
-
+        key, params, uris, weights = _plan(args)
         settings = MergeSettings(
-            method=method.key, params=dataclasses.asdict(params), quorum=args.quorum,
+            method=key, params=params, quorum=args.quorum,
             outlier_factor=args.outlier_factor, refuse_outliers=args.refuse_outliers,
             shard_size_bytes=args.shard_size_mb * MB, output_dtype=args.dtype,
             device=args.device)
         with tempfile.TemporaryDirectory(prefix="meritrun-merge-") as tmp:
             workdir = args.workdir or Path(tmp)
-            base_dir, candidates, verified = _gather(args, workdir)
+            base_dir, candidates, verified = _gather(args, workdir, uris)
+            candidates = _weighted(candidates, weights)
+            plain = _tensors_only(candidates)
+            method = get_method(key)
+            if plain and method.uses_token_weights and weights is None:
+                raise SpecError(f"{', '.join(plain)}: plain model directories carry no token "
+                                f"counts, which {key} weights by: use --method uniform, or a "
+                                "mergekit recipe with linear weights", path="merge")
+            if plain:
+                print(f"note: {', '.join(plain)} have no manifest.json: verification checks "
+                      "only tensor names, shapes, dtypes and finiteness (no hashes, base "
+                      "fingerprint or token counts)")
+            held_out = (fetch_held_out(args.held_out, workdir, endpoint=args.endpoint)
+                        if args.held_out else None)
             outcome = run_merge_job(base_dir=base_dir, candidates=candidates, settings=settings,
                                     out_dir=args.out, base_uri=args.base,
-                                    hashes_verified=verified)
+                                    hashes_verified=verified, held_out=held_out)
     except QuorumNotMet as e:
         report_path = args.out / "merge_report.json"
         if report_path.is_file():
@@ -147,5 +218,19 @@ def main(argv: list[str]) -> int:
     print(format_table(report))
     print(f"\nmethod {report['method']}  merged {len(report['included'])}/"
           f"{report['quorum']['total']} partitions in {report['timings']['total']:.1f} s")
-    print(f"model:  {outcome.model_dir}\nreport: {outcome.report_path}")
+    if report.get("evaluation", {}).get("models"):
+        from meritrun.report import format_scoreboard
+
+        print("\n" + format_scoreboard(report["evaluation"]))
+    mergekit = report.get("mergekit") or {}
+    if mergekit.get("note"):
+        print(f"mergekit: {mergekit['note']}")
+    print(f"model:  {outcome.model_dir}  (card: {outcome.model_dir / 'README.md'})\n"
+          f"report: {outcome.report_path}")
     return 0
+
+
+def fetch_held_out(uri: str, workdir: Path, *, endpoint: str | None) -> Path:
+    from meritrun.storage import fetch_path
+
+    return Path(fetch_path(uri, workdir / "held-out", endpoint=endpoint))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,13 +239,29 @@ def aggregate_scores(examples: Sequence[Example], losses: Sequence[tuple[float, 
     return EvalResult(sources, preds)
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No transformers "Loading weights" bar while scoring many models: one bar per model load
+    drowns the caller's own table or progress (search, compare, the merge report)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(model_dir: Path | str, *, dtype: str = "float32"):
     """(model, tokenizer) of a Hugging Face model directory, on CPU, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return model.eval(), tokenizer
 
 

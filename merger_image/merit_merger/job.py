@@ -2,9 +2,11 @@
 
 Inputs are local: a base model dir and, per partition, either a PartitionSource (fetched and
 ready to verify) or the ContributionRejected that fetching it already produced. Outputs go
-to one local dir laid out like the stage's storage prefix: `model/`, `merge_report.json`,
-`merge_layers.png` and, where mergekit has the method, `mergekit.yaml`. The report is
-written even when the quorum is not met (then QuorumNotMet is raised after writing it).
+to one local dir laid out like the stage's storage prefix: `model/` (with its card,
+README.md), `merge_report.json`, `merge_layers.png` and, where mergekit has the method,
+`mergekit.yaml`. With a held-out file the report scores base, partitions and merged model.
+The report is written even when the quorum is not met (then QuorumNotMet is raised after
+writing it).
 Fetching and uploading belong to the callers.
 """
 
@@ -25,6 +27,7 @@ from meritrun.stages import PartitionInput
 
 from .engine import Progress, merge_models
 from .methods import get_method
+from .model_card import write_model_card
 from .recipe import NO_EQUIVALENT, RECIPE_NAME, mergekit_recipe, write_recipe
 from .report import PLOT_NAME, build_report, plot_layers, write_report
 from .sources import PartitionSource
@@ -100,11 +103,13 @@ def run_merge_job(
     base_uri: str | None = None, locations: Mapping[str, str] | None = None,
     hashes_verified: frozenset[str] = frozenset(), progress: Progress | None = None,
     expected: Mapping[str, PartitionInput] | None = None, run: str | None = None,
+    held_out: Path | None = None,
 ) -> JobOutcome:
     """Verify, merge and report; `locations` names each partition's model for the recipe.
 
     `expected` (partition -> PartitionInput) adds the site and signature checks of
     partitions from other sites, and `run` the run their signed manifests must name.
+    `held_out` (a local JSONL) adds the scores of base, partitions and merged model.
     """
     started, out_dir = time.monotonic(), Path(out_dir)
     method = get_method(settings.method)
@@ -146,10 +151,15 @@ def run_merge_job(
                                   result.output_dtype, locations, out_dir)
     if mergekit.get("recipe"):
         extra.append(out_dir / RECIPE_NAME)
+    evaluation = None
+    if held_out is not None:
+        evaluation = _score(base_dir, accepted, out_dir / "model", Path(held_out))
+        timings["evaluate"] = evaluation.pop("seconds")
     timings["total"] = round(time.monotonic() - started, 3)
     report = build_report(**common, result=result, status="succeeded", timings=timings,
-                          mergekit=mergekit, output={"model": "model"})
+                          mergekit=mergekit, output={"model": "model"}, evaluation=evaluation)
     _token_bounds(report, expected)
+    write_model_card(out_dir / "model", report, run=run)
     plot = plot_layers(out_dir / PLOT_NAME, report)
     if plot is not None:
         extra.append(plot)
@@ -172,7 +182,33 @@ def _recipe(method, params, base_uri: str, accepted: Sequence[PartitionSource],
              for s in accepted]
     recipe = mergekit_recipe(method=method, params=dataclasses.asdict(params), base=base_uri,
                              partitions=parts, weights=weights, dtype=dtype)
+    exact = method.mergekit is not None
+    note = None if exact else NO_EQUIVALENT.format(method=method.key.upper())
     if recipe is None:
-        return {"recipe": None, "note": NO_EQUIVALENT.format(method=method.key.upper())}
-    write_recipe(out_dir / RECIPE_NAME, recipe, method=method)
-    return {"recipe": RECIPE_NAME, "method": method.mergekit}
+        return {"recipe": None, "exact": False, "note": note}
+    write_recipe(out_dir / RECIPE_NAME, recipe, method=method,
+                 locations=[base_uri, *(uri for _, uri, _ in parts)])
+    if not exact:
+        note = f"{note}; {RECIPE_NAME} holds the nearest recipe (token-weighted linear)"
+    return {"recipe": RECIPE_NAME, "method": recipe["merge_method"], "exact": exact,
+            "note": note}
+
+
+def _score(base_dir: Path, accepted: Sequence[PartitionSource], merged: Path,
+           held_out: Path) -> dict[str, Any]:
+    """The report's `evaluation`; a held-out file that cannot be scored does not undo a good
+    merge: the reason is recorded instead of the table."""
+    from meritrun.errors import MeritRunError
+
+    from .scoreboard import ModelRef, score_models
+
+    started = time.monotonic()
+    refs = {"base": ModelRef(base_dir),
+            **{s.name: ModelRef(s.model_dir, base_dir) for s in accepted},
+            "merged": ModelRef(merged)}
+    try:
+        evaluation = score_models(refs, held_out)
+    except MeritRunError as e:
+        log.warning("held-out scores skipped: %s", e)
+        evaluation = {"error": str(e), "heldOut": str(held_out)}
+    return {**evaluation, "seconds": round(time.monotonic() - started, 3)}

@@ -83,7 +83,7 @@ def build_report(
     verification: Verification | None, result: MergeResult | None, quorum: float,
     status: str, reason: str | None = None, timings: Mapping[str, float] | None = None,
     base: Mapping[str, Any] | None = None, mergekit: Mapping[str, Any] | None = None,
-    output: Mapping[str, Any] | None = None,
+    output: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict (NaN/inf become null)."""
     refusal = {r.partition: r for r in refused}
@@ -93,8 +93,12 @@ def build_report(
     parts = []
     for name in candidates:
         src, r, flag = sources.get(name), refusal.get(name), outliers.get(name)
+        manifest = src.manifest if src else None
         parts.append({
             "name": name, "tokens": src.tokens if src else None,
+            "sources": list(manifest.sources) if manifest else None,
+            # without a manifest (a plain HF directory) only the tensors could be checked
+            "verified": None if src is None else ("artifact" if manifest else "tensors-only"),
             "weights": src.weights if src else None,
             "status": "refused" if r else ("included" if result else "not-merged"),
             "check": r.check if r else None, "detail": r.detail if r else None,
@@ -128,6 +132,8 @@ def build_report(
         "mergekit": dict(mergekit or {}),
         "output": dict(output or {}),
     }
+    if evaluation is not None:
+        report["evaluation"] = dict(evaluation)
     return _json_safe(report)
 
 

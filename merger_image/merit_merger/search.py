@@ -22,7 +22,7 @@ from meritrun.artifacts import MANIFEST_NAME, read_manifest
 from meritrun.data import Example, read_examples
 from meritrun.errors import DataError, SpecError
 
-from .evaluation import EvalResult, evaluate_model, load_model
+from .evaluation import EvalResult, evaluate_model, load_model, quiet_loading
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,8 @@ def search_mixtures(
     bad = [c for c in candidates if len(c) != len(names)]
     if bad:
         raise SpecError(f"candidate {bad[0]} has {len(bad[0])} weights, need {len(names)}")
-    proxy, tokenizer = MergeProxy.from_dirs(Path(base_dir), [Path(d) for d in expert_dirs])
+    with quiet_loading():  # one "Loading weights" bar per expert would bury the ranking
+        proxy, tokenizer = MergeProxy.from_dirs(Path(base_dir), [Path(d) for d in expert_dirs])
     examples = read_examples([eval_path])
     if not examples:
         raise DataError(f"{eval_path}: no held-out examples to score the candidates on")

@@ -2,8 +2,9 @@
 
 `merge` reads MergeParams, fetches the base and every partition artifact from storage
 (sha256-verified against its manifest on the way; a corrupt or missing file is a refusal of
-that partition, not a crash), runs the merge job (verify, quorum, merge, report) in the
-workdir and uploads `{output}/model/`, the plot and recipe, and `{output}/merge_report.json`
+that partition, not a crash), runs the merge job (verify, quorum, merge, report; with a
+held-out file, the scores of base, partitions and merged model) in the workdir and
+uploads `{output}/model/`, the plot and recipe, and `{output}/merge_report.json`
 LAST (its presence means the merge is complete). When the quorum is not met only the report
 is uploaded. `search` hands SearchParams to the mixture search (merit_merger.search).
 `verify` judges one arriving contribution (merit_merger.verify) and writes its verdict; a
@@ -67,6 +68,8 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
         if checked:
             verified.add(part.name)
         locations[part.name] = storage.uri_for(f"{part.prefix}/model")
+    held_out = (fetch_path(params.held_out, workdir / "data", **where)
+                if params.held_out else None)
     out_dir = workdir / "merged"
     storage.delete_prefix(f"{params.output}/{REPORT_NAME}")  # a stale report must not vouch
     try:
@@ -76,7 +79,8 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
                                         required=params.required),
             out_dir=out_dir, base_uri=params.base_model, locations=locations,
             hashes_verified=frozenset(verified),
-            expected={part.name: part for part in params.partitions}, run=params.run)
+            expected={part.name: part for part in params.partitions}, run=params.run,
+            held_out=held_out)
     except QuorumNotMet:
         if (out_dir / REPORT_NAME).is_file():
             stamp_report(out_dir / REPORT_NAME, params)

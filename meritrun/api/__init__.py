@@ -32,6 +32,7 @@ from .status import (
     PlanSummary,
     SearchStatus,
     SiteSketchStatus,
+    StageProgress,
     StageStatus,
 )
 
@@ -69,6 +70,6 @@ __all__ = [
     "DataSpec", "JobTemplate", "LoraSpec", "MergeSpec", "MergeStatus", "MeritRun",
     "MeritRunSpec", "MeritRunStatus", "MixtureSearchSpec", "ModelRef", "ObjectMeta", "OtaSpec",
     "PartitionStatus", "PartitioningSpec", "PlanSummary", "ProfilingSpec", "SearchStatus",
-    "SecretRef", "SiteSketchStatus", "SiteSpec", "SourceSpec", "StageStatus", "StorageSpec",
-    "TrainingSpec",
+    "SecretRef", "SiteSketchStatus", "SiteSpec", "SourceSpec", "StageProgress", "StageStatus",
+    "StorageSpec", "TrainingSpec",
 ]

@@ -57,6 +57,17 @@ class StageStatus(ApiModel):
     artifact: ArtifactRef | None = Field(None, description="The stage's output.")
 
 
+class StageProgress(ApiModel):
+    """How far a running stage is, from its own `progress.json` (shown, never decided on)."""
+
+    step: int | None = Field(None, ge=0, description="Optimizer steps done.")
+    total: int | None = Field(None, ge=0, description="Optimizer steps planned.")
+    loss: float | None = Field(None, description="Training loss of the last step.")
+    updated: str | None = Field(None, description="When the stage last wrote it (RFC 3339).")
+    queued: bool | None = Field(None, description="Created but not started yet: waiting for a "
+                                "free slot (local --parallel) or a queue.")
+
+
 class PartitionStatus(StageStatus):
     """One partition of the mixture."""
 
@@ -71,6 +82,7 @@ class PartitionStatus(StageStatus):
     grant: str | None = Field(None, description="Pull sites: where the site's grant is (a "
                               "Secret of the run's namespace, or a file for local runs).")
     state: PartitionState = Field("Pending", description="Partition state.")  # type: ignore[assignment]
+    progress: StageProgress | None = Field(None, description="Training progress while it runs.")
 
 
 class SiteSketchStatus(ApiModel):

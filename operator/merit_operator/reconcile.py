@@ -22,7 +22,7 @@ from meritrun.artifacts import RunId, run_prefix
 from meritrun.conditions import now_utc
 from meritrun.driver import ActionsFailed, run_round
 from meritrun.errors import SpecError
-from meritrun.observe import grant_candidates, observe_storage
+from meritrun.observe import attach_progress, grant_candidates, observe_storage
 from meritrun.pipeline import (
     CreateJob,
     Event,
@@ -142,6 +142,10 @@ class KubeRound:
         self.events.append(event)  # posted by the async handler, with kopf
 
     def write_status(self, status: MeritRunStatus) -> None:
+        if self.spec is not None and status.phase not in TERMINAL_PHASES:
+            # step, total and loss of each training partition, for `kubectl get -o yaml`
+            attach_progress(self.rec.storages.for_spec(self.spec), RunId(self.run.name,
+                            self.run.uid), status)
         self.rec.write(self.run, self.stored, status)
 
 

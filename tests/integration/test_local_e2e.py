@@ -30,7 +30,24 @@ def finished_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("local-run")
     proc = run_cli("run", str(EXAMPLE), "--local", "--workdir", str(workdir))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    (workdir / "run-output.txt").write_text(proc.stdout)
     return workdir
+
+
+def test_run_ends_with_the_held_out_table_and_shows_training_progress(finished_run):
+    """Issue 12: with heldOutUri, `run` says whether the merge helped; the status carried the
+    partitions' own progress (step, total, loss) while they trained."""
+    printed = (finished_run / "run-output.txt").read_text()
+    header = next(line for line in printed.splitlines() if line.startswith("held-out loss"))
+    assert header.split()[-4:] == ["base", "p0", "p1", "merged"]
+    assert "mean" in printed and "meritrun compare" in printed
+    status = load_status(finished_run / "status.json")
+    seen = [p.progress for p in status.partitions if p.progress is not None]
+    assert seen and all(pr.total and 1 <= pr.step <= pr.total and pr.loss > 0 for pr in seen)
+    store = finished_run / "store" / "runs" / "example"
+    assert not list(store.glob("partitions/*/attempt-*/progress.json"))  # not in artifacts
+    card = (store / "merged" / "attempt-1" / "model" / "README.md").read_text()
+    assert "## Held-out scores" in card and "| p0 |" in card
 
 
 def test_example_reaches_succeeded_with_plan_and_artifacts(finished_run):

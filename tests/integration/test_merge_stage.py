@@ -79,7 +79,9 @@ def test_stage_subprocess_merges_on_a_file_root(store, tmp_path, tiny_base):
     assert report["status"] == "succeeded" and report["included"] == ["p0", "p1", "p2"]
     assert report["method"] == "ota" and report["parameters"]["density"] == 0.3
     assert all(p["ffg_threshold"] > 0 for p in report["partitions"])
-    assert report["mergekit"]["recipe"] is None and "no equivalent" in report["mergekit"]["note"]
+    # OTA: no mergekit equivalent; the file holds the nearest recipe under that warning
+    assert report["mergekit"]["exact"] is False and "no equivalent" in report["mergekit"]["note"]
+    assert "NOT A REPRODUCTION" in (out / "mergekit.yaml").read_text()
     assert (out / "merge_layers.png").stat().st_size > 1000
     assert set(load_state(out / "model")) == set(load_state(tiny_base))
     model = AutoModelForCausalLM.from_pretrained(out / "model")
@@ -142,7 +144,9 @@ def test_s3_corrupted_upload_is_a_sha256_refusal(pristine, tiny_base, s3_bucket,
     recipe = yaml.safe_load(storage.get_bytes(f"{OUTPUT}/mergekit.yaml"))
     assert recipe["merge_method"] == "ties" and recipe["parameters"]["lambda"] == 0.8
     assert recipe["models"][0]["parameters"] == {"weight": 1.0, "density": 0.5}
-    assert recipe["base_model"] == f"{s3_bucket.root_uri}/models/base"
+    assert recipe["base_model"] == "models/base"  # an S3 key: the header says what to download
+    assert f"aws s3 cp --recursive {s3_bucket.root_uri}/models/base models/base" in (
+        storage.get_bytes(f"{OUTPUT}/mergekit.yaml").decode())
 
 
 def test_cli_prints_the_table_and_refuses_foreign_flags(pristine, tiny_base, tmp_path, capsys):

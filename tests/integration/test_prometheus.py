@@ -6,11 +6,11 @@ accepts the exposition; the counters agree with what the run did.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.prometheus import find_tool
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def test_promql_sees_runs_by_phase_and_the_reconcile_histogram(e2e_run):
 
 
 def test_promtool_accepts_the_exposition(e2e_run):
-    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    promtool = find_tool("promtool")
     done = subprocess.run([promtool, "check", "metrics"], input=e2e_run.exposition,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr

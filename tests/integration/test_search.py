@@ -160,7 +160,9 @@ def test_cli_search_prints_the_ranking_and_writes_outputs(planted, tmp_path, cap
     argv = ["--base", str(planted.base), "--experts", *map(str, planted.artifacts[:2]),
             "--eval", str(planted.held_out), "--grid", "8", "--out", str(out)]
     assert cli_search.main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "Loading weights" not in captured.err  # no transformers bar per expert/candidate
     doc = json.loads((out / "search.json").read_text())
     assert doc["names"] == NAMES[:2] and doc["candidates"] == 7
     assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,5 @@
-"""Test support: a real Prometheus server (Debian's `apt-get install prometheus`) that scrapes
+"""Test support: a real Prometheus server (Debian's package, on PATH or unpacked into the venv
+by scripts/setup-prometheus.sh) that scrapes
 given targets every second, answering PromQL over HTTP. Bound to 127.0.0.1, data in a temp
 dir, stopped by the test that started it.
 """
@@ -9,6 +10,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -17,11 +19,17 @@ from typing import Any
 from .kube import free_port, wait_until
 
 
+def find_tool(name: str) -> str:
+    """`prometheus` or `promtool`: on PATH, else beside this venv's python (setup.sh --dev)."""
+    for found in (shutil.which(name), Path(sys.executable).parent / name, f"/usr/bin/{name}"):
+        if found and Path(found).exists():
+            return str(found)
+    raise RuntimeError(f"{name} not found: run scripts/setup.sh --dev "
+                       "(or scripts/setup-prometheus.sh .venv)")
+
+
 def find_prometheus() -> str:
-    found = shutil.which("prometheus") or "/usr/bin/prometheus"
-    if not Path(found).exists():
-        raise RuntimeError("prometheus not found: apt-get install -y prometheus")
-    return found
+    return find_tool("prometheus")
 
 
 class PrometheusServer:

@@ -28,6 +28,7 @@ from meritrun.artifacts import (
     write_manifest,
 )
 from meritrun.errors import MeritRunError, StageFailed
+from meritrun.progress import progress_key
 from meritrun.stages import TrainParams
 from meritrun.storage import open_storage
 
@@ -49,7 +50,7 @@ class ProgressFile:
     """Rank 0's `<output>/progress.json`, rewritten at most every PROGRESS_EVERY_S seconds."""
 
     def __init__(self, params: TrainParams, *, enabled: bool) -> None:
-        self._key = f"{params.output}/{PROGRESS_NAME}"
+        self._key = progress_key(params.output)
         self._storage = _open(params) if enabled else None
         self._last = float("-inf")
 
@@ -75,6 +76,9 @@ def publish_artifact(params: TrainParams, artifact_dir: Path, manifest: Partitio
     storage = _open(params)
     manifest_key = f"{params.output}/{MANIFEST_NAME}"
     storage.delete_prefix(manifest_key)
+    # progress.json is for watching a running stage; the artifact holds only listed files (the
+    # merge refuses an unlisted one, and on file:// storage it reads the prefix in place)
+    storage.delete_prefix(progress_key(params.output))
     storage.upload_dir(artifact_dir, params.output)
     storage.put_file(manifest_key, write_manifest(artifact_dir, manifest))
     log.info("partition %s attempt %d published to %s (%d supervised tokens)", params.partition,
