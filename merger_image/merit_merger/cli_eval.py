@@ -40,8 +40,9 @@ def build_parser(prog: str = "meritrun eval") -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model (dir or URI), for LoRA adapters")
     p.add_argument("--endpoint", help="S3 endpoint for s3:// URIs")
     p.add_argument("--cache", type=Path, help="download dir for URIs (default: a temp dir)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--max-seq-len", type=int, default=512,
+                   help="truncate examples to this many tokens (as training does)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens generated per answer (default: the longest reference answer)")
     p.add_argument("--no-generate", action="store_true",
