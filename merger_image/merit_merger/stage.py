@@ -59,6 +59,10 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
 
     storage, workdir = open_stage_storage(params), Path(workdir)
     where = {"endpoint": params.storage.endpoint, "region": params.storage.region}
+    if os.environ.get("MERITRUN_TORCH_THREADS"):  # as the trainer: the backend shares cores
+        import torch
+
+        torch.set_num_threads(int(os.environ["MERITRUN_TORCH_THREADS"]))
     base_dir = fetch_path(params.base_model, workdir / "cache", **where)
     candidates, verified, locations = [], set(), {}
     for part in params.partitions:
