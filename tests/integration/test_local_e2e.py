@@ -20,7 +20,7 @@ HELD_OUT = ROOT / "examples" / "assets" / "data" / "held_out.jsonl"
 ENV = {**os.environ, "MERITRUN_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def run_cli(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "meritrun.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=ENV)
 
