@@ -44,7 +44,7 @@ def test_run_ends_with_the_held_out_table_and_shows_training_progress(finished_r
     status = load_status(finished_run / "status.json")
     seen = [p.progress for p in status.partitions if p.progress is not None]
     assert seen and all(pr.total and 1 <= pr.step <= pr.total and pr.loss > 0 for pr in seen)
-    store = finished_run / "store" / "runs" / "example"
+    store = finished_run / "store" / "runs" / "example" / status.run_uid
     assert not list(store.glob("partitions/*/attempt-*/progress.json"))  # not in artifacts
     card = (store / "merged" / "attempt-1" / "model" / "README.md").read_text()
     assert "## Held-out scores" in card and "| p0 |" in card
