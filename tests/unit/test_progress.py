@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from meritrun.api import MeritRunStatus, PartitionStatus, PlanSummary, StageProgress
-from meritrun.artifacts import partition_prefix
+from meritrun.artifacts import RunId, partition_prefix
 from meritrun.observe import attach_progress
 from meritrun.progress import progress_key, read_progress
 from meritrun.runner_cli import print_summary, running_detail, shown_state
@@ -43,7 +43,8 @@ def _status(*parts: PartitionStatus) -> MeritRunStatus:
 
 def test_attach_progress_reads_running_partitions_and_marks_queued_ones(tmp_path):
     storage = open_storage(tmp_path.as_uri())
-    write_progress(storage, partition_prefix("r", "p0", 2), 4, 9, 0.75)
+    run = RunId("r", "u1")
+    write_progress(storage, partition_prefix(run, "p0", 2), 4, 9, 0.75)
     status = _status(
         PartitionStatus(name="p0", index=0, sources=["a"], state="Running", attempt=2,
                         job="r-p0-a2"),
@@ -51,7 +52,7 @@ def test_attach_progress_reads_running_partitions_and_marks_queued_ones(tmp_path
                         job="r-p1-a1"),
         PartitionStatus(name="p2", index=2, sources=["c"], state="Succeeded", attempt=1,
                         progress=StageProgress(step=9, total=9, loss=0.1)))
-    attach_progress(storage, "r", status, queued=frozenset({"r-p1-a1"}))
+    attach_progress(storage, run, status, queued=frozenset({"r-p1-a1"}))
     p0, p1, p2 = status.partitions
     assert (p0.progress.step, p0.progress.total, p0.progress.loss) == (4, 9, 0.75)
     assert p1.progress == StageProgress(queued=True)
@@ -59,7 +60,7 @@ def test_attach_progress_reads_running_partitions_and_marks_queued_ones(tmp_path
     assert [shown_state(p) for p in status.partitions] == ["Running", "Pending", "Succeeded"]
     assert running_detail(status) == "p0 step 4/9 loss 0.750, p1 Pending"
     # once started, a queued partition is Running again (no stale "queued")
-    attach_progress(storage, "r", status, queued=frozenset())
+    attach_progress(storage, run, status, queued=frozenset())
     assert status.partitions[1].progress is None and shown_state(status.partitions[1]) == "Running"
 
 
