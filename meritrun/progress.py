@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 
 from .api import StageProgress
+from .artifacts import PROGRESS_NAME
 from .errors import ObjectNotFound
-
-PROGRESS_NAME = "progress.json"
 
 
 def progress_key(prefix: str) -> str:

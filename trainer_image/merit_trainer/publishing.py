@@ -22,7 +22,6 @@ import torch
 from meritrun.artifacts import (
     MANIFEST_NAME,
     OPTIMIZER_V_NAME,
-    PROGRESS_NAME,
     PartitionManifest,
     SecondMoments,
     write_manifest,
