@@ -46,7 +46,7 @@ def build_parser(prog: str = "meritrun eval") -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens generated per answer (default: the longest reference answer)")
     p.add_argument("--no-generate", action="store_true",
-                   help="skip greedy generation (loss and perplexity only; one model)")
+                   help="skip greedy generation (loss and perplexity only)")
     p.add_argument("--json", type=Path, dest="json_out", help="also write the result as JSON")
     return p
 
@@ -100,7 +100,8 @@ def _several(args, refs: dict, data: Path) -> dict:
     from .scoreboard import score_models
 
     evaluation = score_models(refs, data, max_seq_len=args.max_seq_len,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              generate=not args.no_generate)
     print(format_scoreboard(evaluation))
     print("cells: mean loss per supervised token (lower is better) and, in parentheses, "
           "exact-match accuracy")

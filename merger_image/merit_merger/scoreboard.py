@@ -59,10 +59,11 @@ def load_ref(ref: ModelRef):
 
 def score_models(models: Mapping[str, ModelRef | Path], held_out: Path, *,
                  max_seq_len: int = 512, batch_size: int = 16,
-                 max_new_tokens: int | None = None) -> dict[str, Any]:
+                 max_new_tokens: int | None = None, generate: bool = True) -> dict[str, Any]:
     """{"format", "heldOut", "maxNewTokens", "sources", "models": {name: EvalResult dict}}.
 
     Models are loaded one at a time (a 7B model and its neighbours never share memory).
+    `generate=False` scores loss only (accuracy None).
     """
     examples = read_examples([held_out])
     if not examples:
@@ -77,7 +78,8 @@ def score_models(models: Mapping[str, ModelRef | Path], held_out: Path, *,
             raise DataError(f"model {name} ({ref.path}): not loadable: {e}") from e
         budget = budget or answer_budget(tokenizer, examples)
         result = evaluate_model(model, tokenizer, examples, batch_size=batch_size,
-                                max_seq_len=max_seq_len, max_new_tokens=budget)
+                                max_seq_len=max_seq_len, max_new_tokens=budget,
+                                generate=generate)
         scored[name] = result.to_dict()
         log.info("scored %s: mean loss %.4f", name, result.macro_loss)
         del model

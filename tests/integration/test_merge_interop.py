@@ -161,3 +161,21 @@ def test_mergekit_itself_runs_the_exported_recipe(experts, tiny_base, tmp_path, 
                           text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_weights(ours / "model", theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_compare_takes_s3_uris_of_models_and_data(experts, tiny_base, tiny_mixture, s3_bucket,
+                                                  tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_bucket.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_bucket.secret_key)
+    storage = s3_bucket.open()
+    storage.upload_dir(tiny_base, "models/base")
+    storage.upload_dir(experts.artifacts[0], "runs/r/u/partitions/p0/attempt-1")
+    storage.put_file("data/held.jsonl", tiny_mixture.held_out)
+    root = s3_bucket.root_uri
+    assert compare_main([f"{root}/models/base", f"{root}/runs/r/u/partitions/p0/attempt-1",
+                         "--data", f"{root}/data/held.jsonl", "--endpoint", s3_bucket.endpoint,
+                         "--no-generate", "--json", str(tmp_path / "c.json")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[-2:] == ["base", "p0"]
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["models"]["p0"]["macro"]["accuracy"] is None  # --no-generate: loss only
+    assert doc["models"]["base"]["macro"]["mean_loss"] > 0
