@@ -1,11 +1,13 @@
-"""Operator scale on the emulated cluster: N MeritRuns of K partitions applied at once.
+"""Operator scale on the real control plane: N MeritRuns of K partitions applied at once.
 
 What it measures: the time from one `kubectl apply` of all runs until every partition Job
 exists, the reconcile round duration (p50/p99, interpolated from the operator's own
-histogram), the operator's peak resident memory (VmHWM), and its API request count. The node
-runs nothing (Jobs stay active), and the profile stage is short-circuited: the bench writes
-each run's plan.json into S3 (SeaweedFS) first, so a run's second round finds its plan and
-creates its K partition Jobs.
+histogram), the operator's peak resident memory (VmHWM), and its API request count (from the
+API server's audit log). The control plane is the tests' one (etcd, kube-apiserver with RBAC,
+kube-controller-manager; binaries from scripts/kube-bins.sh); the operator authenticates as
+the chart's ServiceAccount. The node runs nothing (the Job controller's pods stay pending),
+and the profile stage is short-circuited: the bench writes each run's plan.json into S3
+(SeaweedFS) first, so a run's second round finds its plan and creates its K partition Jobs.
 
     python bench/operator_scale.py [--runs 50] [--partitions 8] [--workers 4]
 """
@@ -25,8 +27,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from support.controlplane import ControlPlane  # noqa: E402
 from support.kube import KubeCluster, OperatorProcess, wait_until  # noqa: E402
-from support.kube_node import NodeOptions  # noqa: E402
+from support.kubelet import NodeOptions  # noqa: E402
 from support.seaweed import SeaweedServer  # noqa: E402
 
 from meritrun.artifacts import RunId, plan_prefix  # noqa: E402
@@ -101,19 +104,19 @@ def main(argv: list[str] | None = None) -> int:
                                secret_key=s3.secret_key)
         names = [f"scale-{i:03d}" for i in range(args.runs)]
         creds = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
-        cluster = KubeCluster(Path(tmp)).start()
+        plane = ControlPlane(Path(tmp) / "controlplane").start()
+        cluster = KubeCluster(plane, Path(tmp) / "scale", prefix="scale").start()
         operator = OperatorProcess(cluster, env={**creds, "MERITRUN_RESYNC_SECONDS": "10",
                                                  "MERITRUN_WORKERS": str(args.workers),
                                                  "MERITRUN_LOG_LEVEL": "WARNING"})
         try:
-            cluster.start_node(NodeOptions(run_jobs=False))
+            cluster.start_node(NodeOptions(run=False))
             cluster.create_secret("meritrun-storage", creds)
             operator.start()
             docs = [run_doc(n, bucket=bucket, endpoint=s3.endpoint, partitions=args.partitions)
                     for n in names]
             start = time.monotonic()
-            cluster.kubectl("apply", "--validate=false", "-f", "-", timeout=120,
-                            stdin=yaml.safe_dump_all(docs))
+            cluster.kubectl("apply", "-f", "-", timeout=120, stdin=yaml.safe_dump_all(docs))
             applied = time.monotonic() - start
             # The profile stage's plan, where the run's uid (known once created) puts it.
             for obj in cluster.objects("merit.run/v1alpha1/meritruns"):
@@ -121,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_plan(storage, RunId(meta["name"], meta["uid"]), args.partitions)
 
             def partition_jobs() -> int:
-                return sum(1 for j in cluster.objects("batch/v1/jobs")
-                           if j["metadata"]["labels"].get("merit.run/stage") == "train")
+                return len(plane.api.list(f"/apis/batch/v1/namespaces/{cluster.namespace}/jobs",
+                                          labels="merit.run/stage=train"))
 
             wait_until(lambda: partition_jobs() >= expected, timeout=args.timeout,
                        interval=0.5, what=f"{expected} partition Jobs")
@@ -140,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                 "reconcile_rounds": int(rounds), "reconcile_p50_ms": round(p50 * 1000, 1),
                 "reconcile_p99_ms": round(p99 * 1000, 1),
                 "operator_peak_rss_mib": round(peak_rss_mib(operator.proc.pid), 1),
-                "operator_api_requests": len(cluster.recorded("operator")),
-                "duplicate_jobs": sum(n - 1 for n in cluster.created("batch/v1/jobs").values()),
+                "operator_api_requests": len(cluster.requests()),
+                "duplicate_jobs": sum(n - 1 for n in cluster.created("jobs").values()),
             }
         finally:
             operator.stop()
-            cluster.stop()
+            plane.stop()  # the whole control plane goes: no need to delete the namespace
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value}")

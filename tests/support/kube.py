@@ -1,49 +1,47 @@
-"""Test support: an emulated Kubernetes cluster (kmock + our fixes), its node, kubectl, and
-the operator as a real process.
+"""Test support: a namespace of the real control plane, kubectl, and the operator as a process.
 
-`KubeCluster` runs the emulator and the node in an event loop on a background thread, so
-tests stay synchronous: kubectl and the operator are real processes talking HTTP to it, and
-every wait is bounded. Users are bearer tokens ("admin" for kubectl, "operator", "node"), so
-the RBAC test can pick out the operator's requests. Stopping the cluster fails the test if
-any asyncio task is still running. Fixtures: `kube_cluster` (fresh per test),
-`operator_factory` (operator processes, stopped and checked for logged exceptions).
+`KubeCluster` is one fresh namespace on the session's control plane
+(`support.controlplane`) with the chart's ServiceAccount and RBAC installed in it (rendered by
+`helm template` for a namespaced install watching that namespace, applied for real), so the
+operator authenticates with that ServiceAccount's token and the API server enforces the
+chart's rules. Stopping it deletes what it installed and the namespace, and waits until the
+node has no process left there. Fixtures: `kube_cluster` (fresh per test), `operator_factory`
+(operator processes, stopped and checked for logged exceptions).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import base64
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import kmock
 import pytest
 import yaml
 
-from .kube_emulator import Emulator
-from .kube_node import Node, NodeOptions
+from .apiclient import ApiStatus, resource_path
+from .controlplane import ControlPlane, free_port
+from .helm import Helm
+from .kubelet import NodeOptions
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO / "crds" / "meritrun.yaml"
-TOKENS = {"admin-token": "admin", "operator-token": "operator", "node-token": "node"}
-USERS = tuple(TOKENS.values())
-NAMESPACE = "default"
-CALL_TIMEOUT_S = 30.0
+CHART = REPO / "charts" / "meritrun"
+CRD_PATH = REPO / "crds" / "meritrun.yaml"  # the chart renders this same CRD
+RBAC_KINDS = ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
+REMOTE_SA = "meritrun-remote"  # what a remote site's kubeconfig authenticates as
+REMOTE_RULES = [
+    {"apiGroups": ["batch"], "resources": ["jobs"],
+     "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps"],
+     "verbs": ["get", "list", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["CRD_PATH", "REPO", "KubeCluster", "OperatorProcess", "free_port", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2,
@@ -59,161 +57,130 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float 
         time.sleep(interval)
 
 
-class KubeCluster:
-    """The emulated API server (and optionally its node) on a background event loop."""
+def install_crd(plane: ControlPlane, path: Path = CRD_PATH) -> None:
+    """Apply the chart's CRD (server-side, so a CRD helm owns can be updated) and wait until
+    it is Established."""
+    crd = yaml.safe_load(path.read_text())
+    plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                  f"crd/{crd['metadata']['name']}")
 
-    def __init__(self, workdir: Path, *, crd: dict[str, Any] | None = None) -> None:
-        self.workdir = workdir
-        self.crd = crd if crd is not None else yaml.safe_load(CRD_PATH.read_text())
-        self.loop = asyncio.new_event_loop()
-        self.emulator: Emulator | None = None
-        self.node: Node | None = None
-        self._node_task: asyncio.Task | None = None
-        self._thread = threading.Thread(target=self.loop.run_forever, name="kube", daemon=True)
-        self._servers: list[kmock.Server] = []
-        self.urls: dict[str, str] = {}
+
+class KubeCluster:
+    """A fresh namespace with the chart's operator identity; `namespace` is its name."""
+
+    def __init__(self, plane: ControlPlane, workdir: Path, *, prefix: str = "t",
+                 values: tuple[str, ...] = (), rbac: bool = True) -> None:
+        """rbac=False: neither the CRD nor the chart's RBAC (a `helm install` brings both)."""
+        self.plane, self.workdir, self.prefix, self.values = plane, workdir, prefix, values
+        self.rbac = rbac
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.namespace = ""
+        self.rbac_docs: list[dict[str, Any]] = []
+        self.service_account = ""
 
     def start(self) -> KubeCluster:
-        self._thread.start()
-        self.call(self._start())
+        self.namespace = self.plane.create_namespace(self.prefix)
+        if not self.rbac:
+            return self
+        install_crd(self.plane)
+        release = f"mr-{self.namespace}"
+        out = Helm(self.workdir / "helm-home").run(
+            "template", release, str(CHART), "--namespace", self.namespace,
+            "--set", f"watchNamespaces={{{self.namespace}}}", *self.values).stdout
+        self.rbac_docs = [d for d in yaml.safe_load_all(out) if d and d["kind"] in RBAC_KINDS]
+        self.service_account = next(d["metadata"]["name"] for d in self.rbac_docs
+                                    if d["kind"] == "ServiceAccount")
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(self.rbac_docs))
         return self
 
-    async def _start(self) -> None:
-        self.emulator = Emulator(tokens=dict(TOKENS))
-        self.emulator.install_crd(self.crd)
-        await self.emulator.__aenter__()
-        for user in USERS:
-            server = kmock.Server(self.emulator)
-            await server.__aenter__()
-            self._servers.append(server)
-            self.emulator.ports[server.port] = user
-            self.urls[user] = f"http://127.0.0.1:{server.port}"
-
-    def call(self, coro: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start_node(self, options: NodeOptions | None = None) -> Node:
-        options = options or NodeOptions()
-        if not options.env:
-            options.env = {k: v for k, v in os.environ.items()
-                           if not k.startswith(("AWS_", "KUBECONFIG", "MERITRUN_"))}
-        (self.workdir / "node").mkdir(exist_ok=True)
-
-        async def start() -> Node:
-            assert self.emulator is not None
-            node = Node(self.emulator, url=self.urls["node"], token="node-token",
-                        workdir=self.workdir / "node", options=options)
-            self._node_task = asyncio.create_task(node.run(), name="node")
-            return node
-
-        self.node = self.call(start())
-        return self.node
+    def start_node(self, options: NodeOptions | None = None) -> None:
+        """How the node treats this namespace's pods (failure injection, no running)."""
+        assert self.plane.node is not None
+        self.plane.node.configure(self.namespace, options or NodeOptions())
 
     def stop(self) -> None:
-        leftovers = self.call(self._stop(), timeout=60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-        assert not leftovers, f"asyncio tasks left running: {leftovers}"
+        if not self.namespace:
+            return
+        cluster_scoped = [d for d in self.rbac_docs if d["kind"].startswith("Cluster")]
+        if cluster_scoped:
+            self.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", "-",
+                         stdin=yaml.safe_dump_all(cluster_scoped), check=False)
+        self.plane.delete_namespace(self.namespace)
 
-    async def _stop(self) -> list[str]:
-        if self._node_task is not None:
-            self._node_task.cancel()
-            await asyncio.gather(self._node_task, return_exceptions=True)
-        assert self.emulator is not None
-        self.emulator.close()
-        for server in reversed(self._servers):  # kmock's resolver hooks unwind as a stack
-            await server.__aexit__(None, None, None)
-        await self.emulator.__aexit__(None, None, None)
-        await asyncio.sleep(0.1)
-        me = asyncio.current_task()
-        return [t.get_name() for t in asyncio.all_tasks() if t is not me and not t.done()]
+    # --- identities ------------------------------------------------------------------------
 
-    # --- reading the cluster (snapshots taken on the loop: no torn reads) ---------------
+    @property
+    def operator_user(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
 
-    def objects(self, resource: str, namespace: str | None = NAMESPACE) -> list[dict[str, Any]]:
-        async def read() -> list[dict[str, Any]]:
-            assert self.emulator is not None
-            res = kmock.resource(resource)
-            return [json.loads(json.dumps(o.raw))
-                    for (r, ns, _), o in list(self.emulator.objects.items())
-                    if r == res and not o.deleted and (namespace is None or ns == namespace)]
-        return self.call(read())
+    def kubeconfig(self, user: str = "admin") -> Path:
+        """"admin", or "operator" (the chart's ServiceAccount, a TokenRequest token)."""
+        path = self.workdir / f"kubeconfig-{user}.yaml"
+        if user == "admin":
+            return self.plane.kubeconfig(path, namespace=self.namespace)
+        assert user == "operator", user
+        token = self.plane.service_account_token(self.namespace, self.service_account)
+        return self.plane.kubeconfig(path, token=token, namespace=self.namespace, user=user)
 
-    def get(self, resource: str, name: str, namespace: str = NAMESPACE) -> dict[str, Any] | None:
-        return next((o for o in self.objects(resource, namespace)
-                     if o["metadata"]["name"] == name), None)
+    def remote_kubeconfig(self) -> str:
+        """A kubeconfig for this namespace as a remote site's operator uses it: its own
+        ServiceAccount, bound to a Role with what remote Jobs need."""
+        ns = self.namespace
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": REMOTE_SA}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": REMOTE_SA}, "rules": REMOTE_RULES},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": REMOTE_SA},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                         "name": REMOTE_SA},
+             "subjects": [{"kind": "ServiceAccount", "name": REMOTE_SA, "namespace": ns}]}]))
+        token = self.plane.service_account_token(ns, REMOTE_SA)
+        path = self.plane.kubeconfig(self.workdir / "kubeconfig-remote.yaml", token=token,
+                                     namespace=ns, user=REMOTE_SA)
+        return path.read_text()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def objects(self, resource: str) -> list[dict[str, Any]]:
+        return self.plane.api.list(resource_path(resource, self.namespace))
+
+    def get(self, resource: str, name: str) -> dict[str, Any] | None:
+        return self.plane.api.get_or_none(resource_path(resource, self.namespace, name))
 
     def run_status(self, name: str) -> dict[str, Any]:
         obj = self.get("merit.run/v1alpha1/meritruns", name)
         return (obj or {}).get("status") or {}
 
     def created(self, resource: str) -> dict[str, int]:
-        """How many times each name was created (successful POSTs), from object histories."""
-        async def read() -> dict[str, int]:
-            assert self.emulator is not None
-            res = kmock.resource(resource)
-            counts: dict[str, int] = {}
-            for (r, _, name), obj in list(self.emulator.objects.items()):
-                if r == res:
-                    history = list(obj.history)
-                    births = sum(1 for i, v in enumerate(history)
-                                 if v is not None and (i == 0 or history[i - 1] is None))
-                    counts[name] = births
-            return counts
-        return self.call(read())
+        """How many times each name was created (plural, e.g. "jobs"), from the audit log."""
+        return self.plane.created(resource.rsplit("/", 1)[-1], self.namespace)
 
-    def recorded(self, user: str) -> list[Any]:
-        async def read() -> list[Any]:
-            assert self.emulator is not None
-            return [r for r in self.emulator.recorded if r.user == user]
-        return self.call(read())
+    def requests(self, user: str | None = None) -> list[dict[str, Any]]:
+        """Audit events of a user (default: the operator) in any namespace or none."""
+        return self.plane.audit(user=user or self.operator_user)
 
-    # --- clients ------------------------------------------------------------------------
-
-    def kubeconfig(self, user: str) -> Path:
-        token = next(t for t, u in TOKENS.items() if u == user)
-        path = self.workdir / f"kubeconfig-{user}.yaml"
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.urls[user]}}],
-            "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "emulator", "context": {
-                "cluster": "emulator", "user": user, "namespace": NAMESPACE}}]}))
-        return path
-
-    def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST a JSON object as admin (kubectl 1.37 sends built-in kinds as protobuf, which
-        the emulator cannot read: Secrets are created this way)."""
-        import urllib.request
-
-        request = urllib.request.Request(
-            self.urls["admin"] + path, data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json", "Authorization": "Bearer admin-token"})
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return json.loads(r.read())
+    # --- writing ---------------------------------------------------------------------------
 
     def create_secret(self, name: str, values: dict[str, str]) -> None:
-        import base64
-
         data = {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}
-        self.create(f"/api/v1/namespaces/{NAMESPACE}/secrets", {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data})
+        try:
+            self.plane.api.create(f"/api/v1/namespaces/{self.namespace}/secrets", {
+                "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+                "data": data})
+        except ApiStatus as e:
+            if e.code != 409:
+                raise
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 30.0,
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 60.0,
                 stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        exe = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or "kubectl"
-        cmd = [exe, "--kubeconfig", str(self.kubeconfig("admin")), "--cache-dir",
-               str(self.workdir / "kubectl-cache"), *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              input=stdin, env={**os.environ, "HOME": str(self.workdir)})
-        if check and done.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {done.stderr[-2000:]}")
-        return done
+        return self.plane.kubectl(*args, namespace=self.namespace or "default", check=check,
+                                  timeout=timeout, stdin=stdin)
 
 
 class OperatorProcess:
-    """`python -m merit_operator` against the emulator, logging to a file."""
+    """`python -m merit_operator` as the chart's ServiceAccount, logging to a file."""
 
     def __init__(self, cluster: KubeCluster, *, env: dict[str, str] | None = None) -> None:
         self.cluster = cluster
@@ -221,8 +188,8 @@ class OperatorProcess:
         self.log_path = cluster.workdir / f"operator-{time.monotonic_ns()}.log"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MERITRUN_"))},
-            "MERITRUN_KUBECONFIG": str(cluster.kubeconfig("operator")),
-            "MERITRUN_NAMESPACES": NAMESPACE, "MERITRUN_METRICS_PORT": str(self.metrics_port),
+            "MERITRUN_NAMESPACES": cluster.namespace,
+            "MERITRUN_METRICS_PORT": str(self.metrics_port),
             "MERITRUN_METRICS_ADDRESS": "127.0.0.1", "MERITRUN_HEALTH_PORT": "0",
             "MERITRUN_RESYNC_SECONDS": "2", "MERITRUN_BACKOFF_BASE_SECONDS": "1",
             "MERITRUN_BACKOFF_MAX_SECONDS": "4", "MERITRUN_ERROR_BACKOFF_SECONDS": "0.5",
@@ -230,7 +197,9 @@ class OperatorProcess:
             **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, ready_timeout: float = 30.0) -> OperatorProcess:
+    def start(self, *, ready_timeout: float = 60.0) -> OperatorProcess:
+        if "MERITRUN_KUBECONFIG" not in self.env:
+            self.env["MERITRUN_KUBECONFIG"] = str(self.cluster.kubeconfig("operator"))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "merit_operator"], env=self.env,
                                          stdout=log, stderr=subprocess.STDOUT,
@@ -274,8 +243,8 @@ class OperatorProcess:
 
 
 @pytest.fixture
-def kube_cluster(tmp_path: Path) -> Iterator[KubeCluster]:
-    cluster = KubeCluster(tmp_path).start()
+def kube_cluster(control_plane: ControlPlane, tmp_path: Path) -> Iterator[KubeCluster]:
+    cluster = KubeCluster(control_plane, tmp_path).start()
     try:
         yield cluster
     finally:

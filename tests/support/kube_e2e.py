@@ -1,27 +1,32 @@
 """The end-to-end run shared by the e2e, RBAC and Prometheus tests (session fixture `e2e_run`).
 
-One real run is expensive (every stage imports torch), so it happens once: the chart's CRD
-served by the emulator, the operator as a process, a real Prometheus scraping it, the
-example `examples/meritrun-s3.yaml` applied with kubectl (endpoint and bucket pointed at the
-test's SeaweedFS), the node running the real stage entry points, the run to Succeeded, then
-`kubectl delete` through the finalizer. Everything observed is kept in an `E2EResult`; the
-fixture stops all it started before the tests look at it.
+One real run is expensive (every stage imports torch), so it happens once, in a fresh
+namespace of the session's control plane (real kube-apiserver, etcd, Job controller):
+`helm install` of charts/meritrun (CRD, RBAC, Deployment; the operator pod is run by the node
+stand-in, authenticated with the chart's ServiceAccount token), a real Prometheus scraping
+it, the example `examples/meritrun-s3.yaml` applied with kubectl (endpoint and bucket pointed
+at the test's SeaweedFS), `kubectl wait --for=condition=Ready`, the stage pods running the
+real entry points, then `kubectl delete` through the finalizer; then `helm upgrade` with a
+changed CRD, `kubectl explain`, and `helm uninstall`. Everything observed is kept in an
+`E2EResult` (the operator's requests from the API server's audit log); the fixture stops all
+it started before the tests look.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from .kube import REPO, KubeCluster, OperatorProcess, wait_until
-from .kube_emulator import Recorded
-from .kube_node import NodeOptions
+from .helm import CHART, Helm
+from .kube import REPO, KubeCluster, free_port, install_crd, wait_until
+from .kubelet import NodeOptions
 from .prometheus import PrometheusServer
 
 EXAMPLE = REPO / "examples" / "meritrun-s3.yaml"
@@ -65,8 +70,7 @@ def node_options(**kwargs: Any) -> NodeOptions:
 
 
 def apply(cluster: KubeCluster, doc: dict[str, Any]) -> None:
-    # --validate=false: the emulator serves no OpenAPI documents for kubectl's validation.
-    cluster.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(doc))
+    cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc))
 
 
 def wait_phase(cluster: KubeCluster, name: str, phases: tuple[str, ...], *,
@@ -88,19 +92,72 @@ class E2EResult:
     kubectl_wide: str
     model_dir: Path
     jobs: list[dict[str, Any]]
-    job_creations: dict[str, int]
-    events: list[dict[str, Any]]
-    exposition: str
-    promql_runs: list[dict[str, Any]]
-    promql_histogram: list[dict[str, Any]]
-    operator_requests: list[Recorded]
-    left_after_delete: list[str]
-    operator_log: str
+    job_creations: dict[str, int] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    exposition: str = ""
+    promql_runs: list[dict[str, Any]] = field(default_factory=list)
+    promql_histogram: list[dict[str, Any]] = field(default_factory=list)
+    operator_requests: list[dict[str, Any]] = field(default_factory=list)
+    operator_user: str = ""
+    left_after_delete: list[str] = field(default_factory=list)
+    operator_log: str = ""
+    chart: dict[str, Any] = field(default_factory=dict)  # what helm and kubectl showed
+
+
+RELEASE = "mr"
+UPGRADE_COLUMN = {"name": "Upgraded", "type": "string", "jsonPath": ".status.phase",
+                  "priority": 1, "description": "added by the upgrade test"}
+
+
+def changed_chart(tmp: Path) -> Path:
+    """A copy of the chart whose CRD (wherever the chart keeps it) has one more printer column."""
+    copy = tmp / "chart-upgrade"
+    shutil.copytree(CHART, copy)
+    for path in list(copy.glob("crds/*.yaml")) + list(copy.glob("templates/**/*.yaml")):
+        text = path.read_text()
+        if "kind: CustomResourceDefinition" in text and "additionalPrinterColumns:" in text:
+            column = yaml.safe_dump([UPGRADE_COLUMN], default_flow_style=True).strip()[1:-1]
+            lines = text.splitlines()
+            for i, line in enumerate(lines):
+                if line.strip() == "additionalPrinterColumns:":
+                    indent = line[:len(line) - len(line.lstrip())]
+                    lines.insert(i + 1, f"{indent}- {column}")
+                    break
+            path.write_text("\n".join(lines) + "\n")
+    return copy
+
+
+def adopt_crd(plane: Any, release: str, namespace: str) -> None:
+    """Let the release adopt a CRD an earlier test applied (helm refuses to take over an
+    object without its ownership metadata; a chart that keeps its CRD in crds/ skips it)."""
+    crd = "crd/meritruns.merit.run"
+    if plane.kubectl("get", crd, check=False).returncode != 0:
+        return
+    plane.kubectl("label", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+    plane.kubectl("annotate", crd, f"meta.helm.sh/release-name={release}",
+                  f"meta.helm.sh/release-namespace={namespace}", "--overwrite")
+
+
+def chart_values(cluster: KubeCluster, metrics_port: int) -> list[str]:
+    return ["--namespace", cluster.namespace,
+            "--set", f"watchNamespaces={{{cluster.namespace}}}",
+            "--set", f"metrics.port={metrics_port}", "--set", f"health.port={free_port()}",
+            "--set", "operator.resyncSeconds=2", "--set", "operator.backoffBaseSeconds=1",
+            "--set", "operator.backoffMaxSeconds=4"]
+
+
+def operator_pod_log(cluster: KubeCluster) -> str:
+    node = cluster.plane.node
+    assert node is not None
+    return "".join(node.log(cluster.namespace, p["metadata"]["name"])
+                   for p in cluster.plane.api.list(
+                       f"/api/v1/namespaces/{cluster.namespace}/pods",
+                       labels="app.kubernetes.io/component=operator"))
 
 
 @pytest.fixture(scope="session")
-def e2e_run(tmp_path_factory: pytest.TempPathFactory, seaweed: Any, tiny_base: Path,
-            tiny_mixture: Any) -> Iterator[E2EResult]:
+def e2e_run(tmp_path_factory: pytest.TempPathFactory, control_plane: Any, seaweed: Any,
+            tiny_base: Path, tiny_mixture: Any) -> Iterator[E2EResult]:
     from meritrun.storage import open_storage
 
     tmp = tmp_path_factory.mktemp("e2e")
@@ -110,26 +167,36 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory, seaweed: Any, tiny_base: P
     upload_inputs(storage, tiny_base, tiny_mixture)
     creds = {"AWS_ACCESS_KEY_ID": seaweed.access_key,
              "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
-    cluster = KubeCluster(tmp).start()
-    operator = OperatorProcess(cluster, env=creds)
-    prometheus = PrometheusServer(tmp, [f"127.0.0.1:{operator.metrics_port}"])
+    cluster = KubeCluster(control_plane, tmp, prefix="e2e", rbac=False).start()
+    helm = Helm(tmp / "helm-home", kubeconfig=cluster.kubeconfig("admin"))
+    metrics_port = free_port()
+    values = chart_values(cluster, metrics_port)
+    prometheus = PrometheusServer(tmp, [f"127.0.0.1:{metrics_port}"])
+    installed = False
     try:
         cluster.start_node(node_options())
         cluster.create_secret("meritrun-storage", creds)
         prometheus.start()
-        operator.start()
+        chart: dict[str, Any] = {}
+        adopt_crd(control_plane, RELEASE, cluster.namespace)
+        chart["install"] = helm.run("install", RELEASE, str(CHART), *values, "--wait",
+                                    "--timeout", "180s", timeout=240).stdout
+        installed = True
+        chart["pods_after_install"] = cluster.plane.node.running(cluster.namespace)
         doc = render_example(bucket=bucket, endpoint=seaweed.endpoint)
         name = doc["metadata"]["name"]
         apply(cluster, doc)
-        status = wait_phase(cluster, name, ("Succeeded", "Failed"))
-        jobs = cluster.objects("batch/v1/jobs")
+        chart["wait"] = cluster.kubectl("wait", "--for=condition=Ready", f"meritrun/{name}",
+                                        f"--timeout={int(RUN_TIMEOUT_S)}s", check=False,
+                                        timeout=RUN_TIMEOUT_S + 30)
+        status = wait_phase(cluster, name, ("Succeeded", "Failed"), timeout=30)
         result = E2EResult(
             run=name, status=status,
             kubectl_get=cluster.kubectl("get", "meritruns").stdout,
             kubectl_wide=cluster.kubectl("get", "mr", "-o", "wide").stdout,
-            model_dir=tmp / "model", jobs=jobs, job_creations={}, events=[],
-            exposition="", promql_runs=[], promql_histogram=[], operator_requests=[],
-            left_after_delete=[], operator_log="")
+            model_dir=tmp / "model", jobs=cluster.objects("batch/v1/jobs"),
+            operator_user=f"system:serviceaccount:{cluster.namespace}:{RELEASE}-meritrun",
+            chart=chart)
         if status["phase"] == "Succeeded":
             _, key = status["modelUri"].split(f"s3://{bucket}/", 1)
             storage.download_dir(key, result.model_dir)
@@ -137,20 +204,47 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory, seaweed: Any, tiny_base: P
                 PROMQL_RUNS, accept=lambda r: float(r[0]["value"][1]) == 1.0)
             result.promql_histogram = prometheus.wait_for(
                 PROMQL_HISTOGRAM, accept=lambda r: float(r[0]["value"][1]) > 0)
-        result.exposition = operator.metrics_text()
+        result.exposition = _metrics(metrics_port)
         cluster.kubectl("delete", "meritrun", name, "--wait=false")
         wait_until(lambda: cluster.get("merit.run/v1alpha1/meritruns", name) is None,
                    timeout=30, what="the finalizer to release the run")
         result.left_after_delete = [o["metadata"]["name"] for r in (
-            "batch/v1/jobs", "v1/configmaps") for o in cluster.objects(r)]
-        result.job_creations = cluster.created("batch/v1/jobs")
+            "batch/v1/jobs", "v1/configmaps", "v1/pods") for o in cluster.objects(r)
+            if "merit.run/run" in (o["metadata"].get("labels") or {})]
+        result.job_creations = cluster.created("jobs")
         result.events = cluster.objects("v1/events")
-        result.operator_requests = cluster.recorded("operator")
-        operator.stop()
-        result.operator_log = operator.log()
+        result.operator_requests = cluster.plane.audit(user=result.operator_user)
+        result.operator_log = operator_pod_log(cluster)
+        chart["upgrade"] = helm.run("upgrade", RELEASE, str(changed_chart(tmp)), *values,
+                                    "--wait", "--timeout", "180s", timeout=240).stdout
+        chart["crd_after_upgrade"] = cluster.plane.api.get(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/meritruns.merit.run")
+        chart["explain"] = cluster.kubectl("explain", "meritrun.spec.training").stdout
+        chart["uninstall"] = helm.run("uninstall", RELEASE, "--namespace", cluster.namespace,
+                                      "--wait", "--timeout", "120s", timeout=180).stdout
+        installed = False
+        chart["left_after_uninstall"] = {
+            "deployments": [d["metadata"]["name"] for d in cluster.objects(
+                "apps/v1/deployments")],
+            "running": cluster.plane.node.running(cluster.namespace),
+            "crd": cluster.plane.api.get_or_none(
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/meritruns.merit.run")
+            is not None}
     finally:
-        operator.stop()
+        if installed:
+            helm.run("uninstall", RELEASE, "--namespace", cluster.namespace, check=False)
         prometheus.stop()
         cluster.stop()
+        install_crd(control_plane)  # the session's other tests expect the chart's own CRD
         seaweed.remove_bucket(bucket)
     yield result
+
+
+def _metrics(port: int) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return ""

@@ -1,8 +1,24 @@
-"""Fails any test that leaves child processes running."""
+"""Fails any test that leaves child processes running.
+
+Session-wide servers (the control plane) are started inside whichever test first needs them
+and live until the session ends: they register their pids with `keep`, and only those are
+exempt.
+"""
 
 from __future__ import annotations
 
 import pytest
+
+_KEPT: set[int] = set()
+
+
+def keep(pid: int) -> None:
+    """Exempt a session-wide process from the leak check (until `forget`)."""
+    _KEPT.add(pid)
+
+
+def forget(pid: int) -> None:
+    _KEPT.discard(pid)
 
 
 @pytest.fixture(autouse=True)
@@ -11,8 +27,8 @@ def no_leaked_processes():
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     yield
-    leaked = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
-              and p.status() != psutil.STATUS_ZOMBIE]
+    leaked = [p for p in me.children(recursive=True) if p.pid not in before
+              and p.pid not in _KEPT and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     for p in leaked:
         p.kill()
     assert not leaked, f"test left processes running: {[p.cmdline()[:3] for p in leaked]}"
