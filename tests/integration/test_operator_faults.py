@@ -2,10 +2,10 @@
 
 Five runs are applied together to one operator: `retry` (its p1 fails once), `quorum-half`
 (p1 always fails, quorum 0.5), `quorum-full` (p1 always fails, quorum 1.0), `bad-spec` (a
-source at a site the spec does not declare) and `no-storage`: both pass the CRD's schema and
-fail the models, so they reach the operator's InvalidSpec path (a schema violation such as
-`learningRate: 0` never gets that far: the API server refuses it at admission, checked
-too). While `retry` trains, the operator is killed with SIGKILL and a new one started.
+manual assignment naming a source the spec does not have) and `no-storage`: both pass the
+CRD's schema and fail the models, so they reach the operator's InvalidSpec path (a schema
+violation such as `learningRate: 0` never gets that far: the API server refuses it at
+admission, checked too). While `retry` trains, the operator is killed with SIGKILL and a new one started.
 Failures are injected by the node stand-in (by Job name: a real process that exits 1 with a
 MERITRUN_ERROR line); every other pod runs the real stage entry points, and the real Job
 controller turns pod results into Job status. Job creations are counted from the API
@@ -63,10 +63,12 @@ def scenario(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) 
     del no_storage["spec"]["storage"]
     docs = [run("retry"), run("quorum-half", **{"merge.quorum": 0.5, "backoffLimit": 1}),
             run("quorum-full", **{"merge.quorum": 1.0, "backoffLimit": 0}),
-            run("bad-spec", **{"data.sources": [{"name": "a", "uri": f"s3://{bucket}/d.jsonl",
-                                                 "site": "nowhere"}]}), no_storage]
+            run("bad-spec", **{"data.sources": [{"name": n, "uri": f"s3://{bucket}/{n}.jsonl"}
+                                                for n in ("a", "b")],
+                               "partitioning": {"strategy": "manual",
+                                                "assignments": [["a"], ["ghost"]]}}),
+            no_storage]
     del docs[3]["spec"]["data"]["uri"]
-    docs[3]["spec"]["data"].pop("heldOutUri", None)
     cluster = KubeCluster(control_plane, tmp, prefix="faults").start()
     operators = [OperatorProcess(cluster, env=creds), OperatorProcess(cluster, env=creds)]
     try:
@@ -140,7 +142,7 @@ def test_quorum_full_fails_with_a_clear_condition(scenario):
 
 
 @pytest.mark.parametrize(("run", "message"), [
-    ("bad-spec", "spec: Value error, data.sources[0].site 'nowhere' is not in spec.sites"),
+    ("bad-spec", "spec: partitioning.assignments[1]: 'ghost' is not a data.sources[].name"),
     ("no-storage", "spec.storage: Field required"),
 ])
 def test_a_bad_spec_gets_a_condition_not_a_crash(scenario, run, message):
