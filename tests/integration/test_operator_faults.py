@@ -5,11 +5,11 @@ Five runs are applied together to one operator: `retry` (its p1 fails once), `qu
 manual assignment naming a source the spec does not have) and `no-storage`: both pass the
 CRD's schema and fail the models, so they reach the operator's InvalidSpec path (a schema
 violation such as `learningRate: 0` never gets that far: the API server refuses it at
-admission, checked too). While `retry` trains, the operator is killed with SIGKILL and a
-new one started. Failures are injected by the node stand-in (by Job name: a real process that exits 1 with a
-MERITRUN_ERROR line); every other pod runs the real stage entry points, and the real Job
-controller turns pod results into Job status. Job creations are counted from the API
-server's audit log.
+admission, checked too). While `retry` trains, the operator is killed with SIGKILL and a new
+one started. Failures are injected by the node stand-in (by Job name: a real process that
+exits 1 with a MERITRUN_ERROR line); every other pod runs the real stage entry points, and
+the real Job controller turns pod results into Job status. Job creations are counted from
+the API server's audit log.
 """
 
 from __future__ import annotations
