@@ -10,6 +10,9 @@ shows the schema's descriptions; `helm uninstall` removed the operator and kept 
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import yaml
 from support.kube import CRD_PATH
@@ -36,17 +39,30 @@ def test_helm_upgrade_changes_the_crd_on_the_server(e2e_run):
     assert "Upgraded" in columns, f"helm upgrade left the CRD as it was: {columns}"
 
 
-def test_kubectl_explain_shows_the_schema_descriptions(e2e_run):
-    explain = e2e_run.chart["explain"]
+def explained_fields(explain: str) -> dict[str, str]:
+    """kubectl explain's FIELDS section: field name -> its text (type line and description)."""
+    fields, name = {}, None
+    for line in explain.split("FIELDS:", 1)[-1].splitlines():
+        match = re.match(r"^  (\w+)\t", line)
+        if match:
+            name = match.group(1)
+            fields[name] = line
+        elif name:
+            fields[name] += " " + line.strip()
+    return fields
+
+
+def test_kubectl_explain_shows_descriptions_and_defaults(e2e_run):
     schema = yaml.safe_load(CRD_PATH.read_text())["spec"]["versions"][0]["schema"]
     training = schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["training"]
-    assert "FIELDS:" in explain
+    fields = explained_fields(e2e_run.chart["explain"])
+    assert fields.keys() == training["properties"].keys()
     for name, prop in training["properties"].items():
-        assert name in explain
-        first_words = " ".join(prop.get("description", "").split()[:3])
-        assert first_words in " ".join(explain.split()), (name, first_words)
+        first_words = " ".join(prop["description"].split()[:3])
+        assert first_words in fields[name], (name, first_words)
         if "default" in prop:
-            assert str(prop["default"]) in explain, (name, prop["default"])
+            shown = json.dumps(prop["default"]).strip('"')
+            assert f"Default: {shown}" in fields[name], (name, fields[name])
 
 
 def test_helm_uninstall_removes_the_operator_and_keeps_the_crd(e2e_run):
