@@ -178,7 +178,7 @@ def test_killed_after_a_checkpoint_resumes_and_completes(tiny_base, tiny_mixture
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
-        while not (work / "train" / "checkpoint" / "meta.json").exists():
+        while not any((work / "train" / "checkpoints").glob("*/step-*/meta.json")):
             assert proc.poll() is None, "the site process ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 180 s"
             time.sleep(0.02)
