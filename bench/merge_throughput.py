@@ -1,19 +1,24 @@
-"""Merge throughput: the streaming engine vs mergekit's linear merge vs `cat`, side by side.
+"""Merge throughput: MeritRun's streaming engine against mergekit on the same inputs.
 
-Builds a synthetic Qwen2-like model (Qwen2.5-0.5B shapes by default: hidden 896, 24 layers,
-vocab 151936, tied embeddings) in bf16, sharded, written directly with safetensors (no
-transformers model is instantiated), and K perturbed expert copies with rank-1 second
-moments. For each K it measures, each merge in its own subprocess:
-  cat        cat of the input files to /dev/null (the physical floor: page cache -> user),
-  tw         MeritRun token-weighted (reads the K experts),
-  ota        MeritRun OTA with rank-1 second moments (reads base + K experts + factors),
-  mergekit   mergekit-yaml on the equivalent linear recipe (same inputs as tw),
-reporting wall time, input GB/s, peak RSS (the kernel's VmHWM, printed by each child at exit)
-and peak anonymous memory
-(RssAnon sampled every 20 ms). Inputs are read once by `cat` first, so every tool sees a warm
-page cache. Results go to bench/results/ (JSON + markdown) and the table is printed.
+Builds a synthetic Qwen2-like model (hidden 896, vocab 151936, tied embeddings, as many
+layers as fit --params) in bf16, sharded, written directly with safetensors, and K perturbed
+expert copies with rank-1 second moments. Then, for each K, it runs whole processes in
+alternation, A B A B ..., for --rounds rounds (a machine's speed drifts; only pairs taken
+side by side compare), one process per merge, and reports per pair the median wall time,
+the median of the per-round ratios, and each tool's peak RSS (the kernel's VmHWM of the
+process). The pairs (A vs B):
+  token-weighted   vs mergekit linear (the same weights, normalize false)
+  task-arithmetic  vs mergekit task_arithmetic (lambda 1)
+  ties             vs mergekit ties (density 0.2, normalize true = the disjoint mean)
+  ota (rank-1)     vs MeritRun token-weighted (OTA has no mergekit equivalent)
+  cat              vs token-weighted (the floor: reading the inputs from the page cache)
+mergekit runs from its own environment (--mergekit PATH/TO/mergekit-yaml), so installing it
+never changes this project's pins. Results go to bench/results/ (JSON + markdown).
 
-    python bench/merge_throughput.py --params 0.5e9 --k 2,4,8 --threads 2
+    python bench/merge_throughput.py --params 1e9 --k 4,8 --rounds 3 \
+        --mergekit /path/to/venv/bin/mergekit-yaml --pairs token-weighted,ties,ota
+
+Each command can also be printed (`cmd TOOL`) to time it with an external harness.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -92,8 +98,10 @@ def build_inputs(root: Path, params: float, k_max: int, shard_bytes: int) -> dic
     config, shapes = qwen2_shapes(params)
     marker = root / "inputs.json"
     want = {"params": params, "k": k_max, "layers": config["num_hidden_layers"]}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
-        return config
+    if marker.is_file():
+        have = json.loads(marker.read_text())
+        if have | {"k": want["k"]} == want and have["k"] >= k_max:
+            return config  # built for as many experts or more: e0..e{k-1} are the same
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -119,35 +127,21 @@ def build_inputs(root: Path, params: float, k_max: int, shard_bytes: int) -> dic
 
 
 def measure(cmd: list[str], env: dict) -> dict:
-    """Run cmd; wall time and peak RssAnon (sampled; the children report their own VmHWM)."""
+    """Run cmd as a whole process: wall seconds and its peak RSS (VmHWM, via wait4)."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    peak_anon, done = [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            try:
-                for line in open(f"/proc/{proc.pid}/status"):
-                    if line.startswith("RssAnon:"):
-                        peak_anon[0] = max(peak_anon[0], int(line.split()[1]) * 1024)
-            except OSError:
-                return
-            done.wait(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    done.set()
-    sampler.join()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return {"wall_s": wall, "peak_anon_mb": peak_anon[0] / 1e6,
-            "stdout": out.decode(errors="replace")}
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[:4]} failed: {err[-2000:]}")
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def child(args: argparse.Namespace) -> None:
-    """One merge in this process (run by `measure`); prints peak RSS as seen by the kernel."""
+    """One MeritRun merge in this process (the A side of a pair)."""
     import torch
 
     from merit_merger.engine import merge_models
@@ -157,12 +151,55 @@ def child(args: argparse.Namespace) -> None:
     root = Path(args.root)
     parts = [PartitionSource(f"e{i}", root / f"e{i}", 1000 * (i + 1),
                              moments=root / f"e{i}_v.safetensors") for i in range(args.k)]
+    params = {"density": 0.2} if args.method == "ties" else {}
     result = merge_models(base_dir=root / "base", partitions=parts, method=args.method,
-                          out_dir=Path(args.out), shard_size_bytes=args.shard_mb * 1_000_000)
-    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
-               if line.startswith("VmHWM:"))
-    print(json.dumps({"bytes_read": result.bytes_read, "vm_hwm": hwm,
-                      "seconds": result.seconds}))
+                          params=params, out_dir=Path(args.out),
+                          shard_size_bytes=args.shard_mb * 1_000_000, device=args.device)
+    shutil.rmtree(args.out, ignore_errors=True)
+    print(json.dumps({"bytes_read": result.bytes_read, "seconds": result.seconds}),
+          file=sys.stderr)
+
+
+def mergekit_recipe(root: Path, k: int, method: str) -> dict:
+    """mergekit's recipe for the same merge as MeritRun's `method` on e0..e{k-1}."""
+    total = sum(1000 * (i + 1) for i in range(k))
+    if method == "token-weighted":
+        return {"merge_method": "linear", "dtype": "bfloat16", "parameters": {"normalize": False},
+                "models": [{"model": str(root / f"e{i}"),
+                            "parameters": {"weight": 1000 * (i + 1) / total}} for i in range(k)]}
+    kind = {"task-arithmetic": "task_arithmetic", "ties": "ties"}[method]
+    model_params = {"weight": 1.0} | ({"density": 0.2} if method == "ties" else {})
+    return {"merge_method": kind, "dtype": "bfloat16", "base_model": str(root / "base"),
+            "parameters": {"normalize": method == "ties", "lambda": 1.0},
+            "models": [{"model": str(root / f"e{i}"), "parameters": model_params}
+                       for i in range(k)]}
+
+
+def command(tool: str, root: Path, k: int, args: argparse.Namespace) -> list[str]:
+    """argv of one tool: `cat`, `mergekit:METHOD`, or a MeritRun method."""
+    out = str(root / f"out-{tool.replace(':', '-')}-{k}")
+    if tool == "cat":
+        files = input_files(root, k, base=False, moments=False)
+        return ["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, files)]
+    if tool.startswith("mergekit:"):
+        import yaml
+
+        method = tool.split(":", 1)[1]
+        path = root / f"mergekit-{method}-{k}.yaml"
+        path.write_text(yaml.safe_dump(mergekit_recipe(root, k, method)))
+        return ["sh", "-c", f'"$0" "$@"; rc=$?; rm -rf {out}; exit $rc', args.mergekit,
+                str(path), out, "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+                "--out-shard-size", str(args.shard_mb * 1_000_000 // 2)]
+    return [sys.executable, str(Path(__file__).resolve()), "child", "--root", str(root),
+            "--k", str(k), "--method", tool, "--out", out, "--threads", str(args.threads),
+            "--shard-mb", str(args.shard_mb), "--device", args.device]
+
+
+PAIRS = {"token-weighted": ("token-weighted", "mergekit:token-weighted"),
+         "task-arithmetic": ("task-arithmetic", "mergekit:task-arithmetic"),
+         "ties": ("ties", "mergekit:ties"),
+         "ota": ("ota", "token-weighted"),
+         "cat": ("cat", "token-weighted")}
 
 
 def input_files(root: Path, k: int, *, base: bool, moments: bool) -> list[Path]:
@@ -171,76 +208,36 @@ def input_files(root: Path, k: int, *, base: bool, moments: bool) -> list[Path]:
     return files + ([root / f"e{i}_v.safetensors" for i in range(k)] if moments else [])
 
 
-def run_k(root: Path, k: int, args: argparse.Namespace, env: dict) -> list[dict]:
-    rows = []
-    tw_files = input_files(root, k, base=False, moments=False)
-    gb = sum(f.stat().st_size for f in tw_files) / 1e9
-    ota_files = input_files(root, k, base=True, moments=True)
-    subprocess.run(["cat", *map(str, ota_files)], stdout=subprocess.DEVNULL, check=True)  # warm
-    cat = measure(["sh", "-c", 'cat "$@" > /dev/null', "cat", *map(str, tw_files)], env)
-    rows.append({"k": k, "tool": "cat", "input_gb": gb, **cat})
-    for method in args.methods:
-        out = root / f"out-{method}-{k}"
-        r = measure([sys.executable, __file__, "child", "--root", str(root), "--k", str(k),
-                     "--method", method, "--out", str(out), "--threads", str(args.threads),
-                     "--shard-mb", str(args.shard_mb)], env)
-        info = json.loads(r.pop("stdout").strip().splitlines()[-1])
-        rows.append({"k": k, "tool": f"meritrun {method}", "input_gb": info["bytes_read"] / 1e9,
-                     "peak_rss_mb": info["vm_hwm"] / 1e6, **r})
-        shutil.rmtree(out, ignore_errors=True)
-    if args.mergekit:
-        rows.append(run_mergekit(root, k, args, env, gb))
-    return rows
+def run_pair(root: Path, k: int, pair: str, args: argparse.Namespace, env: dict) -> dict:
+    """A B A B ... for args.rounds rounds; medians and the median per-round ratio A/B."""
+    a, b = PAIRS[pair]
+    cmds = {t: command(t, root, k, args) for t in (a, b)}
+    runs: dict[str, list[dict]] = {a: [], b: []}
+    for _ in range(args.rounds):
+        for tool in (a, b):
+            runs[tool].append(measure(cmds[tool], env))
+            print(f"K={k} {tool}: {runs[tool][-1]['wall_s']:.1f} s", file=sys.stderr)
+    ratios = [ra["wall_s"] / rb["wall_s"] for ra, rb in zip(runs[a], runs[b], strict=True)]
+    return {"k": k, "a": a, "b": b, "rounds": args.rounds,
+            "a_wall_s": median(r["wall_s"] for r in runs[a]),
+            "b_wall_s": median(r["wall_s"] for r in runs[b]),
+            "a_peak_mb": median(r["peak_rss_mb"] for r in runs[a]),
+            "b_peak_mb": median(r["peak_rss_mb"] for r in runs[b]),
+            "ratio_a_over_b": median(ratios), "runs": runs}
 
 
-def run_mergekit(root: Path, k: int, args: argparse.Namespace, env: dict, gb: float) -> dict:
-    import yaml
-
-    total = sum(1000 * (i + 1) for i in range(k))
-    recipe = {"merge_method": "linear", "dtype": "bfloat16", "parameters": {"normalize": False},
-              "models": [{"model": str(root / f"e{i}"),
-                          "parameters": {"weight": 1000 * (i + 1) / total}} for i in range(k)]}
-    path, out = root / f"mergekit-{k}.yaml", root / f"out-mergekit-{k}"
-    path.write_text(yaml.safe_dump(recipe))
-    exe = Path(sys.executable).with_name("mergekit-yaml")
-    cmd = [sys.executable, "-c", MERGEKIT_WRAPPER, str(exe), str(path), str(out),
-           "--no-copy-tokenizer", "--no-write-model-card", "--quiet", "-j", str(args.threads),
-           "--out-shard-size", str(args.shard_mb * 1_000_000 // 2)]
-    r = measure(cmd, env)
-    info = json.loads(r.pop("stdout").strip().splitlines()[-1])
-    shutil.rmtree(out, ignore_errors=True)
-    return {"k": k, "tool": "mergekit linear", "input_gb": gb,
-            "peak_rss_mb": info["vm_hwm"] / 1e6, **r}
-
-
-# runs mergekit's CLI in-process so its own VmHWM can be read at exit
-MERGEKIT_WRAPPER = """
-import json, runpy, sys, atexit
-def report():
-    lines = open('/proc/self/status').read().splitlines()
-    hwm = next(int(l.split()[1]) * 1024 for l in lines if l.startswith('VmHWM:'))
-    print(json.dumps({'vm_hwm': hwm}), flush=True)
-atexit.register(report)
-exe = sys.argv[1]
-sys.argv = [exe] + sys.argv[2:]
-import torch; torch.set_num_threads(int(sys.argv[sys.argv.index('-j') + 1]))
-runpy.run_path(exe, run_name='__main__')
-"""
+def median(values) -> float:
+    return statistics.median(list(values))
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| K | tool | input GB | wall s | GB/s | peak RSS MB | peak anon MB | x mergekit |",
-             "|---|---|---|---|---|---|---|---|"]
-    by_k = {}
+    lines = ["| K | A | B | A wall s | B wall s | B/A speed-up | A peak MiB | B peak MiB | "
+             "A/B memory |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        by_k.setdefault(r["k"], {})[r["tool"]] = r
-    for r in rows:
-        mk = by_k[r["k"]].get("mergekit linear")
-        speed = f"{mk['wall_s'] / r['wall_s']:.1f}x" if mk and r["tool"] != "cat" else ""
-        rss = r.get("peak_rss_mb")
-        lines.append(f"| {r['k']} | {r['tool']} | {r['input_gb']:.2f} | {r['wall_s']:.1f} | "
-                     f"{r['input_gb'] / r['wall_s']:.2f} | {'' if rss is None else f'{rss:.0f}'} "
-                     f"| {r['peak_anon_mb']:.0f} | {speed} |")
+        lines.append(f"| {r['k']} | {r['a']} | {r['b']} | {r['a_wall_s']:.1f} | "
+                     f"{r['b_wall_s']:.1f} | {1 / r['ratio_a_over_b']:.2f}x | "
+                     f"{r['a_peak_mb']:.0f} | {r['b_peak_mb']:.0f} | "
+                     f"{r['a_peak_mb'] / max(r['b_peak_mb'], 1):.2f} |")
     return "\n".join(lines)
 
 
@@ -253,34 +250,45 @@ def main() -> None:
     c.add_argument("--k", type=int, required=True)
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--shard-mb", type=int, default=500)
-    parser.add_argument("--params", type=float, default=0.5e9)
-    parser.add_argument("--k", default="2,4,8")
+    c.add_argument("--device", default="cpu")
+    show = sub.add_parser("cmd", help="print one tool's command line (shell-quoted)")
+    show.add_argument("tool", help="cat, mergekit:METHOD or a MeritRun method")
+    parser.add_argument("--params", type=float, default=1e9)
+    parser.add_argument("--k", default="4,8")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--methods", default="token-weighted,ota")
+    parser.add_argument("--device", default="cpu", help="MeritRun's device (cpu, cuda)")
+    parser.add_argument("--pairs", default="token-weighted,task-arithmetic,ties,ota,cat",
+                        help=f"comma-separated, of {', '.join(PAIRS)}")
+    parser.add_argument("--mergekit", default="mergekit-yaml",
+                        help="mergekit-yaml of a separate environment")
     parser.add_argument("--shard-mb", type=int, default=500, help="output shard size (both)")
-    parser.add_argument("--no-mergekit", dest="mergekit", action="store_false")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/meritrun-bench"))
     args = parser.parse_args()
     if args.cmd == "child":
         return child(args)
-    args.methods = args.methods.split(",")
     ks = [int(k) for k in args.k.split(",")]
+    build_inputs(args.workdir, args.params, max(ks), 256_000_000)
+    if args.cmd == "cmd":
+        print(shlex.join(command(args.tool, args.workdir, ks[0], args)))
+        return None
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
                         "TRANSFORMERS_OFFLINE": "1"}
-    started = time.monotonic()
-    build_inputs(args.workdir, args.params, max(ks), 256_000_000)
-    print(f"inputs ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    rows = [row for k in ks for row in run_k(args.workdir, k, args, env)]
+    files = input_files(args.workdir, max(ks), base=True, moments=True)
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # warm
+    rows = [run_pair(args.workdir, k, pair, args, env)
+            for k in ks for pair in args.pairs.split(",")]
     out_dir = ROOT / "results"
     out_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    meta = {"params": args.params, "threads": args.threads, "shard_mb": args.shard_mb,
+    meta = {"params": args.params, "threads": args.threads, "rounds": args.rounds,
             "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     (out_dir / f"merge_throughput-{stamp}.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = f"{table(rows)}\n\n{json.dumps(meta)}"
     (out_dir / f"merge_throughput-{stamp}.md").write_text(text + "\n")
     print(text)
+    return None
 
 
 if __name__ == "__main__":

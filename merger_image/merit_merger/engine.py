@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,15 @@ class MergeResult:
 class MergeOutputError(StageFailed):
     """The merged model is not what was planned (a non-finite value, a name, shape or dtype
     off): nothing is published."""
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. A NaN or Inf makes the fp32 sum non-finite, so a finite sum
+    settles it in one vectorized pass (isfinite on bf16 measured 50x slower than a sum);
+    only a non-finite sum (which finite values can reach by overflowing) is checked exactly."""
+    if not t.is_floating_point() or math.isfinite(float(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def check_output(files: Sequence[Path], planned: Sequence[OutputTensor]) -> None:
@@ -158,7 +168,7 @@ def merge_models(
                     merged = impl.merge(MergeInputs(block.name, block.base, block.experts,
                                                     weights, block.moments, thresholds, tstats), p)
                     out = merged.to(out_dtypes[block.name]).cpu()
-                    if not bool(torch.isfinite(out).all()):  # after the cast: fp16 overflows too
+                    if not all_finite(out):  # after the cast: an fp16 output overflows too
                         raise MergeOutputError(f"merged {block.name} has NaN/Inf values "
                                                f"({impl.key} with {_params_dict(p)})")
                 writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
