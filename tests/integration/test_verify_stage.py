@@ -248,7 +248,7 @@ def test_s3_verdicts_accept_and_refuse(kit, s3_bucket, tmp_path, monkeypatch):
 
 def test_a_signed_manifest_naming_a_hub_directory_is_refused(kit, store, tmp_path):
     """The attack of issue 16: only a signed manifest, its model_dir another directory."""
-    elsewhere = Path(shutil.copytree(kit.good, store / "runs" / RUN / "partitions" / "p0"))
+    elsewhere = Path(shutil.copytree(kit.good, store / partition_prefix(RUN, "p0", ATTEMPT)))
     artifact = store / PREFIX
     artifact.mkdir(parents=True)
     shutil.copyfile(kit.good / MANIFEST_NAME, artifact / MANIFEST_NAME)
