@@ -92,9 +92,9 @@ def read_verdict(storage, run: RunId, partition: str, attempt: int) -> Verdict |
 
 
 def read_sketches_uri(storage, run: RunId, site: str, attempt: int) -> str | None:
-    """The site's sketch prefix once its sketch.json (uploaded last) is there."""
+    """The site's sketch prefix once its sketch.json (uploaded last, naming this run) is there."""
     prefix = sketch_output_prefix(run, site, attempt)
-    return storage.uri_for(prefix) if storage.exists(f"{prefix}/sketch.json") else None
+    return storage.uri_for(prefix) if _read_json(storage, f"{prefix}/sketch.json", run) else None
 
 
 def read_search_best(storage, run: RunId, attempt: int) -> dict[str, float] | None:

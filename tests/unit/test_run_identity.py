@@ -87,6 +87,18 @@ def test_observe_takes_only_this_runs_plan_report_and_verdict(store):
     assert seen["verdicts"]["p0"].accepted
 
 
+def test_a_sites_sketches_count_only_when_they_name_this_run(store):
+    from meritrun.assignment import sketch_output_prefix
+    from meritrun.observe import read_sketches_uri
+
+    key = f"{sketch_output_prefix(NEW, 'lab', 1)}/sketch.json"
+    store.put_bytes(key, json.dumps({"names": ["a"], "run_uid": OLD.uid}).encode())
+    assert read_sketches_uri(store, NEW, "lab", 1) is None
+    store.put_bytes(key, json.dumps({"names": ["a"], "run_uid": NEW.uid}).encode())
+    assert read_sketches_uri(store, NEW, "lab", 1).endswith("runs/demo/uid-new/sketches/lab/"
+                                                            "attempt-1")
+
+
 def test_decide_records_the_uid_and_every_job_carries_it():
     d = step(make_spec(), None)
     assert d.status.run_uid == RUN.uid

@@ -199,6 +199,9 @@ def contribute_sketch(ticket: Ticket, data: SiteData, *, base_dir: Path, workdir
     sketches = profile_sketches(base_dir, {s: groups[s] for s in a.sources}, a.profiling,
                                 max_seq_len=a.training.max_seq_len)  # count tokens as the hub does
     npy, meta = save_sketch_set(sketches, workdir / "sketch" / "sketch")
+    # The run it is for: the hub takes only sketches that name its run's uid.
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "run": a.run,
+                                "run_uid": a.run_uid}, indent=2))
     ticket.storage.put_file(f"{a.output}/{npy.name}", npy)
     ticket.storage.put_file(f"{a.output}/{meta.name}", meta)  # last: marks the sketch complete
     return ticket.storage.uri_for(a.output)
