@@ -55,7 +55,10 @@ NODE_USER, KCM_USER = "meritrun-node", "system:kube-controller-manager"
 CONTROLLERS = ("job-controller", "garbage-collector-controller", "ttl-after-finished-controller",
                "serviceaccount-controller", "serviceaccount-token-controller",
                "namespace-controller", "deployment-controller", "replicaset-controller",
-               "root-ca-certificate-publisher-controller")
+               "root-ca-certificate-publisher-controller",
+               # marks deleted pods that never reached a node Failed, so the Job controller
+               # can drop its job-tracking finalizer (else a namespace with them never goes)
+               "pod-garbage-collector-controller")
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
     "rules": [{"level": "None", "users": [NODE_USER, KCM_USER, "system:apiserver"]},

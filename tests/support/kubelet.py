@@ -391,9 +391,28 @@ class Node:
             r = self.running_pods.pop(meta["uid"], None)
         if r is not None:
             _kill(r.proc)
+        terminal = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        if pod["spec"].get("nodeName") == NODE_NAME and not terminal:
+            self._report_killed(pod)
         with contextlib.suppress(ApiStatus):
             self.api.delete(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
                             grace_seconds=0)
+
+    def _report_killed(self, pod: dict[str, Any]) -> None:
+        """A pod deleted before it finished ends Failed (exit 137), as the kubelet reports it,
+        keeping an eviction's DisruptionTarget condition: the Job controller waits for a
+        terminal phase before it counts the pod's failure (podFailurePolicy) or starts its
+        replacement (podReplacementPolicy: Failed)."""
+        kept = [c for c in (pod.get("status") or {}).get("conditions") or []
+                if c.get("type") == "DisruptionTarget"]
+        t = now()
+        self._status(pod, {
+            "phase": "Failed",
+            "conditions": kept + [_cond("PodScheduled", "True"), _cond("Initialized", "True"),
+                                  _cond("ContainersReady", "False", "PodCompleted"),
+                                  _cond("Ready", "False", "PodCompleted")],
+            "containerStatuses": [self._container(pod, {"terminated": {
+                "exitCode": 137, "reason": "Error", "startedAt": t, "finishedAt": t}})]})
 
 
 def _cond(type_: str, status: str, reason: str | None = None,
