@@ -272,7 +272,7 @@ class ControlPlane:
             f"the default ServiceAccount of {name}", 60)
         return name
 
-    def delete_namespace(self, name: str, *, wait: bool = True, timeout: float = 60) -> None:
+    def delete_namespace(self, name: str, *, wait: bool = True, timeout: float = 120) -> None:
         """Delete a namespace; with wait, until its pods' processes are gone and it is gone."""
         self.api.delete(f"/api/v1/namespaces/{name}")
         if wait:

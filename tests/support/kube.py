@@ -106,7 +106,23 @@ class KubeCluster:
         if cluster_scoped:
             self.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", "-",
                          stdin=yaml.safe_dump_all(cluster_scoped), check=False)
+        self._release_runs()
         self.plane.delete_namespace(self.namespace)
+
+    def _release_runs(self) -> None:
+        """Drop the finalizers of runs left behind: their operator is gone, and the namespace
+        would otherwise wait for it forever."""
+        runs = resource_path("merit.run/v1alpha1/meritruns", self.namespace)
+        try:
+            names = [o["metadata"]["name"] for o in self.plane.api.list(runs)]
+        except ApiStatus:
+            return  # no CRD installed
+        for name in names:
+            try:
+                self.plane.api.merge_patch(f"{runs}/{name}", {"metadata": {"finalizers": None}})
+            except ApiStatus as e:
+                if e.code != 404:
+                    raise
 
     # --- identities ------------------------------------------------------------------------
 
