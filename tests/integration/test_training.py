@@ -88,10 +88,8 @@ def test_artifact_is_uploaded_with_a_verifiable_manifest(full_run, tiny_base, ti
     assert manifest.training["seed"] == 5 + 1  # base seed + partition index
     uploaded = {p.relative_to(full_run.artifact).as_posix()
                 for p in full_run.artifact.rglob("*") if p.is_file()}
-    assert uploaded - set(manifest.files) == {"manifest.json", "progress.json"}
-    progress = json.loads((full_run.artifact / "progress.json").read_text())
-    assert set(progress) == {"stage", "step", "total", "loss", "updated"}
-    assert (progress["stage"], progress["step"], progress["total"]) == ("train", 20, 20)
+    # progress.json is for watching a running stage: removed once the artifact is published
+    assert uploaded - set(manifest.files) == {"manifest.json"}
     assert not (full_run.workdir / "checkpoints").exists() or not any(
         (full_run.workdir / "checkpoints").iterdir())  # removed once published
     assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json",
@@ -269,3 +267,18 @@ def test_micro_batches_and_checkpointing_train_the_same_model(tmp_path, tiny_bas
         if not n.endswith("k_proj.bias"):  # true gradient 0 (softmax shift invariance)
             update = (a[n] - base[n]).norm()
             assert (b[n] - a[n]).norm() / update < 1e-3, n
+
+
+def test_progress_file_has_the_shape_the_status_display_reads(tmp_path, tiny_base, tiny_mixture):
+    from merit_trainer.publishing import ProgressFile
+
+    params = make_params(tmp_path, tiny_base, tiny_mixture.train)
+    reporter = ProgressFile(params, enabled=True)
+    reporter.update(3, 20, 1.5)
+    reporter.update(4, 20, 1.4)  # within 2 s of the last write: skipped
+    path = tmp_path / "store" / params.output / "progress.json"
+    progress = json.loads(path.read_text())
+    assert set(progress) == {"stage", "step", "total", "loss", "updated"}
+    assert (progress["stage"], progress["step"], progress["total"]) == ("train", 3, 20)
+    reporter.update(20, 20, 1.0)  # the last step is always written
+    assert json.loads(path.read_text())["step"] == 20
