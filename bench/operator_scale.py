@@ -48,7 +48,7 @@ def run_doc(name: str, *, bucket: str, endpoint: str, partitions: int) -> dict:
 
 
 def write_plan(storage, run: RunId, partitions: int) -> None:
-    plan = Plan(strategy="random", partitions=[
+    plan = Plan(strategy="random", run_uid=run.uid, partitions=[
         PlannedPartition(name=f"p{i}", index=i, sources=[f"s{i}"], tokens=1000)
         for i in range(partitions)])
     storage.put_bytes(f"{plan_prefix(run, 1)}/plan.json", plan.model_dump_json().encode())
@@ -139,8 +139,15 @@ def main(argv: list[str] | None = None) -> int:
                 return len(plane.api.list(f"/apis/batch/v1/namespaces/{cluster.namespace}/jobs",
                                           labels="merit.run/stage=train"))
 
-            wait_until(lambda: partition_jobs() >= expected, timeout=args.timeout,
-                       interval=0.5, what=f"{expected} partition Jobs")
+            try:
+                wait_until(lambda: partition_jobs() >= expected, timeout=args.timeout,
+                           interval=0.5, what=f"{expected} partition Jobs")
+            except AssertionError:
+                sample = cluster.objects("merit.run/v1alpha1/meritruns")[0]
+                print(f"{partition_jobs()} of {expected} partition Jobs; a run's status: "
+                      f"{json.dumps(sample.get('status'))[:1500]}", file=sys.stderr)
+                print(operator.log()[-3000:], file=sys.stderr)
+                raise
             all_jobs = time.monotonic() - start
             time.sleep(3)  # let in-flight rounds finish before reading the histogram
             exposition = operator.metrics_text()
