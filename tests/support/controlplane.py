@@ -46,7 +46,7 @@ import yaml
 from .apiclient import Api
 from .kubelet import Node
 from .pki import Pki, make_pki
-from .processes import forget, keep
+from .processes import die_with_parent, forget, keep
 
 BIN_DIR = Path(os.environ.get("MERITRUN_KUBE_BIN", Path.home() / ".cache" / "meritrun" / "bin"))
 READY_TIMEOUT_S = 120.0
@@ -91,7 +91,8 @@ class Proc:
     def start(self) -> Proc:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         keep(self.proc.pid)
         return self
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .apiclient import Api, ApiStatus
+from .processes import die_with_parent
 
 if TYPE_CHECKING:
     from .controlplane import ControlPlane
@@ -249,7 +250,8 @@ class Node:
             argv = [sys.executable, "-c", FAIL_CODE]
         with (folder / "log.txt").open("wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    cwd=folder, stdin=subprocess.DEVNULL, start_new_session=True)
+                                    cwd=folder, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=die_with_parent)
         r = Running(pod=pod, proc=proc, folder=folder,
                     ready=not container.get("readinessProbe"))
         with self._lock:

@@ -7,6 +7,9 @@ exempt.
 
 from __future__ import annotations
 
+import ctypes
+import signal
+
 import pytest
 
 _KEPT: set[int] = set()
@@ -19,6 +22,12 @@ def keep(pid: int) -> None:
 
 def forget(pid: int) -> None:
     _KEPT.discard(pid)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the thread that started it dies (Linux), so a
+    test session killed hard leaves no server or pod process behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @pytest.fixture(autouse=True)
