@@ -23,7 +23,8 @@ from merit_trainer.training import train_partition
 from meritrun.artifacts import read_manifest
 from meritrun.stages import TrainParams
 
-WORKER = Path(__file__).parents[1] / "support" / "train_worker.py"
+TESTS = Path(__file__).parents[1]
+WORKER = "support.train_worker"  # as a module: tests/support/minio.py must not shadow minio
 TRAINING = {"learningRate": 3e-3, "batchSize": 8, "microBatchSize": 2, "maxSeqLen": 48,
             "maxSteps": 6, "secondMoments": "rank1", "seed": 3, "warmupRatio": 0.2,
             "schedule": "cosine"}
@@ -48,12 +49,13 @@ def make_params(tmp: Path, base: Path, data: Path, *, attempt: int = 1, **traini
 def torchrun(tmp: Path, params: TrainParams, *args: str, check: bool = True,
              shard_bytes: int | None = None) -> subprocess.CompletedProcess:
     (tmp / "params.json").write_text(params.model_dump_json())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     if shard_bytes:
         env["MERITRUN_MAX_SHARD_BYTES"] = str(shard_bytes)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), str(tmp / "params.json"), str(tmp / "work"), *args],
+         "-m", WORKER, str(tmp / "params.json"), str(tmp / "work"), *args],
         env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     if check:
         assert done.returncode == 0, done.stderr[-4000:]

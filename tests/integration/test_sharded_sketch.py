@@ -12,20 +12,19 @@ import torch
 
 from merit_trainer.profiling.sketch import CountSketch
 
-WORKER = Path(__file__).parents[1] / "support" / "sketch_worker.py"
+TESTS = Path(__file__).parents[1]
 
 
 def test_sharded_sketch_all_reduced_equals_the_unsharded_sketch(tmp_path):
-    sys.path.insert(0, str(WORKER.parent))
-    try:
-        from sketch_worker import DIM, tensors
-    finally:
-        sys.path.remove(str(WORKER.parent))
+    from support.sketch_worker import DIM, tensors
+
     out = tmp_path / "sketch.pt"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(WORKER), str(out)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+         "-m", "support.sketch_worker", str(out)],  # a module: support/minio.py shadows minio
+        env={**os.environ, "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])},
+        capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     sketch = CountSketch(DIM, seed=3)
     whole = torch.zeros(DIM, dtype=torch.float64)

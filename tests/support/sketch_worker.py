@@ -1,4 +1,4 @@
-"""One rank of `torchrun --nproc_per_node 2 tests/support/sketch_worker.py OUT`: sketches its
+"""One rank of `torchrun --nproc_per_node 2 -m support.sketch_worker OUT`: sketches its
 Shard(0) part of a few seeded tensors (uneven row counts included) and all-reduces the sketch;
 rank 0 saves the result to OUT for the test to compare with the unsharded sketch."""
 

@@ -1,6 +1,7 @@
 """One rank of a torchrun gang running the train stage, with test-only switches.
 
-Run as `torchrun --nproc_per_node N tests/support/train_worker.py PARAMS WORKDIR [options]`.
+Run as `torchrun --nproc_per_node N -m support.train_worker PARAMS WORKDIR [options]` (tests/ on
+PYTHONPATH).
 --die-after-step K: rank 1 exits hard after step K (a pod of the gang dying mid-run);
 --per-rank-mean: the regression the suite guards against (each rank divides by its own token
 count, then ranks are averaged), patched in to prove the equality test would catch it.
