@@ -196,8 +196,9 @@ def test_a_rotated_token_file_keeps_the_operator_working(kube_cluster, seaweed, 
         apply(cluster, run_doc(seaweed, bucket, "two"))
         wait_until(lambda: cluster.get("batch/v1/jobs", "two-profile-a1"), timeout=TIMEOUT_S,
                    what="a Job with the rotated token")
-        run = cluster.get("merit.run/v1alpha1/meritruns", "two")
-        assert "merit.run/finalizer" in run["metadata"].get("finalizers", [])  # kopf's patch
+        wait_until(lambda: "merit.run/finalizer" in (cluster.get(  # kopf's own patch
+            "merit.run/v1alpha1/meritruns", "two")["metadata"].get("finalizers") or []),
+            timeout=60, what="kopf's finalizer with the rotated token")
         operator.assert_no_exceptions()
     finally:
         delete_runs(cluster)
