@@ -23,7 +23,7 @@ from meritrun.access import offer_assignment, offer_partition, open_as_site
 from meritrun.api import MeritRunSpec, PartitionStatus
 from meritrun.assignment import SiteGrant, build_train_assignment, read_assignment
 from meritrun.errors import StorageError
-from meritrun.grants import issuer_from_env
+from meritrun.iam import issuer_from_env
 from meritrun.minio_issuer import MinioIssuer, minio_expiration, service_account_key
 from meritrun.storage import RetryPolicy, open_storage
 
