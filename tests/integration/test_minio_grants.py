@@ -21,13 +21,14 @@ from support.minio import MinioServer
 
 from meritrun.access import offer_assignment, offer_partition, open_as_site
 from meritrun.api import MeritRunSpec, PartitionStatus
+from meritrun.artifacts import RunId
 from meritrun.assignment import SiteGrant, build_train_assignment, read_assignment
 from meritrun.errors import StorageError
 from meritrun.iam import issuer_from_env
 from meritrun.minio_issuer import MinioIssuer, minio_expiration, service_account_key
 from meritrun.storage import RetryPolicy, open_storage
 
-RUN = "mio"
+RUN = RunId("mio", "u1")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_a_site_reads_its_inputs_and_writes_only_its_attempt(hub, tmp_path):
     a, b = hub["grants"]["a"], hub["grants"]["b"]
     site = site_storage(a)
     assignment = read_assignment(site, a.assignment_key)
-    assert assignment.output == "runs/mio/partitions/p0/attempt-1"
+    assert assignment.output == "runs/mio/u1/partitions/p0/attempt-1"
     site_storage(a, f"s3://{hub['bucket']}").download_dir("models/base", tmp_path / "base")
     assert len(list((tmp_path / "base").iterdir())) == 2
     artifact = tmp_path / "artifact"
@@ -88,15 +89,15 @@ def test_a_site_reads_its_inputs_and_writes_only_its_attempt(hub, tmp_path):
     assert site.list_keys(assignment.output) == [f"{assignment.output}/model/model.safetensors"]
     assert hub["storage"].get_bytes(f"{assignment.output}/model/model.safetensors") == b"w" * 1000
 
-    hub["storage"].put_bytes("runs/mio/partitions/p1/attempt-1/model/w", b"B")
-    denied(lambda: site.put_bytes("runs/mio/partitions/p1/attempt-1/model/x", b"evil"))
-    denied(lambda: site.get_bytes("runs/mio/partitions/p1/attempt-1/model/w"))
-    denied(lambda: site.list_keys("runs/mio/partitions/p1"))
-    denied(lambda: site.put_bytes("runs/mio/partitions/p0/attempt-2/manifest.json", b"{}"))
+    hub["storage"].put_bytes("runs/mio/u1/partitions/p1/attempt-1/model/w", b"B")
+    denied(lambda: site.put_bytes("runs/mio/u1/partitions/p1/attempt-1/model/x", b"evil"))
+    denied(lambda: site.get_bytes("runs/mio/u1/partitions/p1/attempt-1/model/w"))
+    denied(lambda: site.list_keys("runs/mio/u1/partitions/p1"))
+    denied(lambda: site.put_bytes("runs/mio/u1/partitions/p0/attempt-2/manifest.json", b"{}"))
     denied(lambda: site.get_bytes(b.assignment_key))  # another site's assignment
     denied(lambda: site.put_bytes(a.assignment_key, b"{}"))  # its own assignment is read-only
     denied(lambda: site.list_keys(""))
-    assert hub["storage"].get_bytes("runs/mio/partitions/p1/attempt-1/model/w") == b"B"
+    assert hub["storage"].get_bytes("runs/mio/u1/partitions/p1/attempt-1/model/w") == b"B"
 
 
 def test_rotated_and_revoked_keys_stop_working(hub):
@@ -107,7 +108,7 @@ def test_rotated_and_revoked_keys_stop_working(hub):
     second = offer_partition(RUN, spec, part, storage=hub["storage"], issuer=hub["issuer"],
                              now=now)
     assert first.credentials.access_key_id == second.credentials.access_key_id  # one identity
-    out = "runs/mio/partitions/p0/attempt-2"
+    out = "runs/mio/u1/partitions/p0/attempt-2"
     site_storage(second).put_bytes(f"{out}/x", b"1")
     denied(lambda: site_storage(first).put_bytes(f"{out}/y", b"1"))  # the old secret
     hub["issuer"].revoke(second.identity)
