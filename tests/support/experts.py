@@ -193,3 +193,21 @@ def cast_model(src_dir: Path, out_dir: Path, dtype: torch.dtype, *,
     state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in load_state(src_dir).items()}
     save_state(out_dir, state, shard_bytes=shard_bytes)
     return out_dir
+
+
+def verify_artifacts(parts: list[Path], base: Path, method: str = "token-weighted",
+                     **kwargs: object):
+    """Load and verify partition artifacts as the merge does: (every refusal, the result)."""
+    from merit_merger.checks import load_partition
+    from merit_merger.methods import get_method
+    from merit_merger.verification import verify_partitions
+    from meritrun.errors import ContributionRejected
+
+    sources, refused = [], []
+    for p in parts:
+        try:
+            sources.append(load_partition(p, p.name))
+        except ContributionRejected as r:
+            refused.append(r)
+    result = verify_partitions(sources, base_dir=base, method=get_method(method), **kwargs)
+    return refused + result.refused, result

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from support.experts import edit_state, make_experts, refresh_manifest
+from support.experts import edit_state, make_experts, refresh_manifest, verify_artifacts
 
 from merit_merger.checks import CHECKS, load_partition
 from merit_merger.io import HeaderError, parse_header, read_header
@@ -40,20 +40,8 @@ def parts(pristine, tmp_path: Path) -> list[Path]:
             for a in pristine.artifacts]
 
 
-def verify(parts: list[Path], base: Path, **kwargs):
-    sources, refused = [], []
-    for p in parts:
-        try:
-            sources.append(load_partition(p, p.name))
-        except ContributionRejected as r:
-            refused.append(r)
-    result = verify_partitions(sources, base_dir=base, method=get_method("token-weighted"),
-                               **kwargs)
-    return refused + result.refused, result
-
-
 def only_refusal(parts, base, partition: str, check: str, **kwargs) -> ContributionRejected:
-    refused, result = verify(parts, base, **kwargs)
+    refused, result = verify_artifacts(parts, base, **kwargs)
     assert check in CHECKS
     assert [(r.partition, r.check) for r in refused] == [(partition, check)], refused
     assert len(result.accepted) == len(parts) - 1  # the others still pass
@@ -260,7 +248,7 @@ def test_another_partition_attempt_or_sources_is_refused_as_plan(parts, tiny_bas
 
 def test_within_the_plan_everything_is_accepted(parts, tiny_base):
     want = {p.name: expected(p, epochs=0.5) for p in parts}  # a partial epoch: one epoch bound
-    refused, result = verify(parts, tiny_base, expected=want)
+    refused, result = verify_artifacts(parts, tiny_base, expected=want)
     assert refused == [] and len(result.accepted) == 3
 
 
@@ -286,6 +274,6 @@ def test_weights_from_huge_values_cannot_overflow_the_norm(parts, tiny_base):
     def big(state):
         state["model.norm.weight"][0] = 9e14  # below the bound: accepted, norm finite
     edit_state(parts[1], big)
-    refused, result = verify(parts, tiny_base)
+    refused, result = verify_artifacts(parts, tiny_base)
     assert refused == [] and all(n < float("inf") for n in result.update_norms.values())
     assert torch.isfinite(torch.tensor(result.update_norms["p1"]))

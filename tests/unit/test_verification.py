@@ -14,12 +14,12 @@ from support.experts import (
     make_lora_adapter,
     refresh_manifest,
     save_state,
+    verify_artifacts,
     write_partition,
 )
 
-from merit_merger.checks import CHECKS, load_partition
-from merit_merger.methods import get_method
-from merit_merger.verification import QuorumNotMet, require_quorum, verify_partitions
+from merit_merger.checks import CHECKS
+from merit_merger.verification import QuorumNotMet, require_quorum
 from meritrun.artifacts import MANIFEST_NAME, TokenCounts
 from meritrun.errors import ContributionRejected
 
@@ -32,17 +32,6 @@ def pristine(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def parts(pristine, tmp_path: Path) -> list[Path]:
     return [Path(shutil.copytree(a, tmp_path / a.name)) for a in pristine.artifacts]
-
-
-def verify(parts: list[Path], base: Path, method: str = "token-weighted", **kwargs):
-    sources, refused = [], []
-    for p in parts:
-        try:
-            sources.append(load_partition(p, p.name))
-        except ContributionRejected as r:
-            refused.append(r)
-    result = verify_partitions(sources, base_dir=base, method=get_method(method), **kwargs)
-    return refused + result.refused, result
 
 
 def only_refusal(refused, partition: str, check: str) -> ContributionRejected:
@@ -60,7 +49,7 @@ def edit_tensor(artifact: Path, fn) -> None:
 
 
 def test_clean_partitions_pass_with_update_norms(parts, tiny_base):
-    refused, result = verify(parts, tiny_base)
+    refused, result = verify_artifacts(parts, tiny_base)
     assert refused == [] and [s.name for s in result.accepted] == ["p0", "p1", "p2"]
     assert all(n > 0 for n in result.update_norms.values())
     assert set(result.tensor_norms) == set(load_state(tiny_base))
@@ -71,19 +60,19 @@ def test_corrupted_file_is_refused_by_sha256(parts, tiny_base):
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # same size, different bytes
     path.write_bytes(bytes(data))
-    r = only_refusal(verify(parts, tiny_base)[0], "p1", "sha256")
+    r = only_refusal(verify_artifacts(parts, tiny_base)[0], "p1", "sha256")
     assert "model/model.safetensors" in r.detail
 
 
 def test_unlisted_file_is_refused(parts, tiny_base):
     (parts[0] / "model" / "extra.safetensors").write_bytes(b"x")
-    only_refusal(verify(parts, tiny_base)[0], "p0", "sha256")
+    only_refusal(verify_artifacts(parts, tiny_base)[0], "p0", "sha256")
 
 
 def test_missing_files_are_refused(parts, tiny_base):
     (parts[2] / "model" / "config.json").unlink()
     (parts[0] / MANIFEST_NAME).unlink()
-    refused = verify(parts, tiny_base)[0]
+    refused = verify_artifacts(parts, tiny_base)[0]
     assert sorted((r.partition, r.check) for r in refused) == [("p0", "missing-file"),
                                                                ("p2", "missing-file")]
 
@@ -91,19 +80,19 @@ def test_missing_files_are_refused(parts, tiny_base):
 def test_unknown_format_and_garbage_manifest_are_refused(parts, tiny_base):
     refresh_manifest(parts[0], format="meritrun.partition/v9")
     (parts[1] / MANIFEST_NAME).write_text("{not json")
-    refused = verify(parts, tiny_base)[0]
+    refused = verify_artifacts(parts, tiny_base)[0]
     assert sorted((r.partition, r.check) for r in refused) == [("p0", "format"),
                                                                ("p1", "format")]
 
 
 def test_wrong_base_is_refused(parts, tiny_base):
     refresh_manifest(parts[2], base="sha256:" + "0" * 64)
-    only_refusal(verify(parts, tiny_base)[0], "p2", "base-fingerprint")
+    only_refusal(verify_artifacts(parts, tiny_base)[0], "p2", "base-fingerprint")
 
 
 def test_zero_tokens_are_refused(parts, tiny_base):
     refresh_manifest(parts[0], tokens=TokenCounts(supervised=0, total=5))
-    only_refusal(verify(parts, tiny_base)[0], "p0", "tokens")
+    only_refusal(verify_artifacts(parts, tiny_base)[0], "p0", "tokens")
 
 
 def test_wrong_tensor_name_shape_and_dtype_are_refused(parts, tiny_base):
@@ -111,7 +100,7 @@ def test_wrong_tensor_name_shape_and_dtype_are_refused(parts, tiny_base):
     edit_tensor(parts[1], lambda s: s.__setitem__("model.norm.weight", torch.ones(65)))
     edit_tensor(parts[2], lambda s: s.__setitem__("model.norm.weight",
                                                   torch.ones(64, dtype=torch.int32)))
-    refused = verify(parts, tiny_base, refuse_outliers=False)[0]
+    refused = verify_artifacts(parts, tiny_base, refuse_outliers=False)[0]
     assert [(r.partition, r.check) for r in refused] == [
         ("p0", "tensor-name"), ("p1", "tensor-shape"), ("p2", "tensor-dtype")]
     assert "model.norm.weight" in refused[1].detail
@@ -120,8 +109,8 @@ def test_wrong_tensor_name_shape_and_dtype_are_refused(parts, tiny_base):
 def test_float_precision_differences_are_accepted_unless_strict(parts, tiny_base):
     edit_tensor(parts[0], lambda s: s.__setitem__("model.norm.weight",
                                                   s["model.norm.weight"].half()))
-    assert verify(parts, tiny_base)[0] == []
-    only_refusal(verify(parts, tiny_base, strict_dtype=True)[0], "p0", "tensor-dtype")
+    assert verify_artifacts(parts, tiny_base)[0] == []
+    only_refusal(verify_artifacts(parts, tiny_base, strict_dtype=True)[0], "p0", "tensor-dtype")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -129,7 +118,7 @@ def test_non_finite_weights_are_refused(parts, tiny_base, bad):
     def poison(state):
         state["model.layers.1.mlp.up_proj.weight"][3, 4] = bad
     edit_tensor(parts[1], poison)
-    r = only_refusal(verify(parts, tiny_base)[0], "p1", "non-finite")
+    r = only_refusal(verify_artifacts(parts, tiny_base)[0], "p1", "non-finite")
     assert "model.layers.1.mlp.up_proj.weight" in r.detail
 
 
@@ -140,10 +129,11 @@ def test_outlier_norm_is_flagged_or_refused(parts, tiny_base):
         for n, t in state.items():
             state[n] = base[n] + 20 * (t - base[n])
     edit_tensor(parts[2], blow_up)
-    refused, result = verify(parts, tiny_base, outlier_factor=5.0)
+    refused, result = verify_artifacts(parts, tiny_base, outlier_factor=5.0)
     assert refused == [] and [f.partition for f in result.outliers] == ["p2"]
     assert result.outliers[0].ratio == pytest.approx(20, rel=0.2)
-    r = only_refusal(verify(parts, tiny_base, refuse_outliers=True)[0], "p2", "outlier-norm")
+    refused, _ = verify_artifacts(parts, tiny_base, refuse_outliers=True)
+    r = only_refusal(refused, "p2", "outlier-norm")
     assert "median" in r.detail
 
 
@@ -155,12 +145,12 @@ def test_ota_needs_second_moments_and_refuses_lora(parts, tiny_base, tmp_path):
     manifest["files"].pop("optimizer_v.safetensors")
     manifest.pop("second_moments")
     (parts[0] / MANIFEST_NAME).write_text(json.dumps(manifest))
-    refused, result = verify([*parts, lora], tiny_base, method="ota")
+    refused, result = verify_artifacts([*parts, lora], tiny_base, method="ota")
     assert [(r.partition, r.check) for r in refused] == [("p0", "second-moments"),
                                                          ("p3", "second-moments")]
     assert "LoRA" in refused[1].detail
     assert [s.name for s in result.accepted] == ["p1", "p2"]
-    refused, _ = verify([*parts, lora], tiny_base, method="token-weighted")
+    refused, _ = verify_artifacts([*parts, lora], tiny_base, method="token-weighted")
     assert refused == []  # token weighting needs no moments, and merges LoRA as full weights
 
 
@@ -176,7 +166,7 @@ def test_malformed_rank1_factors_are_refused(parts, tiny_base):
     tensors["model.layers.0.mlp.up_proj.weight::row"] = torch.ones(7)
     save_file(tensors, str(path), metadata=meta)
     refresh_manifest(parts[1])
-    r = only_refusal(verify(parts, tiny_base, method="ota")[0], "p1", "second-moments")
+    r = only_refusal(verify_artifacts(parts, tiny_base, method="ota")[0], "p1", "second-moments")
     assert "up_proj" in r.detail
 
 
@@ -205,18 +195,18 @@ def test_site_and_signature_are_checked_where_expected(parts, tiny_base):
     expected = {"p0": PartitionInput(name="p0", prefix="x"),  # hub partition: nothing to check
                 "p1": PartitionInput(name="p1", prefix="x", site="c"),
                 "p2": PartitionInput(name="p2", prefix="x", site="b", public_key=registered)}
-    refused, result = verify(parts, tiny_base, expected=expected, run="r")
+    refused, result = verify_artifacts(parts, tiny_base, expected=expected, run="r")
     assert "site 'b'" in only_refusal(refused, "p1", "site").detail
     assert [s.name for s in result.accepted] == ["p0", "p2"]
     # The same valid signature does not vouch for another run (a replayed contribution).
-    refused, _ = verify(parts, tiny_base, expected={"p2": expected["p2"]}, run="r2")
+    refused, _ = verify_artifacts(parts, tiny_base, expected={"p2": expected["p2"]}, run="r2")
     assert "run 'r' (expected 'r2')" in only_refusal(refused, "p2", "signature").detail
     # ...nor for another attempt of the same partition (the merge knows which it merges).
     later = expected["p2"].model_copy(update={"attempt": 2})
-    refused, _ = verify(parts, tiny_base, expected={"p2": later}, run="r")
+    refused, _ = verify_artifacts(parts, tiny_base, expected={"p2": later}, run="r")
     assert "attempt 1 (expected 2)" in only_refusal(refused, "p2", "signature").detail
     refresh_manifest(parts[2], signature=None)  # unsigned although the site has a key
-    refused, _ = verify(parts, tiny_base, expected={"p2": expected["p2"]}, run="r")
+    refused, _ = verify_artifacts(parts, tiny_base, expected={"p2": expected["p2"]}, run="r")
     assert "not signed" in only_refusal(refused, "p2", "signature").detail
 
 
@@ -228,7 +218,7 @@ def test_a_manifest_of_another_run_uid_is_refused(parts, tiny_base):
     refresh_manifest(parts[1], run_uid="new-uid")  # parts[2]: no run_uid at all (older trainer)
     expected = {p.name: PartitionInput(name=p.name, prefix="x", run_uid="new-uid")
                 for p in parts}
-    refused, result = verify(parts, tiny_base, expected=expected, run="r")
+    refused, result = verify_artifacts(parts, tiny_base, expected=expected, run="r")
     assert sorted((r.partition, r.check) for r in refused) == [("p0", "run"), ("p2", "run")]
     assert "'old-uid', not this run's 'new-uid'" in refused[0].detail
     assert [s.name for s in result.accepted] == ["p1"]
@@ -239,7 +229,7 @@ def test_a_manifest_of_another_run_uid_is_refused(parts, tiny_base):
 def test_a_weight_file_that_is_not_safetensors_is_refused_as_format(parts, tiny_base, garbage):
     (parts[1] / "model" / "model.safetensors").write_bytes(garbage)
     refresh_manifest(parts[1])  # the site hashed its broken file: sha256 cannot catch it
-    r = only_refusal(verify(parts, tiny_base)[0], "p1", "safetensors-header")
+    r = only_refusal(verify_artifacts(parts, tiny_base)[0], "p1", "safetensors-header")
     assert "model.safetensors" in r.detail
 
 
@@ -248,4 +238,4 @@ def test_a_moments_file_that_is_not_safetensors_is_refused(parts, tiny_base):
     assert v.is_file()
     v.write_bytes(b"\x00" * 3)
     refresh_manifest(parts[0])
-    only_refusal(verify(parts, tiny_base, "ota")[0], "p0", "safetensors-header")
+    only_refusal(verify_artifacts(parts, tiny_base, "ota")[0], "p0", "safetensors-header")
