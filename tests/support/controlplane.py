@@ -46,7 +46,7 @@ import yaml
 from .apiclient import Api
 from .kubelet import Node
 from .pki import Pki, make_pki
-from .processes import die_with_parent, forget, keep
+from .processes import die_with_parent, forget, keep, stop_process
 
 BIN_DIR = Path(os.environ.get("MERITRUN_KUBE_BIN", Path.home() / ".cache" / "meritrun" / "bin"))
 READY_TIMEOUT_S = 120.0
@@ -102,13 +102,7 @@ class Proc:
     def stop(self, grace: float = 10.0) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, grace)
         forget(self.proc.pid)
 
     def tail(self, n: int = 3000) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from .processes import stop_process
 from .seaweed import S3Bucket
 
 READY_TIMEOUT_S = 60.0
@@ -150,13 +150,7 @@ class MinioServer:
 
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, STOP_GRACE_S)
         _RUNNING.discard(self)
 
     def stop(self) -> None:

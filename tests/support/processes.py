@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import subprocess
 
 import pytest
 
@@ -22,6 +23,19 @@ def keep(pid: int) -> None:
 
 def forget(pid: int) -> None:
     _KEPT.discard(pid)
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float) -> None:
+    """SIGTERM, `grace` seconds to exit, then SIGKILL: servers that linger (weed can take
+    30 s) must not slow the suite, and none may outlive it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def die_with_parent() -> None:

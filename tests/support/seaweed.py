@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .processes import stop_process
 
 GRPC_OFFSET = 10000
 READY_TIMEOUT_S = 30.0
@@ -233,13 +234,7 @@ class SeaweedServer:
 
     def stop(self, *, keep_workdir: bool = False) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # weed may take 30 s to stop: short grace, then kill
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, STOP_GRACE_S)  # weed may take 30 s to stop: short grace, then kill
         _RUNNING.discard(self)
         for port in self.ports.values():  # weed puts unix sockets in /tmp regardless of TMPDIR
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
