@@ -219,7 +219,7 @@ class KubeBackend:
         api, where = self._where(run, spec, cluster)
         self._delete(api, jobs_path(where.namespace, name))
         self._delete(api, core_path(where.namespace, "configmaps", params_configmap_name(name)))
-        if spec.training.nodes > 1:  # the gang's headless Service has the Job's name
+        if spec is not None and spec.training.nodes > 1:  # the gang's Service: the Job's name
             self._delete(api, core_path(where.namespace, "services", name))
 
     def delete_children(self, run: RunRef, spec: MeritRunSpec | None) -> int:

@@ -81,5 +81,9 @@ def test_finalizer_deleted_the_children(e2e_run):
     assert e2e_run.left_after_delete == []
 
 
+def test_garbage_collector_removed_the_pods_of_the_deleted_jobs(e2e_run):
+    assert e2e_run.pods_left_after_gc == []
+
+
 def test_operator_logged_no_exception(e2e_run):
     assert e2e_run.operator_log and "Traceback" not in e2e_run.operator_log
