@@ -18,7 +18,7 @@ import pytest
 import yaml
 from support.faultproxy import FaultProxy
 from support.kube import KubeCluster, OperatorProcess, wait_until
-from support.kube_e2e import apply, node_options, render_example, upload_inputs, wait_phase
+from support.kube_e2e import apply, node_options, render_example, stage_inputs, wait_phase
 
 pytestmark = pytest.mark.slow
 RUN = "steady"
@@ -39,15 +39,9 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) -> Outcome:
-    from meritrun.storage import open_storage
-
     tmp = tmp_path_factory.mktemp("cp-faults")
-    bucket = seaweed.make_bucket()
-    upload_inputs(open_storage(f"s3://{bucket}", endpoint=seaweed.endpoint,
-                               access_key=seaweed.access_key, secret_key=seaweed.secret_key),
-                  tiny_base, tiny_mixture)
-    creds = {"AWS_ACCESS_KEY_ID": seaweed.access_key,
-             "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
+    staged = stage_inputs(seaweed, tiny_base, tiny_mixture)
+    bucket, creds = staged.bucket, staged.creds
     cluster = KubeCluster(control_plane, tmp, prefix="cpfaults").start()
     proxy = FaultProxy(control_plane.url, control_plane.ca_pem).start()
     token = control_plane.service_account_token(cluster.namespace, cluster.service_account)

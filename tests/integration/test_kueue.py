@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from support.kube import KubeCluster, OperatorProcess, wait_until
-from support.kube_e2e import apply, node_options, render_example, upload_inputs
+from support.kube_e2e import apply, node_options, render_example, stage_inputs
 from support.kueue import KueueManager, gpu_queue
 
 RUNS = ("first", "second")
@@ -72,14 +72,9 @@ def profiled(cluster: KubeCluster) -> bool:
 
 def test_jobs_are_admitted_within_the_gpu_quota(kueue, kube_cluster, seaweed, tiny_base,
                                                 tiny_mixture):
-    from meritrun.storage import open_storage
-
     cluster = kube_cluster
-    creds = {"AWS_ACCESS_KEY_ID": seaweed.access_key, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
-    bucket = seaweed.make_bucket()
-    upload_inputs(open_storage(f"s3://{bucket}", endpoint=seaweed.endpoint,
-                               access_key=seaweed.access_key, secret_key=seaweed.secret_key),
-                  tiny_base, tiny_mixture)
+    staged = stage_inputs(seaweed, tiny_base, tiny_mixture)
+    bucket, creds = staged.bucket, staged.creds
     cluster.start_node(node_options())
     cluster.create_secret("meritrun-storage", creds)
     queues = yaml.safe_dump_all(gpu_queue(cluster.namespace, gpus=1))

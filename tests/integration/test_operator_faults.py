@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from support.kube import KubeCluster, OperatorProcess, wait_until
-from support.kube_e2e import apply, node_options, render_example, upload_inputs, wait_phase
+from support.kube_e2e import apply, node_options, render_example, stage_inputs, wait_phase
 
 pytestmark = pytest.mark.slow
 SCENARIO_TIMEOUT_S = 300.0
@@ -45,15 +45,9 @@ class Scenario:
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) -> Scenario:
-    from meritrun.storage import open_storage
-
     tmp = tmp_path_factory.mktemp("faults")
-    bucket = seaweed.make_bucket()
-    upload_inputs(open_storage(f"s3://{bucket}", endpoint=seaweed.endpoint,
-                               access_key=seaweed.access_key, secret_key=seaweed.secret_key),
-                  tiny_base, tiny_mixture)
-    creds = {"AWS_ACCESS_KEY_ID": seaweed.access_key,
-             "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
+    staged = stage_inputs(seaweed, tiny_base, tiny_mixture)
+    bucket, creds = staged.bucket, staged.creds
 
     def run(name: str, **changes: Any) -> dict[str, Any]:
         return render_example(bucket=bucket, endpoint=seaweed.endpoint, name=name,

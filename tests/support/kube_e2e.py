@@ -60,6 +60,27 @@ def upload_inputs(storage: Any, tiny_base: Path, mixture: Any) -> None:
     storage.put_file("data/held_out.jsonl", mixture.held_out)
 
 
+@dataclass(frozen=True)
+class StagedInputs:
+    """A fresh bucket holding the example's inputs, and the credentials pods use for it."""
+    bucket: str
+    storage: Any
+    creds: dict[str, str]
+
+
+def stage_inputs(seaweed: Any, tiny_base: Path, mixture: Any) -> StagedInputs:
+    """A new bucket on the test's S3 server with the base and data the example names."""
+    from meritrun.storage import open_storage
+
+    bucket = seaweed.make_bucket()
+    storage = open_storage(f"s3://{bucket}", endpoint=seaweed.endpoint,
+                           access_key=seaweed.access_key, secret_key=seaweed.secret_key)
+    upload_inputs(storage, tiny_base, mixture)
+    creds = {"AWS_ACCESS_KEY_ID": seaweed.access_key,
+             "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
+    return StagedInputs(bucket, storage, creds)
+
+
 def node_options(**kwargs: Any) -> NodeOptions:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AWS_", "KUBECONFIG", "MERITRUN_"))}
@@ -162,15 +183,9 @@ def operator_pod_log(cluster: KubeCluster) -> str:
 @pytest.fixture(scope="session")
 def e2e_run(tmp_path_factory: pytest.TempPathFactory, control_plane: Any, seaweed: Any,
             tiny_base: Path, tiny_mixture: Any) -> Iterator[E2EResult]:
-    from meritrun.storage import open_storage
-
     tmp = tmp_path_factory.mktemp("e2e")
-    bucket = seaweed.make_bucket()
-    storage = open_storage(f"s3://{bucket}", endpoint=seaweed.endpoint,
-                           access_key=seaweed.access_key, secret_key=seaweed.secret_key)
-    upload_inputs(storage, tiny_base, tiny_mixture)
-    creds = {"AWS_ACCESS_KEY_ID": seaweed.access_key,
-             "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
+    staged = stage_inputs(seaweed, tiny_base, tiny_mixture)
+    bucket, storage, creds = staged.bucket, staged.storage, staged.creds
     cluster = KubeCluster(control_plane, tmp, prefix="e2e", rbac=False).start()
     helm = Helm(tmp / "helm-home", kubeconfig=cluster.kubeconfig("admin"))
     metrics_port = free_port()
