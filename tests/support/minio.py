@@ -14,26 +14,23 @@ make_bucket, remove_bucket), so a test can run on either.
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
-from .processes import stop_process
+from .processes import S3ServerProcess, stop_process
 from .seaweed import S3Bucket
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
-_RUNNING: set[MinioServer] = set()
 
 
 def find_minio() -> str:
@@ -53,8 +50,11 @@ def _free_port() -> int:
 
 
 @dataclass(eq=False)
-class MinioServer:
+class MinioServer(S3ServerProcess):
     """One `minio server` process on loopback; `start()`/`stop()` or a context manager."""
+
+    program: ClassVar[str] = "minio"
+    ready_timeout_s: ClassVar[float] = READY_TIMEOUT_S
 
     access_key: str = field(default_factory=lambda: f"root{uuid.uuid4().hex[:12]}")
     secret_key: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False)
@@ -117,7 +117,7 @@ class MinioServer:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)
             log.close()
-            _RUNNING.add(self)
+            self._started()
             try:
                 self._wait_ready()
                 return self
@@ -127,23 +127,6 @@ class MinioServer:
                     raise
         return self
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"minio exited with {self._proc.returncode}:\n"
-                                   f"{self.log_tail()}")
-            try:
-                self.client().list_buckets()  # only our server knows our random root keys
-                return
-            except Exception as e:  # noqa: BLE001 - anything means "not ready yet"
-                last = e
-                time.sleep(0.2)
-        raise RuntimeError(f"minio not ready in {READY_TIMEOUT_S} s ({last}):\n"
-                           f"{self.log_tail()}")
-
     def log_tail(self, chars: int = 3000) -> str:
         log = Path(self._tmp.name) / "minio.log" if self._tmp else None
         return log.read_text(errors="replace")[-chars:] if log and log.exists() else ""
@@ -151,25 +134,13 @@ class MinioServer:
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         stop_process(proc, STOP_GRACE_S)
-        _RUNNING.discard(self)
+        self._stopped()
 
     def stop(self) -> None:
         self._kill()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def __enter__(self) -> MinioServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_RUNNING):
-        server.stop()
 
 
 @pytest.fixture(scope="session")

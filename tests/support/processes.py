@@ -7,13 +7,17 @@ exempt.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import signal
 import subprocess
+import time
+from typing import Any, ClassVar
 
 import pytest
 
 _KEPT: set[int] = set()
+_SERVERS: set[Any] = set()
 
 
 def keep(pid: int) -> None:
@@ -42,6 +46,52 @@ def die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the thread that started it dies (Linux), so a
     test session killed hard leaves no server or pod process behind."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class S3ServerProcess:
+    """What the S3 test servers (MinIO, SeaweedFS) share: readiness, a context manager, and
+    being stopped at interpreter exit if a test forgot to. A subclass sets `_proc` and
+    implements `start`, `stop`, `client` and `log_tail`."""
+
+    program: ClassVar[str]
+    ready_timeout_s: ClassVar[float]
+    _proc: subprocess.Popen | None
+
+    def _started(self) -> None:
+        _SERVERS.add(self)
+
+    def _stopped(self) -> None:
+        _SERVERS.discard(self)
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"{self.program} exited with {self._proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                # Only our server knows our random root keys, so success proves the port is ours.
+                self.client().list_buckets()
+                return
+            except Exception as e:  # noqa: BLE001 - anything means "not ready yet"
+                last = e
+                time.sleep(0.2)
+        raise RuntimeError(f"{self.program} not ready in {self.ready_timeout_s} s ({last}):\n"
+                           f"{self.log_tail()}")
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@atexit.register
+def _stop_leftover_servers() -> None:
+    for server in list(_SERVERS):
+        server.stop()
 
 
 @pytest.fixture(autouse=True)

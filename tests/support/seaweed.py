@@ -15,7 +15,6 @@ fixtures can use `SeaweedServer` directly as a context manager.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import random
@@ -24,23 +23,21 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
-from .processes import stop_process
+from .processes import S3ServerProcess, stop_process
 
 GRPC_OFFSET = 10000
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 2.0
 ADMIN_ACTIONS = ("Admin", "Read", "Write", "List", "Tagging")
 _SERVICES = ("s3", "master", "volume", "filer", "admin")
-_RUNNING: set[SeaweedServer] = set()
 
 
 @dataclass(frozen=True)
@@ -100,8 +97,11 @@ def pick_ports(count: int) -> list[int]:
 
 
 @dataclass(eq=False)
-class SeaweedServer:
+class SeaweedServer(S3ServerProcess):
     """One `weed mini` process; `start()`/`stop()` or use as a context manager."""
+
+    program: ClassVar[str] = "weed"
+    ready_timeout_s: ClassVar[float] = READY_TIMEOUT_S
 
     identities: Sequence[Identity | dict[str, Any]] = ()
     admin: Identity = field(default_factory=lambda: Identity.random("admin"))
@@ -210,23 +210,7 @@ class SeaweedServer:
             start_new_session=True,
         )
         log.close()
-        _RUNNING.add(self)
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self._proc.returncode}:\n{self.log_tail()}")
-            try:
-                # Only our server knows our random admin keys, so success proves the port is ours.
-                self.client().list_buckets()
-                return
-            except Exception as e:  # noqa: BLE001 - anything means "not ready yet"
-                last = e
-                time.sleep(0.2)
-        raise RuntimeError(f"weed not ready in {READY_TIMEOUT_S} s ({last}):\n{self.log_tail()}")
+        self._started()
 
     def log_tail(self, chars: int = 3000) -> str:
         log = self.workdir / "weed.log" if self.workdir else None
@@ -235,7 +219,7 @@ class SeaweedServer:
     def stop(self, *, keep_workdir: bool = False) -> None:
         proc, self._proc = self._proc, None
         stop_process(proc, STOP_GRACE_S)  # weed may take 30 s to stop: short grace, then kill
-        _RUNNING.discard(self)
+        self._stopped()
         for port in self.ports.values():  # weed puts unix sockets in /tmp regardless of TMPDIR
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
@@ -245,17 +229,6 @@ class SeaweedServer:
             self._tmp.cleanup()
             self._tmp = None
 
-    def __enter__(self) -> SeaweedServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_RUNNING):
-        server.stop()
 
 
 @dataclass(frozen=True)
