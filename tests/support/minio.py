@@ -84,20 +84,6 @@ class MinioServer(S3ServerProcess):
                           credentials=StaticProvider(self.access_key, self.secret_key),
                           http_client=urllib3.PoolManager(retries=False, timeout=10.0))
 
-    def make_bucket(self, name: str | None = None) -> str:
-        name = name or f"t-{uuid.uuid4().hex[:12]}"
-        self.client().make_bucket(name)
-        return name
-
-    def remove_bucket(self, name: str) -> None:
-        from minio.deleteobjects import DeleteObject
-
-        client = self.client()
-        doomed = [DeleteObject(o.object_name) for o in client.list_objects(name, recursive=True)]
-        if doomed:
-            list(client.remove_objects(name, doomed))
-        client.remove_bucket(name)
-
     def start(self) -> MinioServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="minio-")
         work = Path(self._tmp.name)

@@ -12,6 +12,7 @@ import ctypes
 import signal
 import subprocess
 import time
+import uuid
 from typing import Any, ClassVar
 
 import pytest
@@ -49,7 +50,7 @@ def die_with_parent() -> None:
 
 
 class S3ServerProcess:
-    """What the S3 test servers (MinIO, SeaweedFS) share: readiness, a context manager, and
+    """What the S3 test servers (MinIO, SeaweedFS) share: readiness, buckets, a context manager, and
     being stopped at interpreter exit if a test forgot to. A subclass sets `_proc` and
     implements `start`, `stop`, `client` and `log_tail`."""
 
@@ -80,6 +81,21 @@ class S3ServerProcess:
                 time.sleep(0.2)
         raise RuntimeError(f"{self.program} not ready in {self.ready_timeout_s} s ({last}):\n"
                            f"{self.log_tail()}")
+
+    def make_bucket(self, name: str | None = None) -> str:
+        name = name or f"t-{uuid.uuid4().hex[:12]}"
+        self.client().make_bucket(name)
+        return name
+
+    def remove_bucket(self, name: str) -> None:
+        """Empty the bucket, then remove it."""
+        from minio.deleteobjects import DeleteObject
+
+        client = self.client()
+        doomed = [DeleteObject(o.object_name) for o in client.list_objects(name, recursive=True)]
+        if doomed:
+            list(client.remove_objects(name, doomed))
+        client.remove_bucket(name)
 
     def __enter__(self) -> Any:
         return self.start()

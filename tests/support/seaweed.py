@@ -138,20 +138,6 @@ class SeaweedServer(S3ServerProcess):
             http_client=urllib3.PoolManager(retries=False, timeout=10.0),
         )
 
-    def make_bucket(self, name: str | None = None) -> str:
-        name = name or f"t-{uuid.uuid4().hex[:12]}"
-        self.client().make_bucket(name)
-        return name
-
-    def remove_bucket(self, name: str) -> None:
-        client = self.client()
-        doomed = [o.object_name for o in client.list_objects(name, recursive=True)]
-        if doomed:
-            from minio.deleteobjects import DeleteObject
-
-            list(client.remove_objects(name, [DeleteObject(k) for k in doomed]))
-        client.remove_bucket(name)
-
     def start(self) -> SeaweedServer:
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="seaweed-")
