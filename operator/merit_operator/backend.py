@@ -180,7 +180,8 @@ class KubeBackend:
             # Same name, same run, same attempt: the params may differ only if the spec changed.
             api.merge_patch(f"{cm_path}/{configmap['metadata']['name']}",
                             {"data": configmap["data"]})
-        service = build_rendezvous_service(action, run=where, spec=spec, owned=owned)
+        service = build_rendezvous_service(action, run=where, spec=spec, images=self.images,
+                                           owned=owned)
         if service is not None:  # a multi-node gang: its pods' DNS names, before the pods
             self._create(api, core_path(where.namespace, "services"), service, run)
         return self._create(api, jobs_path(where.namespace), job, run)

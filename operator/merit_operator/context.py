@@ -43,7 +43,7 @@ class OperatorContext:
         self.api = KubeApi(api_config(settings), pool_size=max(settings.workers, 1) * 2,
                            token_reread_seconds=settings.token_reread_seconds)
         images = Images(trainer=settings.trainer_image, merger=settings.merger_image,
-                        python=settings.job_python)
+                        python=settings.job_python, rendezvous_port=settings.rendezvous_port)
         self.reconciler = Reconciler(KubeBackend(self.api, images=images), settings=settings,
                                      metrics=self.metrics)
         self.executor = ThreadPoolExecutor(max_workers=max(settings.workers, 1),

@@ -8,6 +8,10 @@ gang lives or dies together: any pod failing fails the Job (podFailurePolicy Fai
 pipeline still sees one child per attempt, and a Kueue queue label on the Job admits all M pods
 at once. Every multi-process pod gets a memory-backed /dev/shm (the 64 MB default starves the
 collectives). Profile, verify and merge Jobs stay single-pod, single-process. Pure functions.
+
+The rendezvous port (pod 0's torchrun store) is the operator's setting `rendezvous_port`
+(MERITRUN_RENDEZVOUS_PORT, default 29500, torchrun's own): a cluster whose network policy or
+sidecars claim 29500 picks another, and so do tests, whose pods all share one loopback.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def is_multiprocess(job: CreateJob, spec: MeritRunSpec) -> bool:
 
 
 def launch_command(job: CreateJob, spec: MeritRunSpec, *, stage_args: list[str],
-                   python: str) -> list[str] | None:
+                   python: str, port: int = RENDEZVOUS_PORT) -> list[str] | None:
     """The torchrun line for a multi-process train Job; None keeps the plain command."""
     if not is_multiprocess(job, spec):
         return None
@@ -62,7 +66,7 @@ def launch_command(job: CreateJob, spec: MeritRunSpec, *, stage_args: list[str],
     if is_gang(job, spec):
         torchrun += [f"--nnodes={nodes(job, spec)}", f"--node_rank=$({NODE_RANK_ENV})",
                      f"--master_addr={job.name}-0.{job.name}",
-                     f"--master_port={RENDEZVOUS_PORT}"]
+                     f"--master_port={port}"]
     else:
         torchrun.append("--standalone")
     return [*torchrun, "-m", STAGE_MODULES[job.stage], *stage_args]
@@ -109,8 +113,8 @@ def gang_job_fields(job: CreateJob, spec: MeritRunSpec) -> dict[str, Any]:
     }
 
 
-def build_rendezvous_service(job: CreateJob, spec: MeritRunSpec,
-                             metadata: dict[str, Any]) -> dict[str, Any] | None:
+def build_rendezvous_service(job: CreateJob, spec: MeritRunSpec, metadata: dict[str, Any], *,
+                             port: int = RENDEZVOUS_PORT) -> dict[str, Any] | None:
     """The headless Service that gives a gang's pods their DNS names; None for one pod."""
     if not is_gang(job, spec):
         return None
@@ -118,5 +122,5 @@ def build_rendezvous_service(job: CreateJob, spec: MeritRunSpec,
         "apiVersion": "v1", "kind": "Service", "metadata": metadata,
         "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
                  "selector": {JOB_NAME_LABEL: job.name},
-                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}]},
+                 "ports": [{"name": "rendezvous", "port": port}]},
     }

@@ -58,11 +58,13 @@ class RunRef:
 
 @dataclass(frozen=True)
 class Images:
-    """Default images (from the chart's values) for runs whose template names none."""
+    """Default images (from the chart's values) for runs whose template names none, and how
+    a stage starts in them: the interpreter, and the port a multi-node gang meets on."""
 
     trainer: str
     merger: str
     python: str = "python"
+    rendezvous_port: int = gang.RENDEZVOUS_PORT
 
 
 def run_selector(run: RunRef) -> str:
@@ -147,8 +149,8 @@ def _pod_spec(job: CreateJob, spec: MeritRunSpec, images: Images) -> dict[str, A
     template = spec.template
     command = [*stage_command(job.stage, f"{PARAMS_DIR}/{PARAMS_KEY}", python=images.python),
                "--workdir", WORK_DIR]
-    command = gang.launch_command(job, spec, stage_args=command[3:],
-                                  python=images.python) or command
+    command = gang.launch_command(job, spec, stage_args=command[3:], python=images.python,
+                                  port=images.rendezvous_port) or command
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": stage_image(job.stage, template, images),
@@ -212,11 +214,11 @@ def build_stage_job(job: CreateJob, *, run: RunRef, spec: MeritRunSpec, images: 
 
 
 def build_rendezvous_service(job: CreateJob, *, run: RunRef, spec: MeritRunSpec,
-                             owned: bool = True) -> dict[str, Any] | None:
+                             images: Images, owned: bool = True) -> dict[str, Any] | None:
     """The headless Service a multi-node train Job's pods find each other through (same
     name as the Job); None for a single-pod Job."""
-    return gang.build_rendezvous_service(job, spec, _metadata(job.name, job, run=run,
-                                                              owned=owned))
+    meta = _metadata(job.name, job, run=run, owned=owned)
+    return gang.build_rendezvous_service(job, spec, meta, port=images.rendezvous_port)
 
 
 def job_observation(obj: dict[str, Any]) -> JobObservation:

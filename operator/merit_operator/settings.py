@@ -42,6 +42,8 @@ class Settings:
     merger_image: str = "ghcr.io/meritrun/meritrun-merger:0.1.0"
     # The interpreter inside the images, first word of every stage command.
     job_python: str = "python"
+    # TCP port pod 0 of a multi-node train gang serves torchrun's rendezvous on.
+    rendezvous_port: int = 29500
     # Prometheus metrics and kopf liveness endpoints (0 disables).
     metrics_port: int = 8080
     metrics_address: str = "0.0.0.0"

@@ -12,7 +12,8 @@ themselves with namespaces. All on 127.0.0.1 with free ports:
   127.0.0.1, and an audit log (every request of every user but the controllers and the node,
   at Metadata level) that tests read to count creations and see who was refused;
 - kube-controller-manager with the job, garbage-collector, ttl-after-finished,
-  serviceaccount(-token), namespace, deployment, replicaset and root-CA controllers,
+  serviceaccount(-token), namespace, deployment, replicaset, root-CA, pod-GC and
+  claim-protection controllers,
   `--leader-elect=false`;
 - the node stand-in (`support.kubelet.Node`), which runs pods as local processes.
 
@@ -58,7 +59,9 @@ CONTROLLERS = ("job-controller", "garbage-collector-controller", "ttl-after-fini
                "root-ca-certificate-publisher-controller",
                # marks deleted pods that never reached a node Failed, so the Job controller
                # can drop its job-tracking finalizer (else a namespace with them never goes)
-               "pod-garbage-collector-controller")
+               "pod-garbage-collector-controller",
+               # drops a deleted claim's protection finalizer once no pod uses it
+               "persistentvolumeclaim-protection-controller")
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
     "rules": [{"level": "None", "users": [NODE_USER, KCM_USER, "system:apiserver"]},

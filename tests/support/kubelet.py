@@ -7,18 +7,23 @@ the cluster's pods and, like kube-scheduler and the kubelet together:
   `PodScheduled=False, reason Unschedulable`, as the scheduler would say);
 - starts a bound pod once its ConfigMap and Secret volumes exist: volumes become folders
   (configMap, secret, emptyDir; the service-account projected volume gets a bound
-  TokenRequest token, the CA and a kubeconfig), mount paths in the command and env values are
-  rewritten to those folders, env/envFrom/valueFrom are resolved from the API, `python` is
+  TokenRequest token, the CA and a kubeconfig; a persistentVolumeClaim is one folder per
+  claim in the namespace, shared by every pod that mounts it, as a ReadWriteMany volume would
+  be, with `subPath` honoured), mount paths in the command and env values are rewritten to
+  those folders, env/envFrom/valueFrom (fieldRef included) are resolved from the API,
+  `$(VAR)` is expanded and pod DNS names are resolved as support.podenv says, `python` is
   this interpreter, and an image with no command runs its entrypoint from `ENTRYPOINTS`;
   a missing env Secret or key gives `CreateContainerConfigError`, an image `unpullable`
   says so gives `ImagePullBackOff` (both waiting, as the kubelet reports them);
 - reports Running (Ready when the readiness probe, if any, answers), then Succeeded or Failed
-  with the exit code, reason and termination message (the log tail, FallbackToLogsOnError);
+  with the exit code (128 + n for a process killed by signal n), reason and termination
+  message (the log tail, FallbackToLogsOnError);
 - kills the process when the pod is deleted, then removes the pod (grace period 0).
 
-The Job controller does the rest: nothing here writes Job status. Per-namespace behaviour is
-set with `node.configure(namespace, NodeOptions(...))` (failure injection by Job name, no
-running at all for the scale bench, the environment pods start from).
+`node.kill(namespace, pod)` SIGKILLs a running pod's processes, as an OOM kill or a dying
+container would. The Job controller does the rest: nothing here writes Job status.
+Per-namespace behaviour is set with `node.configure(namespace, NodeOptions(...))` (failure
+injection by Job name, no running at all for the scale bench, the environment pods start from).
 
 The pod that runs the operator has no MERITRUN_KUBECONFIG in its spec; the node adds one that
 points at the kubeconfig it writes into the service-account volume, because the in-cluster
@@ -44,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .apiclient import Api, ApiStatus
+from .podenv import FieldError, expand, field_value, resolve_pod_names
 from .processes import die_with_parent
 
 if TYPE_CHECKING:
@@ -126,6 +132,20 @@ class Node:
         for path in (self.workdir / namespace).glob(f"{pod}-*/log.txt"):
             return path.read_text(errors="replace")
         return ""
+
+    def kill(self, namespace: str, pod: str) -> bool:
+        """SIGKILL a running pod's process group; False if no such pod runs here."""
+        with self._lock:
+            procs = [r.proc for r in self.running_pods.values()
+                     if r.pod["metadata"]["namespace"] == namespace
+                     and r.pod["metadata"]["name"] == pod and r.proc.poll() is None]
+        for proc in procs:
+            _signal_all(proc.pid, _tree(proc.pid), signal.SIGKILL)
+        return bool(procs)
+
+    def claim_folder(self, namespace: str, claim: str) -> Path:
+        """Where a PersistentVolumeClaim's files live on this node."""
+        return self.workdir / namespace / "claims" / claim
 
     def start(self) -> Node:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -235,14 +255,15 @@ class Node:
                           f'Back-off pulling image "{container.get("image")}"')
         folder = self.workdir / meta["namespace"] / f"{meta['name']}-{meta['uid'][:8]}"
         mounts = self._volumes(pod, folder)  # raises Waiting until ConfigMaps exist
-        env = {**opts.env, "HOSTNAME": meta["name"],
-               **{k: _rewrite(v, mounts) for k, v in self._env(meta["namespace"],
-                                                                  container).items()}}
+        declared = self._env(pod, container)  # what $(VAR) in the command may name
+        env = {**opts.env, "HOSTNAME": spec.get("hostname") or meta["name"],
+               **{k: _rewrite(resolve_pod_names(v, pod), mounts) for k, v in declared.items()}}
         if SA_MOUNT in mounts and "MERITRUN_KUBECONFIG" not in env:
             env["MERITRUN_KUBECONFIG"] = str(mounts[SA_MOUNT] / "kubeconfig")
             env.setdefault("MERITRUN_METRICS_ADDRESS", "127.0.0.1")  # the pod IP here
         argv = container.get("command") or _entrypoint(container.get("image", ""))
-        argv = [_rewrite(a, mounts) for a in argv + container.get("args", [])]
+        argv = [_rewrite(resolve_pod_names(expand(a, declared), pod), mounts)
+                for a in argv + container.get("args", [])]
         if argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable
         job = (meta.get("labels") or {}).get("job-name", meta["name"])
@@ -283,10 +304,24 @@ class Node:
                     (path / item["path"]).write_text(values.get(item["key"], ""))
             elif "projected" in vol:
                 self._service_account(pod, path)
+            elif "persistentVolumeClaim" in vol:
+                path = self._claim(ns, vol["persistentVolumeClaim"]["claimName"])
             local[vol["name"]] = path
         container = pod["spec"]["containers"][0]
-        return {m["mountPath"]: local[m["name"]] for m in container.get("volumeMounts") or []
-                if m["name"] in local}
+        mounts = {}
+        for m in container.get("volumeMounts") or []:
+            if m["name"] in local:
+                mounts[m["mountPath"]] = local[m["name"]] / m.get("subPath", "")
+                mounts[m["mountPath"]].mkdir(parents=True, exist_ok=True)
+        return mounts
+
+    def _claim(self, ns: str, claim: str) -> Path:
+        """A claim's folder; Waiting (as the scheduler's message) while the claim is missing."""
+        if self.api.get_or_none(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{claim}") is None:
+            raise Waiting("ContainerCreating", f'persistentvolumeclaim "{claim}" not found')
+        path = self.claim_folder(ns, claim)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _service_account(self, pod: dict[str, Any], path: Path) -> None:
         ns, sa = pod["metadata"]["namespace"], pod["spec"].get("serviceAccountName", "default")
@@ -307,7 +342,9 @@ class Node:
             out[k] = base64.b64decode(v).decode() if secret else v
         return out
 
-    def _env(self, ns: str, container: dict[str, Any]) -> dict[str, str]:
+    def _env(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+        """envFrom, then env in order: a value expands the variables defined before it."""
+        ns = pod["metadata"]["namespace"]
         env: dict[str, str] = {}
         for src in container.get("envFrom") or []:
             secret = "secretRef" in src
@@ -319,13 +356,19 @@ class Node:
             env.update({src.get("prefix", "") + k: v for k, v in (values or {}).items()})
         for item in container.get("env") or []:
             if "valueFrom" not in item:
-                env[item["name"]] = item.get("value", "")
+                env[item["name"]] = expand(item.get("value", ""), env)
                 continue
             src = item["valueFrom"]
+            if "fieldRef" in src:
+                try:
+                    env[item["name"]] = field_value(pod, src["fieldRef"]["fieldPath"])
+                except FieldError as e:
+                    raise Waiting("CreateContainerConfigError", str(e)) from e
+                continue
             secret = "secretKeyRef" in src
             ref = src.get("secretKeyRef") or src.get("configMapKeyRef")
             if ref is None:
-                continue  # fieldRef / resourceFieldRef: nothing the stages read
+                continue  # resourceFieldRef: nothing the stages read
             values = self._values(ns, ref["name"], secret=secret) or {}
             if ref["key"] in values:
                 env[item["name"]] = values[ref["key"]]
@@ -377,6 +420,7 @@ class Node:
         if code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             lines = (r.folder / "log.txt").read_text(errors="replace").splitlines()[-80:]
             message = "\n".join(lines)[-2048:]
+        code = code if code >= 0 else 128 - code  # killed by signal n: 128 + n
         t = now()
         self._status(r.pod, {
             "phase": "Succeeded" if code == 0 else "Failed",
@@ -459,15 +503,41 @@ def _probe(pod: dict[str, Any]) -> bool:
         return False
 
 
+def _tree(pid: int) -> list[Any]:
+    """Every process a pod's process started (torchrun puts its workers in sessions of their
+    own); taken before a kill, since orphans leave the tree."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_all(pid: int, tree: list[Any], sig: int) -> None:
+    """Signal a pod's process group and its whole tree, as a runtime signals a container's
+    cgroup: nothing of a killed pod lives on."""
+    import psutil
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(sig)
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group (torchrun passes it on to its workers), a grace period,
+    then SIGKILL to everything the pod started."""
     if proc.poll() is not None:
         return
+    tree = _tree(proc.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(KILL_GRACE_S)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _signal_all(proc.pid, tree, signal.SIGKILL)
         proc.wait(10)
+    _signal_all(proc.pid, [c for c in tree if c.is_running()], signal.SIGKILL)
 

@@ -35,14 +35,14 @@ def make_spec(*, gpus: int | None = None, nodes: int = 1, **template) -> MeritRu
         "training": {"nodes": nodes}, "template": template})
 
 
-def render(spec: MeritRunSpec, stage: str = "train") -> dict:
+def render(spec: MeritRunSpec, stage: str = "train", images: Images = IMAGES) -> dict:
     part = PartitionStatus(name="p0", index=0, sources=["a"])
     action = {"train": lambda: train_job(RunId("demo", "u-1"), spec, part, 1),
               "profile": lambda: profile_job(RunId("demo", "u-1"), spec, 1),
               "merge": lambda: merge_job(RunId("demo", "u-1"), spec, [part], 1)}[stage]()
-    job = build_stage_job(action, run=RUN, spec=spec, images=IMAGES)
+    job = build_stage_job(action, run=RUN, spec=spec, images=images)
     kubernetes_validate.validate(job, K8S, strict=True)
-    service = build_rendezvous_service(action, run=RUN, spec=spec)
+    service = build_rendezvous_service(action, run=RUN, spec=spec, images=images)
     if service is not None:
         kubernetes_validate.validate(service, K8S, strict=True)
     return {"job": job, "service": service, "pod": job["spec"]["template"]["spec"]}
@@ -103,6 +103,14 @@ def test_several_nodes_make_an_indexed_gang_behind_a_headless_service():
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"] == {JOB_NAME_LABEL: job_name}
     assert service["metadata"]["ownerReferences"][0]["uid"] == RUN.uid
+
+
+def test_the_rendezvous_port_is_the_operators_setting_in_command_and_service():
+    assert "--master_port=29500" in command(render(make_spec(nodes=2)))
+    r = render(make_spec(nodes=2), images=Images(trainer="t:1", merger="m:1",
+                                                 rendezvous_port=31555))
+    assert "--master_port=31555" in command(r)
+    assert r["service"]["spec"]["ports"] == [{"name": "rendezvous", "port": 31555}]
 
 
 def test_a_cpu_gang_runs_one_process_per_pod():
