@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from support.kube import KubeCluster, OperatorProcess, free_port
-from support.kube_e2e import apply, node_options, render_example, upload_inputs, wait_phase
+from support.kube_e2e import apply, node_options, render_example, stage_inputs, wait_phase
 
 pytestmark = pytest.mark.slow
 RUN, CLAIM = "gang", "gang-work"
@@ -72,15 +72,9 @@ def kill_after_first_checkpoint(cluster: KubeCluster, claim: Path, job: str,
 
 @pytest.fixture(scope="module")
 def gang(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) -> Gang:
-    from meritrun.storage import open_storage
-
     tmp = tmp_path_factory.mktemp("gang")
-    bucket = seaweed.make_bucket()
-    storage = open_storage(f"s3://{bucket}", endpoint=seaweed.endpoint,
-                           access_key=seaweed.access_key, secret_key=seaweed.secret_key)
-    upload_inputs(storage, tiny_base, tiny_mixture)
-    creds = {"AWS_ACCESS_KEY_ID": seaweed.access_key,
-             "AWS_SECRET_ACCESS_KEY": seaweed.secret_key}
+    staged = stage_inputs(seaweed, tiny_base, tiny_mixture)
+    bucket, storage, creds = staged.bucket, staged.storage, staged.creds
     cluster = KubeCluster(control_plane, tmp, prefix="gang").start()
     operator = OperatorProcess(cluster, env={**creds,
                                              "MERITRUN_RENDEZVOUS_PORT": str(free_port())})
