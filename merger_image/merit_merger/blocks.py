@@ -1,13 +1,16 @@
 """Loading blocks of rows for the engine: a reader thread, ring buffers and fp32 workspaces.
 
 A block is the same rows of one tensor from the base, every expert and every second-moment
-file. The reader thread only `pread`s into ring buffers (one per input and slot, reused block
-after block), so reading overlaps the math and allocates nothing in steady state; the main
-thread turns the raw bytes into fp32 in reused workspace buffers and applies LoRA deltas;
-rank-1 moments stay factored (methods expand them, or raise them to a power, as needed).
-Keeping every torch allocation in one thread matters: buffers allocated by one thread and
-freed by another grew glibc's per-thread arenas to ~3x the working set in a probe (88 MB
-instead of 29 MB merging 2 MB tensors).
+file. The reader thread maps the base's and the experts' rows (`ModelReader.view`: zero-copy,
+its pages faulted in by the reader thread, unmapped when the block is dropped) and `pread`s
+stored second moments into ring buffers (one per input and slot, reused block after block),
+so reading overlaps the math and allocates nothing in steady state; the main thread turns
+the raw bytes into fp32 in reused workspace buffers (methods that accumulate the stored dtype
+themselves skip this) and applies LoRA deltas; rank-1 moments stay factored (methods expand
+them, or raise them to a power, as needed). Keeping every torch allocation in one thread
+matters: buffers allocated by one thread and freed by another grew glibc's per-thread arenas
+to ~3x the working set in a probe (88 MB instead of 29 MB merging 2 MB tensors). Mappings are
+not torch allocations: whichever thread frees the last view unmaps them.
 """
 
 from __future__ import annotations
@@ -100,23 +103,17 @@ class BlockLoader:
         self._work = Buffers(torch.float32)  # main thread only
 
     def read_raw(self, item: Item, slot: int) -> RawBlock:
-        """Reader thread: pread every stored input of the block into ring buffers."""
+        """Reader thread: map the base's and experts' rows, pread stored moments."""
         name, rows = item
         meta = self.base.meta(name)
         nbytes = meta.nbytes if rows is None else (rows[1] - rows[0]) * meta.row_bytes
         floating = meta.dtype.is_floating_point
         base = None
         if self.need_base or not floating:
-            base = self.base.read(name, rows, out=self._ring.get((slot, "base"), nbytes))
+            base = self.base.view(name, rows)
         if not floating:
             return RawBlock(name, rows, slot, base, [], None)
-        experts: list[torch.Tensor | None] = []
-        for i, e in enumerate(self.experts):
-            if e.model is None:
-                experts.append(None)
-                continue
-            size = e.model.meta(name).row_bytes * ((rows[1] - rows[0]) if rows else meta.rows)
-            experts.append(e.model.read(name, rows, out=self._ring.get((slot, i), size)))
+        experts = [None if e.model is None else e.model.view(name, rows) for e in self.experts]
         moments = None
         if self.moments is not None:
             moments = []
@@ -155,7 +152,7 @@ class BlockLoader:
     def _fp32(self, key: Any, t: torch.Tensor, device: torch.device,
               as_is: bool = False) -> torch.Tensor:
         if t.dtype == torch.float32 or as_is:
-            return t.to(device)  # already fp32 (a view of a ring buffer; read-only use)
+            return t.to(device)  # already fp32 (a view of a mapping or ring; read-only use)
         if device.type != "cpu":
             return t.to(device).float()
         return self._work.get(key, t.numel()).view(t.shape).copy_(t)

@@ -4,10 +4,19 @@ For every tensor of the base (in file order) the engine reads the same block of 
 the base (when needed), every expert and every second-moment file, converts them to fp32,
 hands them to the merge method, casts the result to the output dtype and writes it straight
 to its place in a pre-planned output shard. Element-wise methods get blocks of at most
-`chunk_elements` elements; TIES and DARE get whole tensors. A reader thread loads the next
-block while the current one is merged (see `blocks`), so reading overlaps the math. Peak
-memory is a few blocks per input (for whole-tensor methods, a few copies of the largest
-tensor per input) plus the method's temporaries, never the model or an output shard.
+`chunk_elements` elements; TIES and DARE get whole tensors. A reader thread maps the next
+block while the current one is merged (see `blocks`) and a writer thread writes the previous
+one (see `writer`), so reading and writing overlap the math; the math runs in the main
+thread in reused buffers (the method's fp32 result, a ring of output blocks). Peak memory is
+a few blocks per input (for whole-tensor methods, a few copies of the largest tensor per
+input) plus the method's temporaries, never the model or an output shard.
+
+Threads: element-wise methods on the CPU run their math on all cores but one (the reader
+and writer threads spend theirs in the kernel, faulting pages in and copying pages out),
+and on one thread on a 2-core machine: torch's intra-op threads synchronise at every op,
+and on a busy machine each barrier waited for a descheduled partner (a 1B-parameter merge
+took 91 s of user time with 2 threads against 10 s with one). Whole-tensor methods keep
+torch's setting (their ops are large enough to be worth splitting).
 
 It does not verify contributions (see `verification`) and does not write the report (see
 `report`): it merges what it is given and says what it did in a MergeResult.
@@ -18,8 +27,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +39,7 @@ import torch
 
 from meritrun.errors import StageFailed
 
-from .blocks import BlockLoader, Item, block_rows
+from .blocks import BlockLoader, Buffers, Item, block_rows
 from .io import ModelReader, copy_model_files, read_header
 from .methods import MergeInputs, MergeMethod, TensorStats, get_method, normalized
 from .selection import KthLargest, ffg_k
@@ -95,6 +106,24 @@ def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
+def merge_threads(method: MergeMethod, device: torch.device) -> int:
+    """Intra-op threads for the math (see the module docstring): torch's setting, less one
+    core for the reader and writer threads, for element-wise methods on the CPU."""
+    if device.type != "cpu" or not method.elementwise:
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1))
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def ffg_thresholds(method: MergeMethod, params: Any, inputs: BlockLoader,
                    items: Sequence[Item], *, density: float,
                    device: torch.device) -> list[float]:
@@ -159,21 +188,27 @@ def merge_models(
         total = sum(o.nbytes for o in outputs)
         merge_started = time.monotonic()
         stats: dict[str, TensorStats] = {}
+        work, ring = Buffers(torch.float32), Buffers(torch.uint8)  # main thread only
         try:
-            for block in inputs.blocks(items, dev):
-                if block.raw is not None:
-                    out = block.raw
-                else:
-                    tstats = stats.setdefault(block.name, TensorStats())
-                    merged = impl.merge(MergeInputs(block.name, block.base, block.experts,
-                                                    weights, block.moments, thresholds, tstats), p)
-                    out = merged.to(out_dtypes[block.name]).cpu()
-                    if not all_finite(out):  # after the cast: an fp16 output overflows too
-                        raise MergeOutputError(f"merged {block.name} has NaN/Inf values "
-                                               f"({impl.key} with {_params_dict(p)})")
-                writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
-                if progress is not None:
-                    progress(writer.bytes_written, total)
+            with intra_op_threads(merge_threads(impl, dev)):
+                for i, block in enumerate(inputs.blocks(items, dev)):
+                    if block.raw is not None:
+                        out = block.raw
+                    else:
+                        tstats = stats.setdefault(block.name, TensorStats())
+                        shape = block.experts[0].shape
+                        buf = work.get("merged", shape.numel()).view(shape)
+                        merged = impl.merge(MergeInputs(
+                            block.name, block.base, block.experts, weights, block.moments,
+                            thresholds, tstats, out=buf if dev.type == "cpu" else None), p)
+                        # the writer holds `depth` blocks: slot i is free again at i + depth + 1
+                        out = _cast(merged, out_dtypes[block.name], ring, i % (writer.depth + 1))
+                        if not all_finite(out):  # after the cast: an fp16 output overflows too
+                            raise MergeOutputError(f"merged {block.name} has NaN/Inf values "
+                                                   f"({impl.key} with {_params_dict(p)})")
+                    writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
+                    if progress is not None:
+                        progress(writer.bytes_written, total)
             result.files = writer.close()
         except BaseException:
             writer.abort()
@@ -196,6 +231,14 @@ def merge_models(
              len(partitions), impl.key, result.seconds["total"], result.bytes_read / 1e9,
              result.bytes_written / 1e9)
     return result
+
+
+def _cast(merged: torch.Tensor, dtype: torch.dtype, ring: Buffers, slot: int) -> torch.Tensor:
+    """merged in the output dtype, on the CPU, in ring slot `slot` (a CPU result) or fresh."""
+    if merged.device.type != "cpu":
+        return merged.to(dtype).cpu()
+    nbytes = merged.numel() * dtype.itemsize
+    return ring.get(slot, nbytes).view(dtype).view(merged.shape).copy_(merged)
 
 
 def _params_dict(params: Any) -> dict[str, Any]:

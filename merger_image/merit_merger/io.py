@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import stat
@@ -260,10 +261,40 @@ class ModelReader:
         self._pread(meta, meta.offset + start * meta.row_bytes, buf)
         return buf.view(meta.dtype).reshape(shape)
 
-    def _pread(self, meta: TensorMeta, offset: int, buf: torch.Tensor) -> None:
-        fd = self._fds.get(meta.path)
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Zero-copy `read`: the tensor or its rows as stored, a view of a private mapping of
+        just those bytes of the file. The calling thread faults the pages in (MAP_POPULATE),
+        so a reader thread pays for them, not the math; the mapping is unmapped when the last
+        tensor viewing it is freed, so the resident set holds only the blocks still alive
+        (unlike `safe_open`, whose mapping of the whole file stays). Copy-on-write: a write
+        to the view never reaches the file. A file shorter than its header says is a
+        StorageError here (reading past the end of a mapping would be a SIGBUS)."""
+        meta = self._metas[name]
+        start, stop = rows if rows is not None else (0, meta.rows)
+        shape = ((stop - start, *meta.shape[1:]) if meta.shape else ())
+        nbytes = (stop - start) * meta.row_bytes
+        if nbytes == 0:
+            return torch.empty(shape, dtype=meta.dtype)
+        fd = self._fd(meta.path)
+        begin = meta.offset + start * meta.row_bytes
+        if os.fstat(fd).st_size < begin + nbytes:
+            raise StorageError(f"{meta.path}: truncated while reading {meta.name}")
+        lead = begin % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        mapping = mmap.mmap(fd, lead + nbytes, flags=flags,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=begin - lead)
+        self.bytes_read += nbytes
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=lead)
+        return raw.view(meta.dtype).reshape(shape)
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[meta.path] = open_regular(meta.path)
+            fd = self._fds[path] = open_regular(path)
+        return fd
+
+    def _pread(self, meta: TensorMeta, offset: int, buf: torch.Tensor) -> None:
+        fd = self._fd(meta.path)
         view, done, nbytes = memoryview(buf.numpy()), 0, buf.numel()
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)

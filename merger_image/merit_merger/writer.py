@@ -2,8 +2,11 @@
 
 The shards are planned before the first tensor arrives (every output name, dtype and shape is
 known from the base): each header is written up front and each block of rows goes straight
-to its final offset with pwrite. The writer never holds a shard in memory, so the peak memory
-of a merge is the working set of the block being merged, whatever the shard size. Shards are
+to its final offset with pwrite, in a writer thread, so copying the output into the page
+cache overlaps the merge of the next block (at most `depth` blocks in flight; the caller must
+not change a block it handed over until `depth` more writes were asked for). The writer never
+holds a shard in memory, so the peak memory of a merge is the working set of the blocks being
+merged and written, whatever the shard size. Shards are
 written under temporary names and renamed on close; a single shard is `model.safetensors`,
 several are `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
 """
@@ -14,7 +17,9 @@ import json
 import math
 import os
 import struct
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +76,7 @@ class ShardedWriter:
     """Writes output tensors, in blocks of rows, straight into pre-planned HF shards."""
 
     def __init__(self, out_dir: Path, tensors: Sequence[OutputTensor], *,
-                 shard_size_bytes: int) -> None:
+                 shard_size_bytes: int, depth: int = 2) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         shards = plan_shards(tensors, shard_size_bytes)
@@ -93,19 +98,32 @@ class ShardedWriter:
         self.weight_map = {t.name: fname for shard, fname in zip(shards, self.names, strict=True)
                            for t in shard}
         self.bytes_written = 0
+        self.depth = depth
+        # the blocks ride along with their futures, so the caller's thread drops them
+        self._pending: deque[tuple[Future, torch.Tensor]] = deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
 
     def _partial(self, fname: str) -> Path:
         return self.out_dir / f".{fname}.partial"
 
     def write(self, name: str, block: torch.Tensor, *, row_start: int = 0) -> None:
-        """Write a CPU tensor holding rows [row_start, row_start + len) of output `name`."""
+        """Queue a CPU tensor holding rows [row_start, row_start + len) of output `name`
+        (written by the writer thread; see the module docstring for when it may be reused)."""
         fd, offset, nbytes = self._where[name]
-        data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+        block = block.contiguous()
+        data = block.reshape(-1).view(torch.uint8).numpy()
         rows = block.shape[0] if block.ndim else 1
         row_bytes = len(data) // rows if rows else 0
-        _pwrite_all(fd, memoryview(data), offset + row_start * row_bytes)
+        job = self._pool.submit(_pwrite_all, fd, memoryview(data), offset + row_start * row_bytes)
+        self._pending.append((job, block))
         self._left[name] -= len(data)
         self.bytes_written += len(data)
+        while len(self._pending) > self.depth:
+            self._pending.popleft()[0].result()
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft()[0].result()
 
     def close(self) -> list[Path]:
         """Check every byte was written, publish the shards (and the index); return the files."""
@@ -113,6 +131,12 @@ class ShardedWriter:
         if unfinished:
             self.abort()
             raise StorageError(f"merge output incomplete: {unfinished[:3]} not fully written")
+        try:
+            self._drain()
+        except BaseException:
+            self.abort()
+            raise
+        self._pool.shutdown()
         for fd in self._fds:  # no fsync: the stage uploads the files, it does not keep them
             os.close(fd)
         self._fds.clear()
@@ -128,6 +152,10 @@ class ShardedWriter:
         return files
 
     def abort(self) -> None:
+        for job, _ in self._pending:
+            job.cancel()
+        self._pool.shutdown(wait=True)  # no write may land in a file being removed
+        self._pending.clear()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()

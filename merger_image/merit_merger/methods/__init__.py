@@ -75,6 +75,9 @@ class MergeInputs:
     moments: Sequence[Moment] | None = None
     thresholds: Sequence[float] | None = None
     stats: TensorStats = field(default_factory=TensorStats)
+    # an fp32 buffer of the block's shape a method may put its result in (the engine reuses
+    # it block after block instead of allocating); methods that ignore it return a new tensor
+    out: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ class TaskArithmeticParams:
         check_finite(scale=self.scale)
 
 
-def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], *,
-                    scale: float) -> torch.Tensor:
-    """In fp32 whatever the inputs' float dtype (the in-place ops convert as they go)."""
-    total = torch.zeros_like(base, dtype=torch.float32)
+def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], *, scale: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """In fp32 whatever the inputs' float dtype (the in-place ops convert as they go); into
+    `out` (fp32, the base's shape) when given."""
+    total = torch.zeros_like(base, dtype=torch.float32) if out is None else out.zero_()
     for theta in experts:
         total.add_(theta).sub_(base)
     return total.mul_(scale).add_(base)
@@ -41,4 +42,5 @@ class TaskArithmeticMerge(MergeMethod):
     mergekit = "task_arithmetic"
 
     def merge(self, inputs: MergeInputs, params: TaskArithmeticParams) -> torch.Tensor:
-        return task_arithmetic(inputs.base, inputs.experts, scale=params.scale)
+        return task_arithmetic(inputs.base, inputs.experts, scale=params.scale,
+                               out=inputs.out)

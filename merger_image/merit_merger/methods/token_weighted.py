@@ -15,11 +15,17 @@ import torch
 from . import MergeInputs, MergeMethod, normalized, register
 
 
-def token_weighted(experts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def token_weighted(experts: Sequence[torch.Tensor], weights: Sequence[float], *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k w_k theta_k with w renormalised to sum to 1, in fp32 whatever the experts' float
-    dtype (the in-place adds into the fp32 sum convert as they go: no fp32 copy per expert)."""
+    dtype (the in-place adds into the fp32 sum convert as they go: no fp32 copy per expert);
+    into `out` (fp32, the experts' shape) when given."""
     w = normalized(weights)
-    out = experts[0].to(torch.float32, copy=True).mul_(w[0])
+    if out is None:
+        out = experts[0].to(torch.float32, copy=True)
+    else:
+        out.copy_(experts[0])
+    out.mul_(w[0])
     for theta, w_k in zip(experts[1:], w[1:], strict=True):
         out.add_(theta, alpha=w_k)
     return out
@@ -35,4 +41,4 @@ class TokenWeightedMerge(MergeMethod):
     mergekit = "linear"
 
     def merge(self, inputs: MergeInputs, params: object) -> torch.Tensor:
-        return token_weighted(inputs.experts, inputs.weights)
+        return token_weighted(inputs.experts, inputs.weights, out=inputs.out)

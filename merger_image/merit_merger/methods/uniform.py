@@ -14,8 +14,8 @@ from . import MergeInputs, MergeMethod, register
 from .token_weighted import token_weighted
 
 
-def uniform(experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    return token_weighted(experts, [1.0] * len(experts))
+def uniform(experts: Sequence[torch.Tensor], *, out: torch.Tensor | None = None) -> torch.Tensor:
+    return token_weighted(experts, [1.0] * len(experts), out=out)
 
 
 @register
@@ -27,4 +27,4 @@ class UniformMerge(MergeMethod):
     mergekit = "linear"
 
     def merge(self, inputs: MergeInputs, params: object) -> torch.Tensor:
-        return uniform(inputs.experts)
+        return uniform(inputs.experts, out=inputs.out)
