@@ -231,13 +231,15 @@ def median(values) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| K | A | B | A wall s | B wall s | B/A speed-up | A peak MiB | B peak MiB | "
-             "A/B memory |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| K | A | B | A wall s | B wall s | B/A speed-up | A CPU s | B CPU s | A peak MiB "
+             "| B peak MiB | A/B memory | load |", "|---|---|---|" + "---:|" * 9]
     for r in rows:
+        cpu = [median(x["cpu_s"] for x in r["runs"][t]) for t in (r["a"], r["b"])]
+        load = "-".join(f"{x:.0f}" for x in r.get("load_avg_1min", []))
         lines.append(f"| {r['k']} | {r['a']} | {r['b']} | {r['a_wall_s']:.1f} | "
-                     f"{r['b_wall_s']:.1f} | {1 / r['ratio_a_over_b']:.2f}x | "
-                     f"{r['a_peak_mb']:.0f} | {r['b_peak_mb']:.0f} | "
-                     f"{r['a_peak_mb'] / max(r['b_peak_mb'], 1):.2f} |")
+                     f"{r['b_wall_s']:.1f} | {1 / r['ratio_a_over_b']:.2f}x | {cpu[0]:.1f} | "
+                     f"{cpu[1]:.1f} | {r['a_peak_mb']:.0f} | {r['b_peak_mb']:.0f} | "
+                     f"{r['a_peak_mb'] / max(r['b_peak_mb'], 1):.2f} | {load} |")
     return "\n".join(lines)
 
 
@@ -276,17 +278,23 @@ def main() -> None:
                         "TRANSFORMERS_OFFLINE": "1"}
     files = input_files(args.workdir, max(ks), base=True, moments=True)
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # warm
-    rows = [run_pair(args.workdir, k, pair, args, env)
-            for k in ks for pair in args.pairs.split(",")]
     out_dir = ROOT / "results"
     out_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"params": args.params, "threads": args.threads, "rounds": args.rounds,
-            "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
-    (out_dir / f"merge_throughput-{stamp}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=1))
-    text = f"{table(rows)}\n\n{json.dumps(meta)}"
-    (out_dir / f"merge_throughput-{stamp}.md").write_text(text + "\n")
+            "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
+    rows: list[dict] = []
+    for k in ks:
+        for pair in args.pairs.split(","):
+            load = os.getloadavg()[0]
+            rows.append(run_pair(args.workdir, k, pair, args, env))
+            rows[-1]["load_avg_1min"] = [load, os.getloadavg()[0]]  # before, after the pair
+            # written after every pair: a long run interrupted still leaves its rows
+            meta["load_avg_end"] = os.getloadavg()
+            (out_dir / f"merge_throughput-{stamp}.json").write_text(
+                json.dumps({"meta": meta, "rows": rows}, indent=1))
+            text = f"{table(rows)}\n\n{json.dumps(meta)}"
+            (out_dir / f"merge_throughput-{stamp}.md").write_text(text + "\n")
     print(text)
     return None
 
