@@ -1,14 +1,31 @@
 """Operator scale on the real control plane: N MeritRuns of K partitions applied at once.
 
-What it measures: the time from releasing all runs at once (they are applied suspended, so the
-bench can write their plans under their uids first, then unsuspended together) until every
-partition Job exists, the reconcile round duration (p50/p99, interpolated from the operator's
-own histogram), the operator's peak resident memory (VmHWM), and its API request count (from
-the API server's audit log). The control plane is the tests' one (etcd, kube-apiserver with
-RBAC, kube-controller-manager; binaries from scripts/kube-bins.sh); the operator authenticates
-as the chart's ServiceAccount. The node runs nothing (the Job controller's pods stay pending),
-and the profile stage is short-circuited: the bench writes each run's plan.json into S3
-(SeaweedFS) first, so a run's second round finds its plan and creates its K partition Jobs.
+What it measures (definitions printed with the figures):
+
+- all_jobs_s: from the release of every run at once until all N*K partition Jobs exist
+  (listed every 0.2 s). The runs are first applied suspended (`kubectl apply`), so the bench
+  can write their plans under their uids; the release is `suspend: false` sent for all of
+  them at once (16 client threads: kubectl applies one object after another, and on a loaded
+  machine its 2N sequential calls alone take longer than the target);
+- reconcile_round p50/p99: one reconcile round (read the run, observe, decide, act, write the
+  status) in the worker thread, wall time, from the operator's histogram
+  `meritrun_reconcile_duration_seconds` (interpolated within buckets);
+- reconcile_handler p50/p99: one handler's call of a round, wall time, from asking for the
+  round to its outcome: the round plus its wait for the run's lock and a worker thread
+  (`meritrun_reconcile_latency_seconds`);
+- the operator's peak resident memory (VmHWM) and its API requests by verb and resource (the
+  API server's audit log);
+- cpu_s_until_all_jobs: CPU seconds each process used from the release to all_jobs_s (the
+  operator, the bench with its node stand-in, etcd, kube-apiserver, the controller manager);
+- floor_s: the same ConfigMaps and Jobs created by a plain client (16 threads) in a fresh
+  namespace after the operator stopped: what this API server takes on this machine at best.
+
+The control plane is the tests' one (etcd, kube-apiserver with RBAC, kube-controller-manager;
+binaries from scripts/kube-bins.sh); the operator authenticates as the chart's ServiceAccount.
+The node runs nothing (the Job controller's pods stay pending), and the profile stage is
+short-circuited: the bench writes each run's plan.json into S3 (SeaweedFS) first, so after
+the release a run's first round creates its profile Job and its next one (woken by that Job's
+watch event) finds the plan and creates its K partition Jobs.
 
     python bench/operator_scale.py [--runs 50] [--partitions 8] [--workers 4]
 """
@@ -17,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +48,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from support.apiclient import Api  # noqa: E402
 from support.controlplane import ControlPlane  # noqa: E402
 from support.kube import KubeCluster, OperatorProcess, wait_until  # noqa: E402
 from support.kubelet import NodeOptions  # noqa: E402
@@ -65,6 +85,8 @@ def histogram_quantiles(exposition: str, name: str, qs: tuple[float, ...]) -> li
                 le = float(s.labels["le"])
                 buckets[le] = buckets.get(le, 0.0) + s.value
     edges = sorted(buckets)
+    if not edges:
+        return [float("nan")] * len(qs)
     total = buckets[edges[-1]]
     out = []
     for q in qs:
@@ -88,14 +110,61 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def request_breakdown(events: list[dict]) -> dict[str, int]:
+    """Audit events counted by verb and resource[/subresource], most frequent first."""
+    counts = Counter(f"{e['verb']} {e['resource']}" + (f"/{e['subresource']}"
+                     if e["subresource"] else "") for e in events)
+    return dict(counts.most_common())
+
+
+def bare_copy(obj: dict, kind: str) -> dict:
+    """A Job or ConfigMap the operator made, as a client would send it (no server fields)."""
+    meta = obj["metadata"]
+    out = {"apiVersion": "v1" if kind == "ConfigMap" else "batch/v1", "kind": kind,
+           "metadata": {"name": meta["name"], "labels": meta.get("labels") or {}}}
+    if kind == "ConfigMap":
+        return {**out, "data": obj.get("data") or {}}
+    spec = json.loads(json.dumps(obj["spec"]))
+    spec.pop("selector", None)
+    labels = spec["template"]["metadata"].get("labels") or {}
+    spec["template"]["metadata"]["labels"] = {
+        k: v for k, v in labels.items() if "controller-uid" not in k and "job-name" not in k}
+    return {**out, "spec": spec}
+
+
+def apiserver_floor(api: Api, namespace: str, pairs: list[tuple[dict, dict]],
+                    threads: int = 16) -> float:
+    """Seconds a plain client takes to create these (ConfigMap, Job) pairs, 16 at a time."""
+    def create(pair: tuple[dict, dict]) -> None:
+        configmap, job = pair
+        api.create(f"/api/v1/namespaces/{namespace}/configmaps", configmap)
+        api.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", job)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(create, pairs))
+    return time.monotonic() - start
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the operator and the servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=4)  # the chart's
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--no-floor", action="store_true", help="skip the plain-client floor")
     args = parser.parse_args(argv)
     expected = args.runs * args.partitions
     with tempfile.TemporaryDirectory(prefix="operator-scale-") as tmp, SeaweedServer() as s3:
@@ -108,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         creds = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
         plane = ControlPlane(Path(tmp) / "controlplane").start()
         cluster = KubeCluster(plane, Path(tmp) / "scale", prefix="scale").start()
-        operator = OperatorProcess(cluster, env={**creds, "MERITRUN_RESYNC_SECONDS": "10",
+        operator = OperatorProcess(cluster, env={**creds, "MERITRUN_RESYNC_SECONDS": "30",
                                                  "MERITRUN_WORKERS": str(args.workers),
                                                  "MERITRUN_LOG_LEVEL": "WARNING"})
+        ns = cluster.namespace
         try:
             cluster.start_node(NodeOptions(run=False))
             cluster.create_secret("meritrun-storage", creds)
@@ -119,29 +189,30 @@ def main(argv: list[str] | None = None) -> int:
                     for n in names]
             for doc in docs:  # suspended until their plans are in storage
                 doc["spec"]["suspend"] = True
-            t0 = time.monotonic()
             cluster.kubectl("apply", "-f", "-", timeout=120, stdin=yaml.safe_dump_all(docs))
-            applied = time.monotonic() - t0
             # The profile stage's plan, where the run's uid (known once created) puts it.
-            runs = cluster.objects("merit.run/v1alpha1/meritruns")
-            for obj in runs:
+            for obj in cluster.objects("merit.run/v1alpha1/meritruns"):
                 meta = obj["metadata"]
                 write_plan(storage, RunId(meta["name"], meta["uid"]), args.partitions)
-            path = f"/apis/merit.run/v1alpha1/namespaces/{cluster.namespace}/meritruns"
-            start = time.monotonic()  # all runs released at once
+            time.sleep(3)  # the suspended runs' first rounds are done: a quiet start
+            path = f"/apis/merit.run/v1alpha1/namespaces/{ns}/meritruns"
+            load_before = load()
+            pids = {"operator": operator.proc.pid, "bench+node": os.getpid(),
+                    **{name: p.proc.pid for name, p in plane.procs.items()}}
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            start = time.monotonic()  # all runs released at once, as many users would
             with ThreadPoolExecutor(16) as pool:
-                list(pool.map(lambda o: plane.api.merge_patch(
-                    f"{path}/{o['metadata']['name']}", {"spec": {"suspend": False}}), runs))
-
-            unsuspended = time.monotonic()
+                list(pool.map(lambda n: plane.api.merge_patch(
+                    f"{path}/{n}", {"spec": {"suspend": False}}), names))
+            applied = time.monotonic() - start
 
             def partition_jobs() -> int:
-                return len(plane.api.list(f"/apis/batch/v1/namespaces/{cluster.namespace}/jobs",
+                return len(plane.api.list(f"/apis/batch/v1/namespaces/{ns}/jobs",
                                           labels="merit.run/stage=train"))
 
             try:
                 wait_until(lambda: partition_jobs() >= expected, timeout=args.timeout,
-                           interval=0.5, what=f"{expected} partition Jobs")
+                           interval=0.2, what=f"{expected} partition Jobs")
             except AssertionError:
                 sample = cluster.objects("merit.run/v1alpha1/meritruns")[0]
                 print(f"{partition_jobs()} of {expected} partition Jobs; a run's status: "
@@ -149,25 +220,49 @@ def main(argv: list[str] | None = None) -> int:
                 print(operator.log()[-3000:], file=sys.stderr)
                 raise
             all_jobs = time.monotonic() - start
-            time.sleep(3)  # let in-flight rounds finish before reading the histogram
+            load_during = load()
+            cpu = {name: round(cpu_seconds(pid) - cpu_before[name], 1)
+                   for name, pid in pids.items()}
+            time.sleep(3)  # let in-flight rounds finish before reading the histograms
             exposition = operator.metrics_text()
             p50, p99 = histogram_quantiles(exposition, "meritrun_reconcile_duration_seconds",
                                            (0.5, 0.99))
-            rounds = sum(s for s in [float(line.split()[-1]) for line in exposition.splitlines()
-                                     if line.startswith("meritrun_reconcile_total{")])
+            h50, h99 = histogram_quantiles(exposition, "meritrun_reconcile_latency_seconds",
+                                           (0.5, 0.99))
+            rounds = sum(float(line.split()[-1]) for line in exposition.splitlines()
+                         if line.startswith("meritrun_reconcile_total{"))
+            requests = cluster.requests()
             results = {
                 "runs": args.runs, "partitions_per_run": args.partitions,
-                "workers": args.workers, "kubectl_apply_s": round(applied, 2),
-                "unsuspend_s": round(unsuspended - start, 2),
-                "all_partition_jobs_s": round(all_jobs, 2),
-                "reconcile_rounds": int(rounds), "reconcile_p50_ms": round(p50 * 1000, 1),
-                "reconcile_p99_ms": round(p99 * 1000, 1),
+                "workers": args.workers, "load_before": load_before,
+                "load_during": load_during, "release_s": round(applied, 2),
+                "all_jobs_s": round(all_jobs, 2), "reconcile_rounds": int(rounds),
+                "reconcile_round_p50_ms": round(p50 * 1000, 1),
+                "reconcile_round_p99_ms": round(p99 * 1000, 1),
+                "reconcile_handler_p50_ms": round(h50 * 1000, 1),
+                "reconcile_handler_p99_ms": round(h99 * 1000, 1),
                 "operator_peak_rss_mib": round(peak_rss_mib(operator.proc.pid), 1),
-                "operator_api_requests": len(cluster.requests()),
+                "operator_api_requests": len(requests),
                 "duplicate_jobs": sum(n - 1 for n in cluster.created("jobs").values()),
+                "cpu_s_until_all_jobs": cpu,
             }
+            operator.stop()
+            print(json.dumps(results), flush=True)  # the operator's figures, come what may
+            if not args.no_floor:
+                jobs = plane.api.list(f"/apis/batch/v1/namespaces/{ns}/jobs",
+                                      labels="merit.run/stage=train")
+                cms = {c["metadata"]["name"]: c for c in plane.api.list(
+                    f"/api/v1/namespaces/{ns}/configmaps", labels="merit.run/stage=train")}
+                pairs = [(bare_copy(cms[f"{j['metadata']['name']}-params"], "ConfigMap"),
+                          bare_copy(j, "Job"))
+                         for j in jobs]
+                floor_ns = plane.create_namespace("floor")
+                plane.node.configure(floor_ns, NodeOptions(run=False))
+                results["floor_s"] = round(apiserver_floor(plane.api, floor_ns, pairs), 2)
+            results["requests"] = request_breakdown(requests)
         finally:
             operator.stop()
+            Path("/tmp/operator-scale-last.log").write_text(operator.log())
             plane.stop()  # the whole control plane goes: no need to delete the namespace
     width = max(map(len, results))
     for key, value in results.items():

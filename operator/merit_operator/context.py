@@ -2,7 +2,12 @@
 
 It owns the API client, the reconciler, the metrics and the worker threads, and it
 serializes rounds per run (a lock each), so the daemon, the create/update/resume fast paths
-and Job events never decide on the same run at once. Errors are translated here: expected
+and Job events never decide on the same run at once. It also coalesces requests for rounds:
+a request carries a ticket (the run's count of requests so far), and a round records the
+count when it starts; a request whose ticket a later-started round already covers gets that
+round's outcome instead of a round of its own (a round reads everything fresh, so it has
+seen whatever the request was about). Fifty Job events of one run during a round cost one
+more round, not fifty. Errors are translated here: expected
 MeritRunErrors back off per run (doubling up to a cap); anything else is a bug and is
 logged with its traceback.
 """
@@ -12,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from meritrun.errors import MeritRunError
@@ -40,17 +47,24 @@ class OperatorContext:
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(process_collectors=True)
-        self.api = KubeApi(api_config(settings), pool_size=max(settings.workers, 1) * 2,
+        workers, creators = max(settings.workers, 1), max(settings.create_threads, 1)
+        # A connection for every thread that may call at once (rounds, creations, the Job
+        # watch, grants): beyond its size urllib3 opens throwaway connections, a TLS
+        # handshake each.
+        self.api = KubeApi(api_config(settings), pool_size=workers + creators + 4,
                            token_reread_seconds=settings.token_reread_seconds)
         images = Images(trainer=settings.trainer_image, merger=settings.merger_image,
                         python=settings.job_python, rendezvous_port=settings.rendezvous_port)
+        self.creator = ThreadPoolExecutor(max_workers=creators, thread_name_prefix="create")
         self.reconciler = Reconciler(KubeBackend(self.api, images=images), settings=settings,
-                                     metrics=self.metrics)
-        self.executor = ThreadPoolExecutor(max_workers=max(settings.workers, 1),
-                                           thread_name_prefix="reconcile")
+                                     metrics=self.metrics, creator=self.creator)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         self._locks: dict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._wakers: dict[Key, asyncio.Event] = defaultdict(asyncio.Event)
         self._error_delay: dict[Key, float] = {}
+        self._requested: dict[Key, int] = {}  # requests for a round so far, per run
+        self._covered: dict[Key, int] = {}  # requests the latest round (at its start) covers
+        self._last: dict[Key, tuple[float, RoundOutcome]] = {}  # its outcome, and when
         self._metrics_server: Any = None
         self._stopping = threading.Event()
         self.job_watches: list[JobWatch] = []
@@ -81,6 +95,7 @@ class OperatorContext:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.creator.shutdown(wait=False, cancel_futures=True)
 
     async def blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -88,35 +103,76 @@ class OperatorContext:
     def waker(self, namespace: str, name: str) -> asyncio.Event:
         return self._wakers[(namespace, name)]
 
+    def request(self, namespace: str, name: str) -> int:
+        """Ask for a round that starts from now on; the ticket to pass to `reconcile`."""
+        key = (namespace, name)
+        self._requested[key] = self._requested.get(key, 0) + 1
+        return self._requested[key]
+
+    def requested(self, namespace: str, name: str) -> int:
+        """The ticket covering every request so far (the daemon's, after a wake-up)."""
+        return self._requested.get((namespace, name), 0)
+
     def wake(self, namespace: str, name: str) -> None:
+        """Something changed (a Job event): the daemon runs a round that starts after this."""
         waker = self._wakers.get((namespace, name))  # no daemon yet: it starts with a round
+        if waker is not None:
+            self.request(namespace, name)
+            waker.set()
+
+    def replan(self, namespace: str, name: str) -> None:
+        """A fast path ran a round: the daemon re-plans its sleep from that round's outcome
+        (its request is covered, so it runs no round of its own)."""
+        waker = self._wakers.get((namespace, name))
         if waker is not None:
             waker.set()
 
     def forget(self, namespace: str, name: str) -> None:
-        for table in (self._wakers, self._locks, self._error_delay):
+        for table in (self._wakers, self._locks, self._error_delay, self._requested,
+                      self._covered, self._last):
             table.pop((namespace, name), None)
 
-    async def reconcile(self, handler: str, namespace: str, name: str) -> RoundOutcome:
-        """One serialized round; expected errors become a backoff delay, not an exception."""
-        key = (namespace, name)
+    async def reconcile(self, handler: str, namespace: str, name: str,
+                        ticket: int | None = None) -> RoundOutcome:
+        """One serialized round (or, for a ticket a newer round covers, that round's outcome);
+        expected errors become a backoff delay, not an exception."""
+        key, asked = (namespace, name), time.perf_counter()
         async with self._locks[key]:
             if self._stopping.is_set():  # kopf's cleanup ran while a daemon was still here:
                 return RoundOutcome(gone=True)  # no new round; the next operator resumes
-            try:
-                outcome = await self.blocking(self._timed_round, handler, namespace, name)
-            except MeritRunError as e:
-                delay = self._backoff(key)
-                log.warning("run %s/%s: %s (retry in %.1fs)", namespace, name,
-                            str(e)[:300], delay)
-                return RoundOutcome(delay_seconds=delay, error=e)
-            except Exception as e:  # noqa: BLE001 - a bug; keep serving the other runs
-                delay = self._backoff(key)
-                log.exception("run %s/%s: reconcile failed (retry in %.1fs)", namespace, name,
-                              delay)
-                return RoundOutcome(delay_seconds=delay, error=e)
+            if ticket is not None and self._covered.get(key, 0) >= ticket and key in self._last:
+                self.metrics.handled(handler, time.perf_counter() - asked, coalesced=True)
+                return self._latest(key)
+            self._covered[key] = self._requested.get(key, 0)
+            outcome = await self._guarded_round(handler, key)
+            self._last[key] = (time.monotonic(), outcome)
+        self.metrics.handled(handler, time.perf_counter() - asked, coalesced=False)
+        return outcome
+
+    async def _guarded_round(self, handler: str, key: Key) -> RoundOutcome:
+        namespace, name = key
+        try:
+            outcome = await self.blocking(self._timed_round, handler, namespace, name)
+        except MeritRunError as e:
+            delay = self._backoff(key)
+            log.warning("run %s/%s: %s (retry in %.1fs)", namespace, name, str(e)[:300], delay)
+            return RoundOutcome(delay_seconds=delay, error=e)
+        except Exception as e:  # noqa: BLE001 - a bug; keep serving the other runs
+            delay = self._backoff(key)
+            log.exception("run %s/%s: reconcile failed (retry in %.1fs)", namespace, name,
+                          delay)
+            return RoundOutcome(delay_seconds=delay, error=e)
         self._error_delay.pop(key, None)
         return outcome
+
+    def _latest(self, key: Key) -> RoundOutcome:
+        """The newest round's outcome, its events already posted, its delay counted from
+        its end."""
+        ended, outcome = self._last[key]
+        delay = outcome.delay_seconds
+        if delay is not None:
+            delay = max(delay - (time.monotonic() - ended), 0.0)
+        return replace(outcome, events=(), delay_seconds=delay)
 
     async def cleanup(self, namespace: str, name: str, body: dict[str, Any]) -> int:
         """The finalizer's work under the run's lock, so no round creates a Job meanwhile

@@ -1,10 +1,11 @@
 """kopf handlers: thin entry points onto OperatorContext.reconcile.
 
 The daemon per MeritRun is the level-based loop: a round, then sleep until the next resync,
-a backoff's end, or a wake-up. Create/update/resume are fast paths (a round at once, and a
-wake-up for the daemon); Job events (`jobwatch`, filtered by the API server) wake the
-owning run's daemon. Only here are our errors
-translated into kopf's: an invalid spec is a PermanentError (kopf will not retry the handler
+a backoff's end, or a wake-up. Create/update/resume are fast paths (a round at once; the
+daemon then re-plans its sleep without a round of its own); Job events (`jobwatch`, filtered
+by the API server) wake the owning run's daemon, which waits `wake_debounce_seconds` for the
+burst to settle and then runs one round for all of it. Only here are our errors translated
+into kopf's: an invalid spec is a PermanentError (kopf will not retry the handler
 until the spec changes), an expected failure a TemporaryError with our backoff as its delay.
 """
 
@@ -19,6 +20,7 @@ import kopf
 
 from meritrun import API_GROUP, API_VERSION
 from meritrun.api import PLURAL
+from meritrun.pipeline import Event
 
 from .context import OperatorContext, api_config
 from .login import connection_info
@@ -65,18 +67,41 @@ def operator_login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
                            reread_seconds=memo.settings.token_reread_seconds)
 
 
+EVENT_MESSAGE_CHARS = 1000
+
+
+def merged_events(events: tuple[Event, ...]) -> list[Event]:
+    """A round's events with one per (type, reason): a run of K partitions creates K Jobs
+    in one round, and K `JobCreated` events would be K more API calls competing with the
+    Jobs themselves. The messages are joined ("; ") in order, cut at 1000 characters with a
+    count of what was left out (client-go's recorder aggregates similar events likewise)."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for event in events:
+        grouped.setdefault((event.type, event.reason), []).append(event.message)
+    out = []
+    for (kind, reason), messages in grouped.items():
+        text, shown = messages[0], 1
+        while shown < len(messages) and len(text) + 2 + len(messages[shown]) <= (
+                EVENT_MESSAGE_CHARS - 20):
+            text, shown = f"{text}; {messages[shown]}", shown + 1
+        if shown < len(messages):
+            text += f"; and {len(messages) - shown} more"
+        out.append(Event(kind, reason, text))  # type: ignore[arg-type]
+    return out
+
+
 def _post(outcome: RoundOutcome) -> None:
     if outcome.ref is None:
         return
-    for event in outcome.events:
+    for event in merged_events(outcome.events):
         kopf.event(outcome.ref, type=event.type, reason=event.reason, message=event.message)
 
 
 async def _fast_path(handler: str, memo: kopf.Memo, namespace: str, name: str) -> None:
     ctx: OperatorContext = memo.ctx
-    outcome = await ctx.reconcile(handler, namespace, name)
+    outcome = await ctx.reconcile(handler, namespace, name, ctx.request(namespace, name))
     _post(outcome)
-    ctx.wake(namespace, name)  # the daemon re-plans its sleep around the new status
+    ctx.replan(namespace, name)  # the daemon re-plans its sleep around the new status
     if outcome.invalid:
         raise kopf.PermanentError(outcome.invalid)
     if outcome.error is not None:
@@ -103,20 +128,34 @@ async def meritrun_daemon(memo: kopf.Memo, namespace: str, name: str,
                           stopped: kopf.DaemonStopped, **_: Any) -> None:
     ctx: OperatorContext = memo.ctx
     waker = ctx.waker(namespace, name)
+    ticket = ctx.request(namespace, name)  # a round of its own to begin with
     while not stopped:
         waker.clear()
-        outcome = await ctx.reconcile("daemon", namespace, name)
+        outcome = await ctx.reconcile("daemon", namespace, name, ticket)
         if outcome.gone:
             return
         _post(outcome)
-        woken = asyncio.ensure_future(waker.wait())
-        stopping = asyncio.ensure_future(stopped.wait())
-        try:
-            await asyncio.wait({woken, stopping}, timeout=outcome.delay_seconds,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            woken.cancel()
-            stopping.cancel()
+        if await _sleep(waker, stopped, outcome.delay_seconds):
+            # Woken (a Job event, a fast path's round): let the burst settle, then one
+            # round for all of it, or none if a fast path's round already covered it.
+            await _sleep(None, stopped, ctx.settings.wake_debounce_seconds)
+            ticket = ctx.requested(namespace, name)
+        else:  # resync, a backoff's end or a deadline: a fresh round
+            ticket = ctx.request(namespace, name)
+
+
+async def _sleep(waker: asyncio.Event | None, stopped: kopf.DaemonStopped,
+                 seconds: float | None) -> bool:
+    """Sleep until the waker is set (True), the daemon is stopped, or the time is up."""
+    woken = asyncio.ensure_future(waker.wait() if waker else asyncio.Event().wait())
+    stopping = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({woken, stopping}, timeout=seconds,
+                           return_when=asyncio.FIRST_COMPLETED)
+        return woken.done() and not woken.cancelled()
+    finally:
+        woken.cancel()
+        stopping.cancel()
 
 
 @kopf.on.delete(*RESOURCE)

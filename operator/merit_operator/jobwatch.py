@@ -6,10 +6,14 @@ event. This watch asks the server for our Jobs only (`labelSelector=<run label>`
 served namespace (a namespaced install needs no cluster-wide Job rights) or cluster-wide.
 
 list, then watch from the list's resourceVersion; a 410 Gone (history compacted) or a
-broken stream relists, after a short pause. Every event wakes the run named by the Job's run
-label; the daemon's round then reads the Jobs itself (level-based), so a missed event costs
-at most one resync period, never correctness. Runs in its own thread (blocking HTTP); wakes
-are handed to the event loop thread-safely.
+broken stream relists, after a short pause. An event wakes the run named by the Job's run
+label only when what a round reads from the Job changed: a Job seen for the first time (or
+a new Job under an old name), gone, or with another state (Active, Succeeded, Failed) or
+held state (suspended for a queue). The Job controller rewrites a Job's status several times
+on the way (start time, active, ready pods, ...), and each would otherwise cost its run a
+round that finds nothing new. The daemon's round then reads the Jobs itself (level-based),
+so a missed event costs at most one resync period, never correctness. Runs in its own
+thread (blocking HTTP); wakes are handed to the event loop thread-safely.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 from meritrun.errors import MeritRunError
 
 from .kubeapi import ApiError, KubeApi
-from .manifests import LABEL_RUN
+from .manifests import LABEL_RUN, job_observation
 
 log = logging.getLogger(__name__)
 WATCH_TIMEOUT_SECONDS = 300
@@ -42,6 +46,12 @@ def job_selector() -> str:
     return LABEL_RUN
 
 
+def job_signature(job: dict[str, Any]) -> tuple[str, ...]:
+    """What a round reads from a Job: which Job (uid), its state and why it is held."""
+    seen = job_observation(job)
+    return ((job.get("metadata") or {}).get("uid") or "", seen.state, seen.waiting or "")
+
+
 def run_of(job: dict[str, Any]) -> tuple[str, str] | None:
     meta = job.get("metadata") or {}
     run = (meta.get("labels") or {}).get(LABEL_RUN)
@@ -55,17 +65,30 @@ class JobWatch:
                  timeout_seconds: int = WATCH_TIMEOUT_SECONDS) -> None:
         self.api, self.path, self.wake, self.timeout_seconds = api, path, wake, timeout_seconds
         self.events = 0  # Job events received (the test checks the filter with it)
+        self.wakes = 0  # wake-ups sent (events that changed what a round reads)
+        self._seen: dict[tuple[str, str], tuple[str, ...]] = {}  # (namespace, Job) -> signature
 
     def _list(self) -> str:
         listed = self.api.request("GET", self.path, query={"labelSelector": job_selector()})
+        self._seen.clear()  # after a gap in the stream, every Job counts as news
         for job in listed.get("items") or []:
-            self._notify(job)
+            self._notify(job, deleted=False)
         return (listed.get("metadata") or {}).get("resourceVersion") or ""
 
-    def _notify(self, job: dict[str, Any]) -> None:
+    def _notify(self, job: dict[str, Any], *, deleted: bool) -> None:
         where = run_of(job)
-        if where is not None:
-            self.wake(*where)
+        if where is None:
+            return
+        key = (where[0], (job.get("metadata") or {}).get("name") or "")
+        if deleted:
+            self._seen.pop(key, None)
+        else:
+            signature = job_signature(job)
+            if self._seen.get(key) == signature:
+                return  # a status detail the round does not read
+            self._seen[key] = signature
+        self.wakes += 1
+        self.wake(*where)
 
     def _follow(self, version: str, stop: threading.Event) -> str | None:
         """Watch from version; the last version seen, or None when the server says 410."""
@@ -82,7 +105,7 @@ class JobWatch:
             version = (obj.get("metadata") or {}).get("resourceVersion") or version
             if event.get("type") != "BOOKMARK":
                 self.events += 1
-                self._notify(obj)
+                self._notify(obj, deleted=event.get("type") == "DELETED")
             if stop.is_set():
                 break
         return version

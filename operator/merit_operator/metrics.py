@@ -58,6 +58,13 @@ class Metrics:
         self.reconcile_duration = Histogram(
             "meritrun_reconcile_duration_seconds", "Duration of one reconcile round.",
             ["handler"], buckets=ROUND_BUCKETS, registry=r)
+        self.reconcile_latency = Histogram(
+            "meritrun_reconcile_latency_seconds", "From a handler asking for a round to its "
+            "outcome: the round plus its wait for the run's lock and a worker thread.",
+            ["handler"], buckets=ROUND_BUCKETS, registry=r)
+        self.coalesced = Counter(
+            "meritrun_reconcile_coalesced", "Requests for a round answered by a round that "
+            "started after them (wake-ups coalesced), by handler.", ["handler"], registry=r)
         self.runs = Gauge("meritrun_runs", "MeritRuns by phase.", ["phase"], registry=r)
         self.jobs_created = Counter("meritrun_jobs_created", "Stage Jobs created, by stage.",
                                     ["stage"], registry=r)
@@ -94,6 +101,8 @@ class Metrics:
         for handler in HANDLERS:  # series exist from the start: rate() needs a first sample
             self.reconciles.labels(handler=handler)
             self.reconcile_duration.labels(handler=handler)
+            self.reconcile_latency.labels(handler=handler)
+            self.coalesced.labels(handler=handler)
 
     @contextmanager
     def round(self, handler: str) -> Iterator[None]:
@@ -107,6 +116,12 @@ class Metrics:
         finally:
             self.reconciles.labels(handler=handler).inc()
             self.reconcile_duration.labels(handler=handler).observe(time.perf_counter() - start)
+
+    def handled(self, handler: str, seconds: float, *, coalesced: bool) -> None:
+        """One handler's request for a round, answered (by its own round or a newer one)."""
+        self.reconcile_latency.labels(handler=handler).observe(seconds)
+        if coalesced:
+            self.coalesced.labels(handler=handler).inc()
 
     def set_phase(self, uid: str, phase: str) -> None:
         with self._lock:

@@ -7,12 +7,21 @@ dies in between, the next round decides the same actions again and they are idem
 (deterministic names, 409 adopted). An invalid spec is an observation like any other: the
 pipeline fails the run, stops its Jobs and revokes its grants through the same code.
 Blocking: the handlers run it in a worker thread.
+
+A round's Jobs are created at once (a run of K partitions starts K Jobs in one round; one
+after another they cost K round trips of the API server's slowest call, a Job create): each
+CreateJob goes to a shared thread pool, and the status is written only once every creation
+of the round has ended, so "actions before the status" holds. Concurrency cannot duplicate a
+Job: rounds of one run never overlap (the run's lock), the Jobs of one round have distinct
+deterministic names, and a 409 is adopted as before.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,8 +29,8 @@ from typing import Any
 from meritrun.api import TERMINAL_PHASES, MeritRunSpec, MeritRunStatus, StorageSpec
 from meritrun.artifacts import RunId, run_prefix
 from meritrun.conditions import now_utc
-from meritrun.driver import ActionsFailed, run_round
-from meritrun.errors import SpecError
+from meritrun.driver import ActionsFailed, Failure, run_round
+from meritrun.errors import MeritRunError, SpecError
 from meritrun.observe import attach_progress, grant_candidates, observe_storage
 from meritrun.pipeline import (
     CreateJob,
@@ -100,6 +109,9 @@ class KubeRound:
         self.storage_spec = spec.storage if spec is not None else _storage_of(body)
         self.events: list[Event] = []
         self._grants: Any = None
+        self._creating: list[tuple[CreateJob, Future[bool]]] = []
+        self.created: set[str] = set()  # Jobs new in this round (none can have run yet)
+        self.failures: list[Failure] = []  # creations that failed
 
     def grants(self) -> Any:
         """One grant keeper (and IAM client) per round, made only when a grant is touched."""
@@ -124,9 +136,27 @@ class KubeRound:
                         spec_error=self.spec_error, **found)
 
     def create_job(self, action: CreateJob) -> None:
+        """Started in the creators' pool; `finish_creates` waits for it."""
         assert self.spec is not None  # decide creates nothing for an invalid spec
-        if self.rec.backend.create_job(action, run=self.run, spec=self.spec):
-            self.rec.metrics.job_created(action.stage)
+        self._creating.append((action, self.rec.creator.submit(
+            self.rec.backend.create_job, action, run=self.run, spec=self.spec)))
+
+    def finish_creates(self) -> None:
+        """Wait for every creation of this round; an expected error becomes the action's
+        failure (the round is retried, as the driver does for its own actions)."""
+        creating, self._creating = self._creating, []
+        wait_all([future for _, future in creating])
+        for action, future in creating:
+            try:
+                new = future.result()
+            except MeritRunError as e:
+                log.warning("run %s: CreateJob %s failed: %s", self.run.name, action.name,
+                            str(e)[:300])
+                self.failures.append(Failure(action, e))
+                continue
+            if new:
+                self.created.add(action.name)
+                self.rec.metrics.job_created(action.stage)
 
     def delete_job(self, name: str, cluster: str | None) -> None:
         self.rec.backend.delete_job(name, run=self.run, spec=self.spec, cluster=cluster)
@@ -142,10 +172,12 @@ class KubeRound:
         self.events.append(event)  # posted by the async handler, with kopf
 
     def write_status(self, status: MeritRunStatus) -> None:
+        self.finish_creates()
         if self.spec is not None and status.phase not in TERMINAL_PHASES:
-            # step, total and loss of each training partition, for `kubectl get -o yaml`
+            # step, total and loss of each training partition, for `kubectl get -o yaml`;
+            # a Job created just now is queued (its pod has not started: nothing to read)
             attach_progress(self.rec.storages.for_spec(self.spec), RunId(self.run.name,
-                            self.run.uid), status)
+                            self.run.uid), status, queued=frozenset(self.created))
         self.rec.write(self.run, self.stored, status)
 
 
@@ -165,8 +197,10 @@ def _storage_of(body: dict[str, Any]) -> StorageSpec | None:
 
 class Reconciler:
     def __init__(self, backend: KubeBackend, *, settings: Settings, metrics: Metrics,
-                 storages: StorageCache | None = None) -> None:
+                 storages: StorageCache | None = None, creator: Executor | None = None) -> None:
         self.backend = backend
+        self.creator = creator or ThreadPoolExecutor(max(settings.create_threads, 1),
+                                                     thread_name_prefix="create")
         self.settings = settings
         self.metrics = metrics
         self.storages = storages or StorageCache()
@@ -193,6 +227,11 @@ class Reconciler:
             decision = run_round(kube, spec, stored, now=now, policy=self.policy)
         except ActionsFailed as e:
             decision, failed = e.decision, e
+        finally:
+            kube.finish_creates()  # no creation outlives its round, whatever happened
+        if kube.failures:
+            failed = ActionsFailed(decision, [*(failed.failures if failed else ()),
+                                              *kube.failures])
         status = decision.status
         delay = next_delay(status, requeue_after=decision.requeue_after,
                            resync_seconds=self.settings.resync_seconds,

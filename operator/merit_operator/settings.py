@@ -37,6 +37,12 @@ class Settings:
     error_backoff_max_seconds: float = 300.0
     # Threads running the blocking parts of reconcile rounds (API and storage calls).
     workers: int = 4
+    # Threads creating Jobs (each with its ConfigMap) for all rounds: a round's Jobs (one per
+    # partition) are created at once, not one after another.
+    create_threads: int = 16
+    # A Job event wakes its run's daemon this long before the round, so that a burst of
+    # events (a Job created, then its pods, then its status) costs one round, not one each.
+    wake_debounce_seconds: float = 0.5
     # Images used when the run's template names none (the chart sets both).
     trainer_image: str = "ghcr.io/meritrun/meritrun-trainer:0.1.0"
     merger_image: str = "ghcr.io/meritrun/meritrun-merger:0.1.0"

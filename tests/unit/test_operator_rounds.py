@@ -1,0 +1,188 @@
+"""How the operator spends its rounds at scale: requests for a round are coalesced, and a
+round's Jobs are created at once with the status written only after all of them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from merit_operator.manifests import RunRef
+from merit_operator.metrics import Metrics
+from merit_operator.reconcile import KubeRound, RoundOutcome
+from merit_operator.settings import Settings
+from meritrun.api import MeritRunSpec, MeritRunStatus, PartitionStatus
+from meritrun.errors import ObjectNotFound, TransientError
+from meritrun.pipeline import CreateJob
+
+RUN = RunRef(name="demo", namespace="ml", uid="u-1")
+
+
+@pytest.fixture
+def ctx(tmp_path: Path):
+    from merit_operator.context import OperatorContext
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "k"}}],
+        "clusters": [{"name": "k", "cluster": {"server": "http://127.0.0.1:1"}}]}))
+    context = OperatorContext(Settings(kubeconfig=str(kubeconfig), metrics_port=0))
+    yield context
+    context.close()
+
+
+class CountingRounds:
+    """A reconciler whose rounds take a while and say when to look again (30 s)."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    def round(self, namespace: str, name: str) -> RoundOutcome:
+        self.rounds += 1
+        time.sleep(0.2)
+        return RoundOutcome(delay_seconds=30.0)
+
+
+def test_wakeups_during_a_round_cost_one_more_round(ctx):
+    ctx.reconciler = rounds = CountingRounds()
+    ctx.waker("ml", "demo")  # the daemon exists: wake-ups count
+
+    async def scenario() -> list[RoundOutcome]:
+        first = asyncio.ensure_future(ctx.reconcile("daemon", "ml", "demo",
+                                                    ctx.request("ml", "demo")))
+        await asyncio.sleep(0.05)
+        for _ in range(20):  # a burst of Job events while the round runs
+            ctx.wake("ml", "demo")
+        await first
+        ticket = ctx.requested("ml", "demo")
+        second = await ctx.reconcile("daemon", "ml", "demo", ticket)
+        again = await ctx.reconcile("daemon", "ml", "demo", ticket)  # already covered
+        return [second, again]
+
+    second, again = asyncio.run(scenario())
+    assert rounds.rounds == 2
+    assert again.delay_seconds is not None and 29.0 < again.delay_seconds <= 30.0
+    assert ctx.metrics.registry.get_sample_value(
+        "meritrun_reconcile_coalesced_total", {"handler": "daemon"}) == 1
+
+
+def test_requests_waiting_for_the_lock_share_the_round_that_starts_next(ctx):
+    """The fast path and the daemon ask at once (a new run): one round serves both."""
+    ctx.reconciler = rounds = CountingRounds()
+
+    async def scenario() -> tuple[RoundOutcome, RoundOutcome, RoundOutcome]:
+        busy = asyncio.ensure_future(ctx.reconcile("daemon", "ml", "demo"))  # no ticket
+        await asyncio.sleep(0.05)
+        fast, daemon = ctx.request("ml", "demo"), ctx.request("ml", "demo")
+        a, b = await asyncio.gather(ctx.reconcile("create", "ml", "demo", fast),
+                                    ctx.reconcile("daemon", "ml", "demo", daemon))
+        return await busy, a, b
+
+    _, a, b = asyncio.run(scenario())
+    assert rounds.rounds == 2  # the round already running, then one for both requests
+    assert a.delay_seconds == 30.0 and b.delay_seconds is not None
+    assert ctx.metrics.registry.get_sample_value(
+        "meritrun_reconcile_coalesced_total", {"handler": "daemon"}) == 1
+
+
+def _spec() -> MeritRunSpec:
+    return MeritRunSpec.model_validate({
+        "baseModel": {"uri": "s3://b/base"}, "data": {"uri": "s3://b/d.jsonl"},
+        "storage": {"endpoint": "http://s3:9000", "bucket": "bkt"}})
+
+
+class SlowCreates:
+    """A backend whose Job creation takes 0.2 s and fails for Jobs named `*-bad-*`."""
+
+    def __init__(self) -> None:
+        self.in_flight = self.most = 0
+        self._lock = threading.Lock()
+
+    def create_job(self, action: CreateJob, *, run: RunRef, spec: MeritRunSpec) -> bool:
+        with self._lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        time.sleep(0.2)
+        with self._lock:
+            self.in_flight -= 1
+        if "-bad-" in action.name:
+            raise TransientError("HTTP 500: etcd leader changed")
+        return True
+
+
+class NoProgress:
+    def get_bytes(self, key: str) -> bytes:
+        raise ObjectNotFound(key)
+
+
+def test_a_rounds_jobs_are_created_at_once_and_the_status_waits_for_them():
+    backend, written = SlowCreates(), []
+    rec = SimpleNamespace(
+        backend=backend, creator=ThreadPoolExecutor(16), metrics=Metrics(),
+        storages=SimpleNamespace(for_spec=lambda spec: NoProgress()),
+        write=lambda run, stored, status: written.append((backend.in_flight, status)))
+    kube = KubeRound(rec, RUN, _spec(), stored=None, body={"metadata": {}}, spec_error=None)
+    names = [f"demo-p{i}-a1" for i in range(7)] + ["demo-bad-a1"]
+    start = time.monotonic()
+    for name in names:
+        kube.create_job(CreateJob(stage="train", name=name, attempt=1, params=None,
+                                  partition=name.split("-")[1]))
+    status = MeritRunStatus(phase="Training", partitions=[
+        PartitionStatus(name=n.split("-")[1], index=i, sources=["s"], state="Running",
+                        attempt=1, job=n) for i, n in enumerate(names)])
+    kube.write_status(status)
+    elapsed = time.monotonic() - start
+    assert backend.most == 8 and elapsed < 0.2 * 8 / 2
+    assert written[0][0] == 0  # the status went out after every creation had ended
+    assert kube.created == set(names[:7])
+    assert [f.action.name for f in kube.failures] == ["demo-bad-a1"]
+    progress = {p.job: p.progress for p in written[0][1].partitions}
+    assert all(progress[n] is not None and progress[n].queued for n in names[:7])
+    assert progress["demo-bad-a1"] is None  # not created: nothing claimed about it
+    assert rec.metrics.registry.get_sample_value(
+        "meritrun_jobs_created_total", {"stage": "train"}) == 7
+
+
+def test_a_rounds_events_are_merged_per_reason():
+    from merit_operator.handlers import merged_events
+    from meritrun.pipeline import Event
+
+    created = [Event("Normal", "JobCreated", f"partition p{i} attempt 1: job demo-p{i}-a1")
+               for i in range(100)]
+    merged = merged_events((Event("Normal", "Started", "run started"), *created,
+                            Event("Warning", "JobWaiting", "p3: ImagePullBackOff")))
+    assert [(e.type, e.reason) for e in merged] == [
+        ("Normal", "Started"), ("Normal", "JobCreated"), ("Warning", "JobWaiting")]
+    text = merged[1].message
+    assert len(text) <= 1000 and text.startswith("partition p0 attempt 1: job demo-p0-a1; ")
+    shown = text.count("job demo-")
+    assert 10 < shown < 100 and text.endswith(f"; and {100 - shown} more")
+    assert merged_events(tuple(created[:2]))[0].message == (
+        "partition p0 attempt 1: job demo-p0-a1; partition p1 attempt 1: job demo-p1-a1")
+
+
+def test_the_job_watch_wakes_a_run_only_when_a_round_would_see_news():
+    from merit_operator.jobwatch import JobWatch
+
+    woken: list[str] = []
+    watch = JobWatch(None, "/apis/batch/v1/jobs", lambda ns, run: woken.append(run))
+
+    def job(uid: str = "j-1", **status) -> dict:
+        return {"metadata": {"name": "demo-p0-a1", "namespace": "ml", "uid": uid,
+                             "labels": {"merit.run/run": "demo"}}, "spec": {}, "status": status}
+
+    watch._notify(job(), deleted=False)  # created: news
+    watch._notify(job(active=1, startTime="t"), deleted=False)  # the controller's bookkeeping
+    watch._notify(job(active=1, ready=1), deleted=False)
+    assert woken == ["demo"]
+    done = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+    watch._notify(job(**done), deleted=False)  # its state changed
+    watch._notify(job(**done), deleted=True)  # gone (a TTL, a person)
+    watch._notify(job(uid="j-2"), deleted=False)  # a new Job under the old name
+    assert woken == ["demo"] * 4 and watch.wakes == 4
