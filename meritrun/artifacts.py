@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -143,9 +144,15 @@ def base_fingerprint(model_dir: Path) -> str:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    return fingerprint_of({f.name: sha256_file(f) for f in files})
+
+
+def fingerprint_of(hashes: Mapping[str, str]) -> str:
+    """The fingerprint of weights given each safetensors file's name and sha256 (so a reader
+    that hashed the files another way, e.g. streaming them from storage, gets the same)."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    for name in sorted(hashes):
+        h.update(f"{name}:{hashes[name]}\n".encode())
     return "sha256:" + h.hexdigest()
 
 

@@ -24,6 +24,7 @@ from .io import HeaderError, ModelReader, open_regular
 from .lora import AdapterFormatError
 from .methods import MergeMethod
 from .moments import MomentReader, MomentsFormatError
+from .remote import is_file, remote_file
 from .sources import ExpertReader, PartitionSource
 
 CHECKS = ("sha256", "missing-file", "format", "file-type", "plan", "base-fingerprint",
@@ -117,6 +118,12 @@ def check_files(source: PartitionSource, *, hashes: bool = True) -> None:
         if rel not in SIDE_FILES and rel not in manifest.files:
             raise ContributionRejected(name, "sha256", f"{rel} is not in the manifest")
     for rel, entry in manifest.files.items():
+        remote = remote_file(root / rel)
+        if remote is not None:  # read from storage: listed there, sha256 checked streaming it
+            if remote.size != entry.bytes:
+                raise ContributionRejected(name, "sha256", f"{rel}: {remote.size} bytes, "
+                                           f"manifest says {entry.bytes}")
+            continue
         if not os.path.lexists(root / rel):
             raise ContributionRejected(name, "missing-file", f"{rel} is missing")
         try:
@@ -232,7 +239,7 @@ def _check_moments(source: PartitionSource, base: ModelReader, method: MergeMeth
     if source.weights == "lora":
         raise ContributionRejected(name, "second-moments", f"method {method.key} needs the "
                                    "second moments of full weights; this is a LoRA adapter")
-    if source.moments is None or not source.moments.is_file() or (
+    if source.moments is None or not is_file(source.moments) or (
             source.manifest is not None and declared is None):
         raise ContributionRejected(name, "second-moments", f"method {method.key} needs "
                                    "optimizer_v.safetensors; the partition has none")

@@ -39,7 +39,7 @@ import torch
 
 from meritrun.errors import StageFailed
 
-from .blocks import BlockLoader, Buffers, Item, block_rows
+from .blocks import Block, BlockLoader, Buffers, Item, block_rows
 from .io import ModelReader, copy_model_files, read_header
 from .methods import MergeInputs, MergeMethod, TensorStats, get_method, normalized
 from .selection import KthLargest, ffg_k
@@ -154,8 +154,12 @@ def merge_models(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    observe: Callable[[Block], None] | None = None,
 ) -> MergeResult:
-    """Merge the partitions into an HF model dir at out_dir; see the module docstring."""
+    """Merge the partitions into an HF model dir at out_dir; see the module docstring.
+
+    `observe` sees every block (with the base) before it is merged: a streamed merge judges
+    the update norms in this pass instead of in a pass of its own; what it raises aborts."""
     if not partitions:
         raise ValueError("nothing to merge: no partitions")
     started, dev = time.monotonic(), torch.device(device)
@@ -166,7 +170,7 @@ def merge_models(
     base = ModelReader(base_dir)
     experts = [ExpertReader(s, base) for s in partitions]
     moments = open_moments(list(partitions)) if impl.needs_moments else None
-    inputs = BlockLoader(base, experts, moments, need_base=impl.uses_base(p),
+    inputs = BlockLoader(base, experts, moments, need_base=impl.uses_base(p) or bool(observe),
                          convert=not impl.stored_dtype_ok)
     floats = [base.meta(n).dtype for n in base.names if base.meta(n).dtype.is_floating_point]
     result = MergeResult(Path(out_dir), impl.key, _params_dict(p), [s.name for s in partitions],
@@ -192,6 +196,8 @@ def merge_models(
         try:
             with intra_op_threads(merge_threads(impl, dev)):
                 for i, block in enumerate(inputs.blocks(items, dev)):
+                    if observe is not None:
+                        observe(block)
                     if block.raw is not None:
                         out = block.raw
                     else:

@@ -27,6 +27,8 @@ import torch
 
 from meritrun.errors import StorageError
 
+from .remote import RemoteFile, mounted_in, remote_file
+
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -180,20 +182,40 @@ def _nonneg_int(value: object) -> bool:
 
 def read_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
     """Tensor metadata (in file order) and the `__metadata__` strings of a safetensors file,
-    validated against the file's size (see parse_header); a bad header is a HeaderError."""
+    validated against the file's size (see parse_header); a bad header is a HeaderError.
+    A mounted file (see `remote`) is read with two small ranged GETs."""
+    remote = remote_file(path)
+    if remote is not None:  # parsed once per object version: each pass asks again
+        if (path, remote) not in _REMOTE_HEADERS:
+            _REMOTE_HEADERS[path, remote] = _parse_sized(
+                lambda n, at: _read_remote(remote, n, at), remote.size, Path(path))
+        return _REMOTE_HEADERS[path, remote]
     fd = open_regular(Path(path))
     try:
-        file_size = os.fstat(fd).st_size
-        raw = _read_exact(fd, 8, 0)
-        if len(raw) != 8:
-            raise HeaderError(path, "not a safetensors file (shorter than 8 bytes)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > min(_MAX_HEADER, file_size - 8):
-            raise HeaderError(path, f"header length {size} is implausible for a file of "
-                                    f"{file_size} bytes")
-        return parse_header(_read_exact(fd, size, 8), file_size, Path(path))
+        return _parse_sized(lambda n, at: _read_exact(fd, n, at), os.fstat(fd).st_size,
+                            Path(path))
     finally:
         os.close(fd)
+
+
+_REMOTE_HEADERS: dict[tuple[Path, RemoteFile], tuple[dict[str, TensorMeta], dict]] = {}
+
+
+def _read_remote(remote: RemoteFile, size: int, offset: int) -> bytes:
+    buf = bytearray(max(0, min(size, remote.size - offset)))
+    remote.read_into(offset, memoryview(buf))
+    return bytes(buf)
+
+
+def _parse_sized(read, file_size: int, path: Path) -> tuple[dict[str, TensorMeta], dict]:
+    raw = read(8, 0)
+    if len(raw) != 8:
+        raise HeaderError(path, "not a safetensors file (shorter than 8 bytes)")
+    (size,) = struct.unpack("<Q", raw)
+    if size > min(_MAX_HEADER, file_size - 8):
+        raise HeaderError(path, f"header length {size} is implausible for a file of "
+                                f"{file_size} bytes")
+    return parse_header(read(size, 8), file_size, path)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -212,7 +234,8 @@ def weight_files(model_dir: Path) -> list[Path]:
         if bad:  # shards sit beside the index: a path would reach outside the model dir
             raise StorageError(f"{INDEX_NAME}: shard name(s) {bad[:3]} are not file names")
         return [model_dir / f for f in names]
-    return sorted(model_dir.glob("*.safetensors"))
+    return sorted({*model_dir.glob("*.safetensors"),
+                   *(p for p in mounted_in(model_dir) if p.name.endswith(".safetensors"))})
 
 
 class ModelReader:
@@ -268,13 +291,16 @@ class ModelReader:
         tensor viewing it is freed, so the resident set holds only the blocks still alive
         (unlike `safe_open`, whose mapping of the whole file stays). Copy-on-write: a write
         to the view never reaches the file. A file shorter than its header says is a
-        StorageError here (reading past the end of a mapping would be a SIGBUS)."""
+        StorageError here (reading past the end of a mapping would be a SIGBUS). A mounted
+        file (see `remote`) is read into a fresh buffer instead."""
         meta = self._metas[name]
         start, stop = rows if rows is not None else (0, meta.rows)
         shape = ((stop - start, *meta.shape[1:]) if meta.shape else ())
         nbytes = (stop - start) * meta.row_bytes
         if nbytes == 0:
             return torch.empty(shape, dtype=meta.dtype)
+        if remote_file(meta.path) is not None:  # in storage: a ranged GET, nothing to map
+            return self.read(name, rows)
         fd = self._fd(meta.path)
         begin = meta.offset + start * meta.row_bytes
         if os.fstat(fd).st_size < begin + nbytes:
@@ -294,6 +320,11 @@ class ModelReader:
         return fd
 
     def _pread(self, meta: TensorMeta, offset: int, buf: torch.Tensor) -> None:
+        remote = remote_file(meta.path)
+        if remote is not None:  # a ranged GET straight into the buffer
+            remote.read_into(offset, memoryview(buf.numpy()))
+            self.bytes_read += buf.numel()
+            return
         fd = self._fd(meta.path)
         view, done, nbytes = memoryview(buf.numpy()), 0, buf.numel()
         while done < nbytes:

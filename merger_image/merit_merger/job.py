@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,17 +22,24 @@ from pathlib import Path
 from typing import Any
 
 from meritrun.api import MergeSpec
-from meritrun.artifacts import base_fingerprint
 from meritrun.errors import ContributionRejected, SpecError
 from meritrun.stages import PartitionInput
 
-from .engine import Progress, merge_models
+from .engine import MergeResult, Progress, merge_models
 from .methods import get_method
 from .model_card import write_model_card
 from .recipe import NO_EQUIVALENT, RECIPE_NAME, mergekit_recipe, write_recipe
 from .report import PLOT_NAME, build_report, plot_layers, write_report
 from .sources import PartitionSource
-from .verification import QuorumNotMet, require_quorum, verify_partitions
+from .streamcheck import model_fingerprint
+from .verification import (
+    NormScan,
+    QuorumNotMet,
+    Verification,
+    judge_norms,
+    require_quorum,
+    verify_partitions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +111,16 @@ def run_merge_job(
     base_uri: str | None = None, locations: Mapping[str, str] | None = None,
     hashes_verified: frozenset[str] = frozenset(), progress: Progress | None = None,
     expected: Mapping[str, PartitionInput] | None = None, run: str | None = None,
-    held_out: Path | None = None,
+    held_out: Path | None = None, streamed: bool = False,
 ) -> JobOutcome:
     """Verify, merge and report; `locations` names each partition's model for the recipe.
 
     `expected` (partition -> PartitionInput) adds the site and signature checks of
     partitions from other sites, and `run` the run their signed manifests must name.
     `held_out` (a local JSONL) adds the scores of base, partitions and merged model.
+    `streamed`: inputs are read twice at most (verification.verify_partitions); the update
+    norms are judged during the merge, and a partition refused then (an outlier with
+    refuse_outliers, a LoRA whose weights overflow) is dropped and the others merged again.
     """
     started, out_dir = time.monotonic(), Path(out_dir)
     method = get_method(settings.method)
@@ -122,30 +133,54 @@ def run_merge_job(
         list(sources.values()), base_dir=base_dir, method=method,
         outlier_factor=settings.outlier_factor, refuse_outliers=settings.refuse_outliers,
         hashes_verified=hashes_verified, strict_dtype=settings.strict_dtype,
-        expected=expected, run=run)
+        expected=expected, run=run, streamed=streamed)
     refused += verification.refused
     timings["verify"] = verification.seconds
-    base_info = {"uri": base_uri or str(base_dir), "fingerprint": base_fingerprint(base_dir)}
+    base_info = {"uri": base_uri or str(base_dir), "fingerprint": model_fingerprint(base_dir)}
     common = dict(method=method, params=settings.params, candidates=names, sources=sources,
                   refused=refused, verification=verification, quorum=settings.quorum,
                   base=base_info)
-    try:
-        require_quorum(len(verification.accepted), settings.planned or len(candidates),
-                       settings.quorum, refused, needed=settings.required)
-    except QuorumNotMet as e:
-        timings["total"] = round(time.monotonic() - started, 3)
-        report = build_report(**common, result=None, status="failed", reason=str(e),
-                              timings=timings)
-        _token_bounds(report, expected)
-        write_report(out_dir, report)
-        raise
+
+    def quorum() -> None:
+        try:
+            require_quorum(len(verification.accepted), settings.planned or len(candidates),
+                           settings.quorum, refused, needed=settings.required)
+        except QuorumNotMet as e:
+            timings["total"] = round(time.monotonic() - started, 3)
+            report = build_report(**common, result=None, status="failed", reason=str(e),
+                                  timings=timings)
+            _token_bounds(report, expected)
+            write_report(out_dir, report)
+            raise
+
+    def merge(observe: NormScan | None) -> MergeResult:
+        return merge_models(
+            base_dir=base_dir, partitions=verification.accepted, method=method.key,
+            params=settings.params, out_dir=out_dir / "model",
+            shard_size_bytes=settings.shard_size_bytes, output_dtype=settings.output_dtype,
+            device=settings.device, progress=progress, observe=observe)
+
+    quorum()
+    result = None
+    while result is None:  # streamed: again without a partition the merge pass refused
+        scan = NormScan([s.name for s in verification.accepted], raise_refusals=True) \
+            if streamed and not verification.tensor_norms else None
+        try:
+            result = merge(scan)
+        except ContributionRejected as r:
+            _drop(verification, refused, [r], out_dir / "model")
+            quorum()
+            continue
+        if scan is not None:
+            late = judge_norms(verification, scan.norms(), settings.outlier_factor,
+                               refuse=settings.refuse_outliers)
+            if late:
+                result = None
+                _drop(verification, refused, late, out_dir / "model")
+                quorum()
     for r in refused:
         log.warning("partition %s refused (%s): %s", r.partition, r.check, r.detail)
     accepted = verification.accepted
-    result = merge_models(
-        base_dir=base_dir, partitions=accepted, method=method.key, params=settings.params,
-        out_dir=out_dir / "model", shard_size_bytes=settings.shard_size_bytes,
-        output_dtype=settings.output_dtype, device=settings.device, progress=progress)
     timings |= {f"merge_{k}": v for k, v in result.seconds.items()}
     extra, mergekit = [], _recipe(method, params, base_info["uri"], accepted, result.weights,
                                   result.output_dtype, locations, out_dir)
@@ -166,6 +201,17 @@ def run_merge_job(
         report["plots"] = [plot.name]
     path = write_report(out_dir, report)
     return JobOutcome(out_dir, out_dir / "model", path, report, extra)
+
+
+def _drop(verification: Verification, refused: list[ContributionRejected],
+          late: Sequence[ContributionRejected], model_dir: Path) -> None:
+    """Refuse partitions the merge pass judged; the output built with them is deleted."""
+    gone = {r.partition for r in late}
+    verification.refused += late
+    refused += late
+    verification.accepted = [s for s in verification.accepted if s.name not in gone]
+    shutil.rmtree(model_dir, ignore_errors=True)
+    log.warning("merge pass refused %s: merging the others again", sorted(gone))
 
 
 def _token_bounds(report: dict[str, Any], expected: Mapping[str, PartitionInput] | None) -> None:

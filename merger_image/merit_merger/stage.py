@@ -1,8 +1,10 @@
 """Entry point of the merger image: `python -m merit_merger.stage merge|search|verify --params P`.
 
-`merge` reads MergeParams, fetches the base and every partition artifact from storage
-(sha256-verified against its manifest on the way; a corrupt or missing file is a refusal of
-that partition, not a crash), runs the merge job (verify, quorum, merge, report; with a
+`merge` reads MergeParams, reads the base and every partition artifact from storage (by
+default where they lie, with ranged GETs, each file sha256-verified in one sequential pass
+before the merge pass reads it again; with MERITRUN_INPUTS=stage downloaded to the workdir
+first, verified on the way: see fetch. A corrupt or missing file is a refusal of that
+partition, not a crash), runs the merge job (verify, quorum, merge, report; with a
 held-out file, the scores of base, partitions and merged model) in the workdir and
 uploads `{output}/model/`, the plot and recipe, and `{output}/merge_report.json`
 LAST (its presence means the merge is complete). When the quorum is not met only the report
@@ -36,9 +38,11 @@ from meritrun.errors import (
 )
 from meritrun.stages import MergeParams, SearchParams, VerifyParams, stages_of
 
-from .fetch import fetch_partition, open_stage_storage
+from .fetch import fetch_partition, inputs_mode, open_base, open_partition, open_stage_storage
 from .job import run_merge_job, settings_from_spec
+from .remote import mounted
 from .report import REPORT_NAME
+from .sources import PartitionSource
 from .verification import QuorumNotMet
 from .verify import run_verify_stage
 
@@ -55,7 +59,8 @@ def stamp_report(path: Path, params: MergeParams) -> None:
 
 
 def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
-    """Fetch, merge, upload; returns the report (raises QuorumNotMet after uploading it)."""
+    """Fetch (or mount), merge, upload; returns the report (raises QuorumNotMet after
+    uploading it)."""
     from meritrun.storage import fetch_path
 
     storage, workdir = open_stage_storage(params), Path(workdir)
@@ -64,11 +69,22 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
         import torch
 
         torch.set_num_threads(int(os.environ["MERITRUN_TORCH_THREADS"]))
-    base_dir = fetch_path(params.base_model, workdir / "cache", **where)
+    # scoring base and partitions on a held-out file loads them with transformers, from files
+    streamed = inputs_mode() == "stream" and not params.held_out
+    mounts: dict = {}
+    if streamed:
+        base_dir, mounts = open_base(params.base_model, workdir / "cache", **where)
+    else:
+        base_dir = fetch_path(params.base_model, workdir / "cache", **where)
     candidates, verified, locations = [], set(), {}
     for part in params.partitions:
-        candidate, checked = fetch_partition(storage, part.name, part.prefix,
-                                             workdir / "partitions" / part.name)
+        dest = workdir / "partitions" / part.name
+        if streamed:
+            candidate, more = open_partition(storage, part.name, part.prefix, dest)
+            mounts |= more
+            checked = isinstance(candidate, PartitionSource)  # its small files, downloading
+        else:
+            candidate, checked = fetch_partition(storage, part.name, part.prefix, dest)
         candidates.append(candidate)
         if checked:
             verified.add(part.name)
@@ -78,14 +94,15 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
     out_dir = workdir / "merged"
     storage.delete_prefix(f"{params.output}/{REPORT_NAME}")  # a stale report must not vouch
     try:
-        outcome = run_merge_job(
-            base_dir=base_dir, candidates=candidates,
-            settings=settings_from_spec(params.merge, planned=params.planned,
-                                        required=params.required),
-            out_dir=out_dir, base_uri=params.base_model, locations=locations,
-            hashes_verified=frozenset(verified),
-            expected={part.name: part for part in params.partitions}, run=params.run,
-            held_out=held_out)
+        with mounted(mounts):
+            outcome = run_merge_job(
+                base_dir=base_dir, candidates=candidates,
+                settings=settings_from_spec(params.merge, planned=params.planned,
+                                            required=params.required),
+                out_dir=out_dir, base_uri=params.base_model, locations=locations,
+                hashes_verified=frozenset(verified),
+                expected={part.name: part for part in params.partitions}, run=params.run,
+                held_out=held_out, streamed=streamed)
     except QuorumNotMet:
         if (out_dir / REPORT_NAME).is_file():
             stamp_report(out_dir / REPORT_NAME, params)

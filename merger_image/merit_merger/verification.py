@@ -29,25 +29,20 @@ from pathlib import Path
 
 import torch
 
-from meritrun.artifacts import base_fingerprint
 from meritrun.errors import ContributionRejected, StageFailed
 from meritrun.pipeline import quorum as quorum_rule
 from meritrun.stages import PartitionInput
 
-from .blocks import BlockLoader, block_rows
+from .blocks import Block, BlockLoader, block_rows
 from .checks import check_files, check_identity, check_plan, check_static
-from .engine import DEFAULT_CHUNK_ELEMENTS, all_finite
+from .engine import DEFAULT_CHUNK_ELEMENTS
 from .io import ModelReader
 from .methods import MergeMethod
 from .moments import MomentReader
 from .sources import ExpertReader, PartitionSource
+from .streamcheck import check_stream, model_fingerprint, value_problem
 
 log = logging.getLogger(__name__)
-
-# No trained weight comes near this; K of them (or their squares) stay finite in fp32/fp64,
-# so a contribution above it is refused rather than allowed to overflow a merge.
-MAX_MAGNITUDE = 1e15
-
 
 class QuorumNotMet(StageFailed):
     """Too few partitions passed verification to merge (the stage exits 3)."""
@@ -76,6 +71,48 @@ class Verification:
     seconds: float = 0.0
 
 
+class NormScan:
+    """Per block of a pass over base + experts: the theta checks (NaN/Inf, magnitude, stored
+    second moments) and each expert's squared update norm per tensor.
+
+    The verification scan calls it on every block; a streamed merge hands it to the merge
+    pass instead (`merge_models(observe=...)`), where a refusal stops the merge at once
+    (raised) so the job can merge the others.
+    """
+
+    def __init__(self, names: Sequence[str], *, raise_refusals: bool = False) -> None:
+        self.names, self.raise_refusals = list(names), raise_refusals
+        self.refused: dict[str, ContributionRejected] = {}
+        self.sq: dict[str, dict[str, float]] = {}
+
+    def __call__(self, block: Block) -> None:
+        if block.raw is not None or block.base is None:
+            return
+        base = block.base.float()
+        for i, p in enumerate(self.names):
+            if p in self.refused:
+                continue
+            theta = block.experts[i]
+            v = block.moments[i] if block.moments is not None else None
+            problem = value_problem(block.name, theta)
+            if problem is None and isinstance(v, torch.Tensor):
+                problem = value_problem(block.name, v, moments=True)
+            if problem is not None:
+                self.refused[p] = ContributionRejected(p, *problem)
+                if self.raise_refusals:
+                    raise self.refused[p]
+                continue
+            # |theta|, |theta0| <= MAX_MAGNITUDE, so a block's fp32 sum of squares stays
+            # finite (4e30 x 1e6 elements < 3.4e38); blocks add up in Python floats
+            d = (theta.float() - base).reshape(-1)
+            per = self.sq.setdefault(block.name, {})
+            per[p] = per.get(p, 0.0) + float(torch.dot(d, d))
+
+    def norms(self) -> dict[str, dict[str, float]]:
+        return {t: {p: math.sqrt(v) for p, v in per.items() if p not in self.refused}
+                for t, per in self.sq.items()}
+
+
 def scan_tensors(sources: Sequence[PartitionSource], base: ModelReader, *, moments: bool,
                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
                  ) -> tuple[dict[str, dict[str, float]], list[ContributionRejected]]:
@@ -87,46 +124,34 @@ def scan_tensors(sources: Sequence[PartitionSource], base: ModelReader, *, momen
             r.close()
         readers = None
     loader = BlockLoader(base, experts, readers, need_base=True)
-    names = [s.name for s in sources]
-    refused: dict[str, ContributionRejected] = {}
-    sq: dict[str, dict[str, float]] = {}
+    scan = NormScan([s.name for s in sources])
     items = [(m.name, r) for m in map(base.meta, base.names) if m.dtype.is_floating_point
              for r in block_rows(m, chunk_elements, elementwise=True)]
     try:
         for block in loader.blocks(items, torch.device("cpu")):
-            name = block.name
-            for i, p in enumerate(names):
-                if p in refused:
-                    continue
-                theta = block.experts[i]
-                if not all_finite(theta):
-                    refused[p] = ContributionRejected(p, "non-finite", f"NaN/Inf in {name}")
-                    continue
-                peak = max(map(abs, map(float, torch.aminmax(theta)))) if theta.numel() else 0.0
-                if peak > MAX_MAGNITUDE:
-                    refused[p] = ContributionRejected(
-                        p, "magnitude", f"{name}: |value| up to {peak:.3g}, above the "
-                        f"{MAX_MAGNITUDE:.0e} no trained weight reaches (a merge of it would "
-                        "overflow)")
-                    continue
-                v = block.moments[i] if block.moments is not None else None
-                if v is not None and v.numel():
-                    low, high = map(float, torch.aminmax(v))  # NaN compares false: refused
-                    if not (low >= 0 and high <= MAX_MAGNITUDE):
-                        refused[p] = ContributionRejected(
-                            p, "second-moments", f"{name}: moments in [{low:.3g}, {high:.3g}] "
-                            f"(negative, non-finite or above {MAX_MAGNITUDE:.0e})")
-                        continue
-                # |theta|, |theta0| <= MAX_MAGNITUDE, so a block's fp32 sum of squares stays
-                # finite (4e30 x 1e6 elements < 3.4e38); blocks add up in Python floats
-                d = (theta - block.base).reshape(-1)
-                per = sq.setdefault(name, {})
-                per[p] = per.get(p, 0.0) + float(torch.dot(d, d))
+            scan(block)
     finally:
         loader.close()
-    norms = {t: {p: math.sqrt(v) for p, v in per.items() if p not in refused}
-             for t, per in sq.items()}
-    return norms, list(refused.values())
+    return scan.norms(), list(scan.refused.values())
+
+
+def judge_norms(result: Verification, norms: dict[str, dict[str, float]], factor: float, *,
+                refuse: bool) -> list[ContributionRejected]:
+    """Record the norms and outlier flags of the accepted partitions; the outlier refusals."""
+    names = [s.name for s in result.accepted]
+    result.tensor_norms = norms
+    result.update_norms = {p: math.sqrt(sum(per.get(p, 0.0) ** 2 for per in norms.values()))
+                           for p in names}
+    result.outliers = flag_outliers(result.update_norms, factor, refuse=refuse)
+    refusals = []
+    for flag in result.outliers:
+        log.warning("partition %s: update norm %.4g is %.2fx the median of the others",
+                    flag.partition, flag.norm, flag.ratio)
+        if refuse:
+            refusals.append(ContributionRejected(
+                flag.partition, "outlier-norm", f"update norm {flag.norm:.4g} is "
+                f"{flag.ratio:.3g}x the median {flag.median_others:.4g} of the others"))
+    return refusals
 
 
 def median_of_others(norm: float, others: Sequence[float]) -> float:
@@ -165,6 +190,7 @@ def verify_partitions(
     hashes_verified: Collection[str] = (),
     strict_dtype: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     expected: Mapping[str, PartitionInput] | None = None, run: str | None = None,
+    streamed: bool = False,
 ) -> Verification:
     """Run every check; the result lists accepted and refused partitions and outliers.
 
@@ -172,9 +198,12 @@ def verify_partitions(
     sizes are still checked here; hashing them again would read every byte twice).
     `expected` (partition -> its PartitionInput) adds the site and signature checks, and
     `run` the run a signed manifest must name.
+    `streamed`: each file is read once, front to back (`streamcheck`: sha256 and stored
+    values) instead of hashed and then scanned; the update norms and outlier flags are left
+    to the merge pass (`NormScan`, `judge_norms`), so a merge reads each input twice at most.
     """
     started, result = time.monotonic(), Verification()
-    base_fp = base_fingerprint(Path(base_dir))
+    base_fp = model_fingerprint(Path(base_dir))
     survivors = []
     with ModelReader(Path(base_dir)) as base:
         for source in sources:
@@ -182,30 +211,26 @@ def verify_partitions(
                 if (want := (expected or {}).get(source.name)) is not None:
                     check_identity(source, want, run=run, attempt=want.attempt)
                     check_plan(source, want)
+                hashed = source.name in hashes_verified
                 if source.manifest is not None:
-                    check_files(source, hashes=source.name not in hashes_verified)
+                    check_files(source, hashes=not (hashed or streamed))
                 check_static(source, base, base_fp, method, strict_dtype=strict_dtype)
+                if streamed and source.manifest is not None:
+                    check_stream(source, every_file=not hashed)
                 survivors.append(source)
             except ContributionRejected as rejection:
                 result.refused.append(rejection)
-        norms, scan_refused = scan_tensors(survivors, base, moments=method.needs_moments,
-                                           chunk_elements=chunk_elements)
+        norms, scan_refused = {}, []
+        if not streamed:
+            norms, scan_refused = scan_tensors(survivors, base, moments=method.needs_moments,
+                                               chunk_elements=chunk_elements)
     result.refused += scan_refused
     bad = {r.partition for r in scan_refused}
-    survivors = [s for s in survivors if s.name not in bad]
-    result.tensor_norms = norms
-    result.update_norms = {s.name: math.sqrt(sum(per.get(s.name, 0.0) ** 2
-                                                 for per in norms.values())) for s in survivors}
-    result.outliers = flag_outliers(result.update_norms, outlier_factor, refuse=refuse_outliers)
-    for flag in result.outliers:
-        log.warning("partition %s: update norm %.4g is %.2fx the median of the others",
-                    flag.partition, flag.norm, flag.ratio)
-        if refuse_outliers:
-            result.refused.append(ContributionRejected(
-                flag.partition, "outlier-norm", f"update norm {flag.norm:.4g} is "
-                f"{flag.ratio:.3g}x the median {flag.median_others:.4g} of the others"))
+    result.accepted = [s for s in survivors if s.name not in bad]
+    if not streamed:
+        result.refused += judge_norms(result, norms, outlier_factor, refuse=refuse_outliers)
     refused = {r.partition for r in result.refused}
-    result.accepted = [s for s in survivors if s.name not in refused]
+    result.accepted = [s for s in result.accepted if s.name not in refused]
     result.seconds = round(time.monotonic() - started, 3)
     return result
 

@@ -8,6 +8,10 @@ partition: manifest, sha256 of every file, base fingerprint, tokens, tensor name
 dtypes, LoRA, second moments for OTA, finite values) plus the site binding and the signature
 (checks.check_identity, against this attempt).
 
+Streamed (the default), the contribution's weight files are read once, sequentially: the
+pass that hashes each file checks its stored values too (NaN/Inf, magnitude, second
+moments); a LoRA adapter's A and B are checked, the full weights they make only at the merge.
+
 Not here: the outlier-norm check. It compares a partition's update norm with the other
 partitions', which have not all arrived yet, so it stays in the merge.
 
@@ -28,9 +32,17 @@ from meritrun.artifacts import MANIFEST_NAME, VERDICT_NAME, read_manifest, sha25
 from meritrun.errors import ContributionRejected
 from meritrun.stages import PartitionInput, Verdict, VerifyParams
 
-from .fetch import fetch_partition, local_root, open_stage_storage
+from .fetch import (
+    fetch_partition,
+    inputs_mode,
+    local_root,
+    open_base,
+    open_partition,
+    open_stage_storage,
+)
 from .job import Candidate, MergeSettings, settings_from_spec
 from .methods import get_method
+from .remote import mounted
 from .sources import PartitionSource
 from .verification import verify_partitions
 
@@ -46,6 +58,7 @@ def manifest_digest(artifact_dir: Path) -> str | None:
 def verify_contribution(
     candidate: Candidate, *, base_dir: Path, expected: PartitionInput, settings: MergeSettings,
     run: str, attempt: int, hashes_verified: bool = False, manifest_sha256: str | None = None,
+    streamed: bool = False,
 ) -> Verdict:
     """The verdict on one fetched contribution; a refusal from fetching it passes through.
 
@@ -68,7 +81,8 @@ def verify_contribution(
         hashes_verified={candidate.name} if hashes_verified else (),
         strict_dtype=settings.strict_dtype,
         # site, signature, and the signed run/partition/attempt: checked first, as in a merge
-        expected={candidate.name: expected.model_copy(update={"attempt": attempt})}, run=run)
+        expected={candidate.name: expected.model_copy(update={"attempt": attempt})}, run=run,
+        streamed=streamed)
     return verdict(result.refused[0] if result.refused else None)
 
 
@@ -91,24 +105,37 @@ def _unchanged(candidate: Candidate, artifact_dir: Path) -> Candidate:
 
 
 def run_verify_stage(params: VerifyParams, *, workdir: Path) -> Verdict:
-    """Fetch the base and the contribution, judge it, write `{output}/verdict.json`."""
+    """Fetch (or mount) the base and the contribution, judge it, write
+    `{output}/verdict.json`. Streamed (the default, see fetch.inputs_mode), every weight file
+    is read once: the sequential pass that hashes it also checks its values; the update norm
+    is not judged here (see the module docstring)."""
     from meritrun.storage import fetch_path
 
     storage, workdir, part = open_stage_storage(params), Path(workdir), params.partition
     where = {"endpoint": params.storage.endpoint, "region": params.storage.region}
+    streamed = inputs_mode() == "stream"
     # The base first: if it (or the storage) is unreachable there is nothing to decide.
-    base_dir = fetch_path(params.base_model, workdir / "cache", **where)
+    if streamed:
+        base_dir, mounts = open_base(params.base_model, workdir / "cache", **where)
+    else:
+        base_dir, mounts = fetch_path(params.base_model, workdir / "cache", **where), {}
     dest = workdir / "partitions" / part.name
     shutil.rmtree(dest, ignore_errors=True)  # a stale file from a reused workdir is no refusal
-    candidate, checked = fetch_partition(storage, part.name, part.prefix, dest)
-    root = local_root(storage)
-    artifact_dir = root / part.prefix if root is not None else dest
-    candidate = _unchanged(candidate, artifact_dir)
-    verdict = verify_contribution(
-        candidate, base_dir=base_dir, expected=part,
-        settings=settings_from_spec(params.merge, device="cpu"),  # the verify Job has no GPU
-        run=params.run, attempt=params.attempt, hashes_verified=checked,
-        manifest_sha256=manifest_digest(artifact_dir))
+    if streamed:
+        candidate, more = open_partition(storage, part.name, part.prefix, dest)
+        mounts |= more
+        checked, artifact_dir = isinstance(candidate, PartitionSource), dest
+    else:
+        candidate, checked = fetch_partition(storage, part.name, part.prefix, dest)
+        root = local_root(storage)
+        artifact_dir = root / part.prefix if root is not None else dest
+        candidate = _unchanged(candidate, artifact_dir)
+    with mounted(mounts):
+        verdict = verify_contribution(
+            candidate, base_dir=base_dir, expected=part,
+            settings=settings_from_spec(params.merge, device="cpu"),  # the verify Job: no GPU
+            run=params.run, attempt=params.attempt, hashes_verified=checked,
+            manifest_sha256=manifest_digest(artifact_dir), streamed=streamed)
     storage.put_bytes(f"{params.output}/{VERDICT_NAME}",
                       verdict.model_dump_json(indent=2).encode())
     if verdict.accepted:

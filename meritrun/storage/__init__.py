@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from meritrun.errors import ObjectNotFound, StorageError
-from meritrun.storage.base import ObjectInfo, Progress, Storage, validate_key
+from meritrun.storage.base import ObjectInfo, ObjectVersion, Progress, Storage, validate_key
 from meritrun.storage.local import LocalStorage
 from meritrun.storage.policies import MultipartPolicy, RetryPolicy
 from meritrun.storage.s3 import BucketNotFound, S3Storage
@@ -22,6 +22,7 @@ __all__ = [
     "LocalStorage",
     "MultipartPolicy",
     "ObjectInfo",
+    "ObjectVersion",
     "Progress",
     "RetryPolicy",
     "S3Storage",

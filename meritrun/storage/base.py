@@ -35,6 +35,16 @@ class ObjectInfo:
     sha256: str | None
 
 
+@dataclass(frozen=True)
+class ObjectVersion:
+    """What ranged reads pin an object to: its size and a tag that changes with its bytes
+    (the S3 ETag; a local file's size and mtime), so two passes read the same object."""
+
+    key: str
+    bytes: int
+    tag: str | None
+
+
 def validate_key(key: str, *, allow_empty: bool = False) -> str:
     """Check a POSIX key relative to the root; return it without a trailing '/'."""
     if not isinstance(key, str):
@@ -124,6 +134,17 @@ class Storage(ABC):
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def version(self, key: str) -> ObjectVersion:
+        """Size and version tag, without reading the bytes; ObjectNotFound if absent."""
+
+    @abstractmethod
+    def read_into(self, key: str, offset: int, buf: memoryview, *, tag: str | None = None
+                  ) -> None:
+        """Fill `buf` with the object's bytes [offset, offset + len(buf)) (a ranged GET on S3,
+        a pread locally). With `tag` (from `version`), an object that changed since is an
+        IntegrityError; fewer bytes than asked (the object is shorter) are one too."""
 
     @abstractmethod
     def list_keys(self, prefix: str) -> list[str]: ...

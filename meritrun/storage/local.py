@@ -15,10 +15,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from meritrun.artifacts import sha256_file
-from meritrun.errors import ObjectNotFound, StorageError
+from meritrun.errors import IntegrityError, ObjectNotFound, StorageError
 from meritrun.storage.base import (
     PARTIAL_SUFFIX,
     ObjectInfo,
+    ObjectVersion,
     Storage,
     commit_partial,
     copy_hashing,
@@ -104,6 +105,33 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def version(self, key: str) -> ObjectVersion:
+        st = self._existing(key).stat()
+        return ObjectVersion(validate_key(key), st.st_size, _tag(st))
+
+    def read_into(self, key: str, offset: int, buf: memoryview, *, tag: str | None = None
+                  ) -> None:
+        """pread from the file; a symlink is refused (O_NOFOLLOW), as an artifact's files are
+        read as files, never followed."""
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError as e:
+            raise ObjectNotFound(f"no object {key!r} in {self.root_uri}") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {self.uri_for(key)}: {e.strerror}") from e
+        try:
+            if tag is not None and _tag(os.fstat(fd)) != tag:
+                raise IntegrityError(f"{self.uri_for(key)} changed since it was first read")
+            done = 0
+            while done < len(buf) and (got := os.preadv(fd, [buf[done:]], offset + done)):
+                done += got
+        finally:
+            os.close(fd)
+        if done != len(buf):
+            raise IntegrityError(f"{self.uri_for(key)}: {done} of the {len(buf)} bytes at "
+                                 f"offset {offset} (the file is shorter)")
+
     def list_keys(self, prefix: str) -> list[str]:
         prefix = validate_key(prefix, allow_empty=True)
         base = self._path(prefix, allow_empty=True)
@@ -129,3 +157,7 @@ class LocalStorage(Storage):
 
     def presigned_put(self, key: str, expires: timedelta) -> str:
         raise StorageError(f"presigned URLs need an s3:// root; {self.root_uri} is a local folder")
+
+
+def _tag(st: os.stat_result) -> str:
+    return f"{st.st_size}-{st.st_mtime_ns}"

@@ -31,6 +31,7 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from meritrun.errors import IntegrityError, ObjectNotFound, StorageError, TransientError
 from meritrun.storage.base import (
     ObjectInfo,
+    ObjectVersion,
     Storage,
     commit_partial,
     copy_hashing,
@@ -58,6 +59,8 @@ _CLIENT_ERRORS = (
     ValueError,
 )  # ValueError: minio's argument checks (bucket name, expiry)
 _MISSING_KEY_CODES = {"NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound"}
+# a ranged read of an object that changed (If-Match failed) or is shorter than its header says
+_CHANGED_CODES = {"PreconditionFailed", "InvalidRange"}
 
 
 class BucketNotFound(ObjectNotFound):
@@ -150,6 +153,9 @@ class S3Storage(Storage):
             return BucketNotFound(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
         if code in _MISSING_KEY_CODES:
             return ObjectNotFound(f"no object {key!r} in {self.root_uri} (at {self.endpoint})")
+        if code in _CHANGED_CODES or status in (412, 416):
+            return IntegrityError(f"{where}: the object changed since it was first read, or is "
+                                  f"shorter than expected ({code or status})")
         if code in _CREDENTIAL_CODES:
             if not self.access_key:
                 return StorageError(
@@ -254,6 +260,34 @@ class S3Storage(Storage):
 
         tmp, got, recorded = self._call("download", key, fetch)
         return commit_partial(tmp, dest, key=key, got=got, sha256=sha256 or recorded, size=size)
+
+    def version(self, key: str) -> ObjectVersion:
+        obj = self._call("stat", key, lambda: self.client.stat_object(self.bucket, self._name(key)))
+        return ObjectVersion(validate_key(key), obj.size or 0, obj.etag)
+
+    def read_into(self, key: str, offset: int, buf: memoryview, *, tag: str | None = None
+                  ) -> None:
+        size = len(buf)
+        if size == 0:
+            return
+        headers = {"If-Match": f'"{tag.strip(chr(34))}"'} if tag else None
+
+        def fetch() -> int:
+            resp = self.client.get_object(self.bucket, self._name(key), offset=offset,
+                                          length=size, request_headers=headers)
+            done = 0
+            try:
+                while done < size and (got := resp.readinto(buf[done:])):  # type: ignore[attr-defined]
+                    done += got
+            finally:
+                resp.close()
+                resp.release_conn()
+            return done
+
+        done = self._call("download", key, fetch)
+        if done != size:
+            raise IntegrityError(f"object {key!r} in {self.root_uri}: {done} of the {size} bytes "
+                                 f"at offset {offset} (the object is shorter)")
 
     def exists(self, key: str) -> bool:
         try:

@@ -1,0 +1,130 @@
+"""The verify pass of a streamed merge: each weight file read once, front to back.
+
+A file's sha256 is only known after its last byte, and a merge reads tensors in the base's
+order, not in each file's. So a merge from storage reads every input twice, never more: this
+pass streams each file sequentially (big ranged GETs), hashing it and checking its stored
+values on the way (NaN/Inf, magnitude; second moments non-negative), and the merge pass that
+follows reads only files that passed. The update norms need the base beside each expert, so
+the merge pass computes them (`verification.NormScan`); nothing is published before they are
+judged. The base's fingerprint comes from the same kind of pass over the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from meritrun.artifacts import fingerprint_of, sha256_file
+from meritrun.errors import ContributionRejected
+
+from .engine import all_finite
+from .io import HeaderError, read_header
+from .remote import SequentialReader, mounted_in, remote_file
+from .sources import PartitionSource
+
+# No trained weight comes near this; K of them (or their squares) stay finite in fp32/fp64,
+# so a contribution above it is refused rather than allowed to overflow a merge.
+MAX_MAGNITUDE = 1e15
+
+
+def value_problem(name: str, t: torch.Tensor, *, moments: bool = False
+                  ) -> tuple[str, str] | None:
+    """(check, detail) when the values of `t` (tensor `name`) may not be merged, else None."""
+    if not t.numel():
+        return None
+    if moments:
+        low, high = map(float, torch.aminmax(t))  # NaN compares false: refused
+        if not (low >= 0 and high <= MAX_MAGNITUDE):
+            return "second-moments", (f"{name}: moments in [{low:.3g}, {high:.3g}] (negative, "
+                                      f"non-finite or above {MAX_MAGNITUDE:.0e})")
+        return None
+    if not all_finite(t):
+        return "non-finite", f"NaN/Inf in {name}"
+    peak = max(map(abs, map(float, torch.aminmax(t))))
+    if peak > MAX_MAGNITUDE:
+        return "magnitude", (f"{name}: |value| up to {peak:.3g}, above the {MAX_MAGNITUDE:.0e}"
+                             " no trained weight reaches (a merge of it would overflow)")
+    return None
+
+
+def stream_file(path: Path, *, moments: bool = False) -> tuple[str, tuple[str, str] | None]:
+    """(sha256, first value problem or None) of one file, read once from its first byte.
+
+    A safetensors file's tensors are checked as they pass (its header was validated by
+    `read_header`, so they tile the data area); any other file is only hashed.
+    """
+    metas = read_header(path)[0] if path.name.endswith(".safetensors") else None
+    problem = None
+    with SequentialReader(path) as reader:
+        if metas is not None:
+            first = min((m.offset for m in metas.values()), default=reader.size)
+            _skip(reader, first)
+            for meta in metas.values():
+                for piece in _pieces(reader, meta.nbytes, meta.dtype.itemsize):
+                    if problem is None and meta.dtype.is_floating_point:
+                        t = torch.frombuffer(piece, dtype=meta.dtype) if len(piece) else None
+                        if t is not None:
+                            problem = value_problem(meta.name, t, moments=moments)
+        return reader.drain(), problem
+
+
+def _skip(reader: SequentialReader, n: int) -> None:
+    while n > 0:
+        n -= len(reader.take(min(n, reader.chunk)))
+
+
+def _pieces(reader: SequentialReader, nbytes: int, itemsize: int) -> Iterable[memoryview]:
+    step = max(itemsize, reader.chunk // itemsize * itemsize)
+    while nbytes > 0:
+        piece = reader.take(min(nbytes, step))
+        nbytes -= len(piece)
+        yield piece
+
+
+def check_stream(source: PartitionSource, *, every_file: bool) -> None:
+    """Stream the contribution's mounted files (with `every_file`, all its listed files) once:
+    sha256 against the manifest first (a refusal naming the file), then the values."""
+    name, manifest = source.name, source.manifest
+    for rel, entry in sorted(manifest.files.items()):
+        path = source.artifact_dir / rel
+        if not every_file and remote_file(path) is None:
+            continue  # downloaded, and its sha256 checked on the way
+        is_moments = source.moments is not None and path == source.moments
+        try:
+            digest, problem = stream_file(path, moments=is_moments)
+        except HeaderError as e:
+            raise ContributionRejected(name, "safetensors-header", f"{rel}: {e.problem}") from e
+        except (OSError, EOFError) as e:
+            raise ContributionRejected(name, "sha256", f"{rel}: unreadable ({e})") from e
+        if digest != entry.sha256:
+            raise ContributionRejected(name, "sha256", f"{rel}: sha256 does not match")
+        if problem is not None:
+            raise ContributionRejected(name, *problem)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """artifacts.base_fingerprint of a model whose files may be mounted (streamed once)."""
+    model_dir = Path(model_dir)
+    files = sorted({*model_dir.glob("*.safetensors"),
+                    *(p for p in mounted_in(model_dir) if p.name.endswith(".safetensors"))})
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    return fingerprint_of({f.name: _file_sha256(f) for f in files})
+
+
+_HASHED: dict[tuple, str] = {}  # the verification and the report both want the fingerprint
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file; a mounted object is hashed once per version (its tag), so asking
+    twice does not read the base from storage twice."""
+    remote = remote_file(path)
+    if remote is None:
+        return sha256_file(path)
+    version = (remote.uri, remote.size, remote.tag)
+    if version not in _HASHED:
+        with SequentialReader(path) as reader:
+            _HASHED[version] = reader.drain()
+    return _HASHED[version]
