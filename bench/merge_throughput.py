@@ -24,6 +24,7 @@ Each command can also be printed (`cmd TOOL`) to time it with an external harnes
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shlex
@@ -176,7 +177,11 @@ def mergekit_recipe(root: Path, k: int, method: str) -> dict:
 
 
 def command(tool: str, root: Path, k: int, args: argparse.Namespace) -> list[str]:
-    """argv of one tool: `cat`, `mergekit:METHOD`, or a MeritRun method."""
+    """argv of one tool: `cat`, `mergekit:METHOD`, a MeritRun method, or `METHOD@s3`."""
+    if tool.endswith("@s3"):  # the from-S3 column: bench/merge_from_s3.py
+        from merge_from_s3 import command as s3_command
+
+        return s3_command(tool, root, k, args)
     out = str(root / f"out-{tool.replace(':', '-')}-{k}")
     if tool == "cat":
         files = input_files(root, k, base=False, moments=False)
@@ -199,7 +204,8 @@ PAIRS = {"token-weighted": ("token-weighted", "mergekit:token-weighted"),
          "task-arithmetic": ("task-arithmetic", "mergekit:task-arithmetic"),
          "ties": ("ties", "mergekit:ties"),
          "ota": ("ota", "token-weighted"),
-         "cat": ("cat", "token-weighted")}
+         "cat": ("cat", "token-weighted"),
+         "s3": ("token-weighted@s3", "token-weighted")}  # --from-s3: MinIO on loopback
 
 
 def input_files(root: Path, k: int, *, base: bool, moments: bool) -> list[Path]:
@@ -266,6 +272,8 @@ def main() -> None:
                         help="mergekit-yaml of a separate environment")
     parser.add_argument("--shard-mb", type=int, default=500, help="output shard size (both)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/meritrun-bench"))
+    parser.add_argument("--from-s3", action="store_true", help="add the pair s3: token-"
+                        "weighted verified and merged from MinIO on loopback vs local")
     args = parser.parse_args()
     if args.cmd == "child":
         return child(args)
@@ -278,6 +286,14 @@ def main() -> None:
                         "TRANSFORMERS_OFFLINE": "1"}
     files = input_files(args.workdir, max(ks), base=True, moments=True)
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # warm
+    pairs = args.pairs.split(",")
+    if args.from_s3:  # the from-S3 column (bench/merge_from_s3.py): MinIO on loopback
+        from merge_from_s3 import serve
+
+        server, s3_env = serve(args.workdir, max(ks))
+        atexit.register(server.stop)
+        env |= s3_env
+        pairs = [*pairs, "s3"] if "s3" not in pairs else pairs
     out_dir = ROOT / "results"
     out_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -285,7 +301,7 @@ def main() -> None:
             "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
     rows: list[dict] = []
     for k in ks:
-        for pair in args.pairs.split(","):
+        for pair in pairs:
             load = os.getloadavg()[0]
             rows.append(run_pair(args.workdir, k, pair, args, env))
             rows[-1]["load_avg_1min"] = [load, os.getloadavg()[0]]  # before, after the pair

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +85,11 @@ def is_file(path: Path | str) -> bool:
 class SequentialReader:
     """One pass over a file from its first byte to its last, hashing every byte read.
 
-    `take(n)` hands out the next n bytes (n <= chunk) as a view valid until the next call;
-    bytes come in `chunk`-sized reads (ranged GETs for a mounted file, preads otherwise), so
-    a file costs size / chunk requests and `chunk` bytes of memory, and is read exactly once.
+    `take(n)` hands out the next n bytes (n <= chunk) as a view valid until the next call.
+    A reader thread fetches `chunk`-sized pieces (ranged GETs for a mounted file, preads
+    otherwise) one ahead and hashes them, so the network, the hash and the caller's checks
+    overlap; a file costs size / chunk requests, about 3 x chunk bytes of memory, and is
+    read exactly once.
     """
 
     def __init__(self, path: Path, *, chunk: int = _CHUNK) -> None:
@@ -98,7 +101,31 @@ class SequentialReader:
         self._buf = bytearray(chunk)
         self._view = memoryview(self._buf)
         self._lo = self._hi = 0  # unconsumed bytes are _buf[_lo:_hi]
-        self.pos = 0  # file offset of _buf[_hi]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-read")
+        self._fetched = 0  # file offset up to which chunks were asked for
+        self._next: Future | None = self._ask()
+        self._cur, self._at = b"", 0  # the chunk being consumed, and where
+
+    def _ask(self) -> Future | None:
+        if self._fetched >= self.size:
+            return None
+        pos, n = self._fetched, min(self.chunk, self.size - self._fetched)
+        self._fetched += n
+        return self._pool.submit(self._fetch, pos, n)
+
+    def _fetch(self, pos: int, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        if self.remote is not None:
+            self.remote.read_into(pos, view)
+        else:
+            done = 0
+            while done < n and (got := os.preadv(self._fd, [view[done:]], pos + done)):
+                done += got
+            if done < n:
+                raise EOFError(f"{self.path.name}: ends at byte {pos + done}, not {self.size}")
+        self.sha256.update(buf)  # in order: one worker, chunks asked for in order
+        return buf
 
     def take(self, n: int) -> memoryview:
         if n > self.chunk:
@@ -106,7 +133,7 @@ class SequentialReader:
         if self._hi - self._lo < n:
             self._refill()
             if self._hi - self._lo < n:
-                raise EOFError(f"{self.path.name}: ends at byte {self.pos}, {n} more expected")
+                raise EOFError(f"{self.path.name}: ends before {n} more bytes")
         view = self._view[self._lo:self._lo + n]
         self._lo += n
         return view
@@ -114,31 +141,28 @@ class SequentialReader:
     def _refill(self) -> None:
         left = self._hi - self._lo
         self._buf[:left] = self._buf[self._lo:self._hi]
-        want = min(self.chunk - left, self.size - self.pos)
-        target = self._view[left:left + want]
-        if want:
-            if self.remote is not None:
-                self.remote.read_into(self.pos, target)
-            else:
-                done = 0
-                while done < want and (got := os.preadv(self._fd, [target[done:]],
-                                                        self.pos + done)):
-                    done += got
-                target = target[:done]
-                want = done
-            self.sha256.update(target)
-        self._lo, self._hi, self.pos = 0, left + want, self.pos + want
+        self._lo, self._hi = 0, left
+        while self._hi < self.chunk:
+            if self._at == len(self._cur):
+                if self._next is None:
+                    return
+                self._cur, self._at = self._next.result(), 0
+                self._next = self._ask()
+            n = min(self.chunk - self._hi, len(self._cur) - self._at)
+            self._buf[self._hi:self._hi + n] = self._cur[self._at:self._at + n]
+            self._hi, self._at = self._hi + n, self._at + n
 
     def drain(self) -> str:
         """Read (and hash) whatever is left; the file's sha256."""
-        while self.pos < self.size:
-            self._lo = self._hi
-            self._refill()
-            if self._hi == 0:
-                break
+        while self._next is not None:
+            self._next.result()
+            self._next = self._ask()
         return self.sha256.hexdigest()
 
     def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+        self._pool.shutdown(wait=True)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
