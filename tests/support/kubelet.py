@@ -17,8 +17,9 @@ the cluster's pods and, like kube-scheduler and the kubelet together:
   says so gives `ImagePullBackOff` (both waiting, as the kubelet reports them);
 - reports Running (Ready when the readiness probe, if any, answers), then Succeeded or Failed
   with the exit code (128 + n for a process killed by signal n), reason and termination
-  message (the log tail, FallbackToLogsOnError);
-- kills the process when the pod is deleted, then removes the pod (grace period 0).
+  message (the log tail, FallbackToLogsOnError), built by support.podstatus;
+- kills the pod's processes (its whole tree, as a runtime kills a container's cgroup) when the
+  pod is deleted, then removes the pod (grace period 0).
 
 `node.kill(namespace, pod)` SIGKILLs a running pod's processes, as an OOM kill or a dying
 container would. The Job controller does the rest: nothing here writes Job status.
@@ -44,13 +45,13 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import podstatus
 from .apiclient import Api, ApiStatus
 from .podenv import FieldError, expand, field_value, resolve_pod_names
-from .processes import die_with_parent
+from .processes import die_with_parent, process_tree, signal_process_tree, stop_process_tree
 
 if TYPE_CHECKING:
     from .controlplane import ControlPlane
@@ -65,10 +66,6 @@ SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 FAIL_CODE = "import sys; print('MERITRUN_ERROR: injected failure', file=sys.stderr); sys.exit(1)"
 TICK_S = 0.2
 KILL_GRACE_S = 3.0
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def base_env() -> dict[str, str]:
@@ -140,7 +137,7 @@ class Node:
                      if r.pod["metadata"]["namespace"] == namespace
                      and r.pod["metadata"]["name"] == pod and r.proc.poll() is None]
         for proc in procs:
-            _signal_all(proc.pid, _tree(proc.pid), signal.SIGKILL)
+            signal_process_tree(proc.pid, process_tree(proc.pid), signal.SIGKILL)
         return bool(procs)
 
     def claim_folder(self, namespace: str, claim: str) -> Path:
@@ -158,7 +155,7 @@ class Node:
         self._thread.join(30)
         with self._lock:
             for r in self.running_pods.values():
-                _kill(r.proc)
+                stop_process_tree(r.proc, KILL_GRACE_S)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -166,7 +163,7 @@ class Node:
         with contextlib.suppress(ApiStatus):
             self.api.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {
                 "name": NODE_NAME, "labels": NODE_LABELS}})
-        t = now()
+        t = podstatus.now()
         self.api.merge_patch(f"/api/v1/nodes/{NODE_NAME}/status", {"status": {
             "capacity": CAPACITY, "allocatable": CAPACITY,
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
@@ -201,7 +198,7 @@ class Node:
         with self._lock:
             for uid, r in list(self.running_pods.items()):
                 if uid not in seen:  # gone without a graceful delete
-                    _kill(r.proc)
+                    stop_process_tree(r.proc, KILL_GRACE_S)
                     if r.proc.poll() is not None:
                         del self.running_pods[uid]
 
@@ -212,7 +209,7 @@ class Node:
         if misfit:
             if self._waiting.get(meta["uid"]) != "Unschedulable":
                 self._waiting[meta["uid"]] = "Unschedulable"
-                self._status(pod, {"phase": "Pending", "conditions": [_cond(
+                self._status(pod, {"phase": "Pending", "conditions": [podstatus.cond(
                     "PodScheduled", "False", "Unschedulable",
                     f"0/1 nodes are available: 1 node(s) didn't match Pod's node "
                     f"affinity/selector ({misfit}).")]})
@@ -390,29 +387,11 @@ class Node:
             if e.code != 404:
                 raise
 
-    def _container(self, pod: dict[str, Any], state: dict[str, Any], *,
-                   ready: bool = False) -> dict[str, Any]:
-        c = pod["spec"]["containers"][0]
-        return {"name": c["name"], "image": c.get("image", ""), "imageID": "",
-                "ready": ready, "restartCount": 0, "started": "running" in state,
-                "state": state}
-
     def _report_waiting(self, pod: dict[str, Any], w: Waiting) -> None:
-        self._status(pod, {"phase": "Pending", "hostIP": "127.0.0.1", "conditions": [
-            _cond("PodScheduled", "True"), _cond("Ready", "False", "ContainersNotReady")],
-            "containerStatuses": [self._container(
-                pod, {"waiting": {"reason": w.reason, "message": w.message}})]})
+        self._status(pod, podstatus.waiting(pod, w.reason, w.message))
 
     def _report_running(self, r: Running) -> None:
-        ready = "True" if r.ready else "False"
-        t = now()
-        self._status(r.pod, {
-            "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
-            "podIPs": [{"ip": "127.0.0.1"}], "startTime": t,
-            "conditions": [_cond("PodScheduled", "True"), _cond("Initialized", "True"),
-                           _cond("ContainersReady", ready), _cond("Ready", ready)],
-            "containerStatuses": [self._container(r.pod, {"running": {"startedAt": t}},
-                                                  ready=r.ready)]})
+        self._status(r.pod, podstatus.running(r.pod, ready=r.ready))
 
     def _report_exit(self, r: Running, code: int) -> None:
         container = r.pod["spec"]["containers"][0]
@@ -420,23 +399,14 @@ class Node:
         if code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             lines = (r.folder / "log.txt").read_text(errors="replace").splitlines()[-80:]
             message = "\n".join(lines)[-2048:]
-        code = code if code >= 0 else 128 - code  # killed by signal n: 128 + n
-        t = now()
-        self._status(r.pod, {
-            "phase": "Succeeded" if code == 0 else "Failed",
-            "conditions": [_cond("PodScheduled", "True"), _cond("Initialized", "True"),
-                           _cond("ContainersReady", "False", "PodCompleted"),
-                           _cond("Ready", "False", "PodCompleted")],
-            "containerStatuses": [self._container(r.pod, {"terminated": {
-                "exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                "message": message, "startedAt": t, "finishedAt": t}})]})
+        self._status(r.pod, podstatus.exited(r.pod, code, message))
 
     def _delete(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         with self._lock:
             r = self.running_pods.pop(meta["uid"], None)
         if r is not None:
-            _kill(r.proc)
+            stop_process_tree(r.proc, KILL_GRACE_S)
         terminal = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
         if pod["spec"].get("nodeName") == NODE_NAME and not terminal:
             self._report_killed(pod)
@@ -445,31 +415,7 @@ class Node:
                             grace_seconds=0)
 
     def _report_killed(self, pod: dict[str, Any]) -> None:
-        """A pod deleted before it finished ends Failed (exit 137), as the kubelet reports it,
-        keeping an eviction's DisruptionTarget condition: the Job controller waits for a
-        terminal phase before it counts the pod's failure (podFailurePolicy) or starts its
-        replacement (podReplacementPolicy: Failed)."""
-        kept = [c for c in (pod.get("status") or {}).get("conditions") or []
-                if c.get("type") == "DisruptionTarget"]
-        t = now()
-        self._status(pod, {
-            "phase": "Failed",
-            "conditions": kept + [_cond("PodScheduled", "True"), _cond("Initialized", "True"),
-                                  _cond("ContainersReady", "False", "PodCompleted"),
-                                  _cond("Ready", "False", "PodCompleted")],
-            "containerStatuses": [self._container(pod, {"terminated": {
-                "exitCode": 137, "reason": "Error", "startedAt": t, "finishedAt": t}})]})
-
-
-def _cond(type_: str, status: str, reason: str | None = None,
-          message: str | None = None) -> dict[str, Any]:
-    c: dict[str, Any] = {"type": type_, "status": status, "lastProbeTime": None,
-                         "lastTransitionTime": now()}
-    if reason:
-        c["reason"] = reason
-    if message:
-        c["message"] = message
-    return c
+        self._status(pod, podstatus.killed(pod))
 
 
 def _entrypoint(image: str) -> list[str]:
@@ -501,43 +447,3 @@ def _probe(pod: dict[str, Any]) -> bool:
             return r.status < 400
     except OSError:
         return False
-
-
-def _tree(pid: int) -> list[Any]:
-    """Every process a pod's process started (torchrun puts its workers in sessions of their
-    own); taken before a kill, since orphans leave the tree."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _signal_all(pid: int, tree: list[Any], sig: int) -> None:
-    """Signal a pod's process group and its whole tree, as a runtime signals a container's
-    cgroup: nothing of a killed pod lives on."""
-    import psutil
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
-    for child in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.send_signal(sig)
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the process group (torchrun passes it on to its workers), a grace period,
-    then SIGKILL to everything the pod started."""
-    if proc.poll() is not None:
-        return
-    tree = _tree(proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        _signal_all(proc.pid, tree, signal.SIGKILL)
-        proc.wait(10)
-    _signal_all(proc.pid, [c for c in tree if c.is_running()], signal.SIGKILL)
-

@@ -1,4 +1,4 @@
-"""Fails any test that leaves child processes running.
+"""Fails any test that leaves child processes running; stops servers and pod processes.
 
 Session-wide servers (the control plane) are started inside whichever test first needs them
 and live until the session ends: they register their pids with `keep`, and only those are
@@ -8,7 +8,9 @@ exempt.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 import time
@@ -41,6 +43,44 @@ def stop_process(proc: subprocess.Popen | None, grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+def process_tree(pid: int) -> list[Any]:
+    """Every process `pid` started, however deep (torchrun puts its workers in sessions of
+    their own); taken before a kill, since orphans leave the tree."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def signal_process_tree(pid: int, tree: list[Any], sig: int) -> None:
+    """Signal `pid`'s process group and `tree`, as a runtime signals a container's cgroup."""
+    import psutil
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(sig)
+
+
+def stop_process_tree(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to the process group (torchrun passes it on to its workers), `grace` seconds,
+    then SIGKILL to whatever of the tree is left: nothing of a stopped pod lives on."""
+    if proc.poll() is not None:
+        return
+    tree = process_tree(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        signal_process_tree(proc.pid, tree, signal.SIGKILL)
+        proc.wait(10)
+    signal_process_tree(proc.pid, [c for c in tree if c.is_running()], signal.SIGKILL)
 
 
 def die_with_parent() -> None:
