@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +52,17 @@ class Gang:
     services: list[str] = field(default_factory=list)
 
 
-def kill_after_first_checkpoint(cluster: KubeCluster, claim: Path, job: str,
-                                done: threading.Event) -> tuple[str, int]:
+def kill_after_first_checkpoint(cluster: KubeCluster, claim: Path, job: str
+                                ) -> tuple[str, int]:
     """SIGKILL pod 1 of `job` once a complete checkpoint is on the claim; (pod, its step)."""
     node = cluster.plane.node
     assert node is not None
-    while not done.is_set():
+    deadline, next_look = time.monotonic() + TIMEOUT_S, 0.0
+    while time.monotonic() < deadline:
+        if time.monotonic() > next_look:  # the run ended without the checkpoint: give up
+            next_look = time.monotonic() + 1.0
+            if cluster.run_status(RUN).get("phase") in ("Succeeded", "Failed"):
+                break
         steps = sorted(claim.glob(f"{RUN}/p0/checkpoints/*/step-*/meta.json"))
         if steps:
             pod = next(p["metadata"]["name"] for p in cluster.objects("v1/pods")
@@ -67,7 +71,7 @@ def kill_after_first_checkpoint(cluster: KubeCluster, claim: Path, job: str,
             if node.kill(cluster.namespace, pod):
                 return pod, int(steps[-1].parent.name.removeprefix("step-"))
         time.sleep(0.05)
-    raise AssertionError(f"no checkpoint of {job} appeared")
+    raise AssertionError(f"no checkpoint of {job} appeared; run: {cluster.run_status(RUN)}")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +82,6 @@ def gang(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) -> G
     cluster = KubeCluster(control_plane, tmp, prefix="gang").start()
     operator = OperatorProcess(cluster, env={**creds,
                                              "MERITRUN_RENDEZVOUS_PORT": str(free_port())})
-    done = threading.Event()
     try:
         cluster.start_node(node_options())
         cluster.create_secret("meritrun-storage", creds)
@@ -93,7 +96,7 @@ def gang(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) -> G
             "template.env": [{"name": "MERITRUN_CHECKPOINT_STEPS",
                               "value": str(CHECKPOINT_EVERY)}]}))
         claim = cluster.plane.node.claim_folder(cluster.namespace, CLAIM)
-        killed, step = kill_after_first_checkpoint(cluster, claim, f"{RUN}-p0-a1", done)
+        killed, step = kill_after_first_checkpoint(cluster, claim, f"{RUN}-p0-a1")
         status = wait_phase(cluster, RUN, ("Succeeded", "Failed"), timeout=TIMEOUT_S)
         pods: dict[str, list[dict[str, Any]]] = {}
         for p in cluster.objects("v1/pods"):
@@ -120,7 +123,6 @@ def gang(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) -> G
             checkpoints_left=[str(c) for c in claim.glob(f"{RUN}/p0/checkpoints/*/*")],
             services=[s["metadata"]["name"] for s in cluster.objects("v1/services")])
     finally:
-        done.set()
         operator.stop()
         cluster.stop()
         seaweed.remove_bucket(bucket)
@@ -171,6 +173,9 @@ def test_both_pods_rendezvoused_and_resumed_from_the_checkpoint(gang):
 
 
 def test_rank_0_alone_published_one_artifact_with_every_step(gang):
+    rank0, rank1 = (gang.logs[p["metadata"]["name"]] for p in gang.pods[f"{RUN}-p0-a2"])
+    assert "partition p0 attempt 2 published to" in rank0
+    assert "published to" not in rank1 and "uploaded" not in rank1
     manifests = [k for k in gang.keys if k.endswith("manifest.json") and "/p0/" in k]
     assert len(manifests) == 1 and "/attempt-2/" in manifests[0], manifests
     m = gang.manifest
