@@ -6,12 +6,13 @@ AWS-style IAM API, or `meritrun.minio_issuer`); the pipeline decides when to off
 
 
 A grant lets a site read its assignment (and the base model) and write only under its output
-prefix for the current attempt (`runs/<run>/partitions/<p>/attempt-<n>/`) until it expires or
-is revoked. Mechanism (why: docs/sites.md): one storage identity per grant with an inline
-prefix-scoped policy and an expiring service-account key, created through the storage
-server's IAM API (`meritrun.iam.IamIssuer`; SeaweedFS: `-s3.iam.readOnly=false`). The site
-then uses plain S3 calls, so multipart uploads of multi-GB shards and file-level resume work
-unchanged.
+prefix for the current attempt (`runs/<run>/<uid>/partitions/<p>/attempt-<n>/`) and its
+partition's checkpoint prefix (`.../partitions/<p>/checkpoints/`, so a later attempt resumes),
+until it expires or is revoked. Mechanism (why: docs/sites.md): one storage identity per
+grant with an inline prefix-scoped policy and an expiring service-account key, created
+through the storage server's IAM API (`meritrun.iam.IamIssuer`; SeaweedFS:
+`-s3.iam.readOnly=false`). The site then uses plain S3 calls, so multipart uploads of
+multi-GB shards and file-level resume work unchanged.
 
 Pure parts first (scope, policy, names), then the I/O. The secret key is a SecretStr:
 never in a repr, log line, event or the status. `SiteGrant.public_view()` may be shown;
@@ -29,7 +30,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from .api import MeritRunSpec, PartitionStatus
-from .artifacts import RunId
+from .artifacts import RunId, checkpoint_prefix
 from .assignment import (
     Assignment,
     SiteCredentials,
@@ -56,10 +57,17 @@ WRITE_ACTIONS = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMul
 
 @dataclass(frozen=True)
 class GrantScope:
-    """Object-key prefixes (bucket, full key) a site may read, and the one it may write."""
+    """Object-key prefixes (bucket, full key) a site may read, the one it may write, and
+    (a train grant) its partition's checkpoint prefix, which outlives the attempt: the next
+    attempt's grant reads back and removes what this one wrote there."""
 
     read: tuple[tuple[str, str], ...]
     write: tuple[str, str]
+    checkpoints: tuple[str, str] | None = None
+
+    @property
+    def writable(self) -> tuple[tuple[str, str], ...]:
+        return (self.write,) if self.checkpoints is None else (self.write, self.checkpoints)
 
 
 def _full(root_uri: str, key: str) -> tuple[str, str]:
@@ -70,12 +78,17 @@ def _full(root_uri: str, key: str) -> tuple[str, str]:
 
 
 def grant_scope(assignment: Assignment, *, root_uri: str) -> GrantScope:
-    """Read: the assignment's folder and (if in S3) the base model; write: the output."""
+    """Read: the assignment's folder and (if in S3) the base model; write: the output and,
+    for a train assignment, the partition's checkpoints (artifacts.checkpoint_prefix)."""
     read = [_full(root_uri, assignment.key.rsplit("/", 1)[0])]
     if assignment.base_model.startswith("s3://"):
         bucket, key = split_uri(assignment.base_model)
         read.append((bucket.removeprefix("s3://"), key))
-    return GrantScope(read=tuple(read), write=_full(root_uri, assignment.output))
+    checkpoints = None
+    if assignment.kind == "train" and assignment.partition:
+        checkpoints = _full(root_uri, checkpoint_prefix(assignment.run_id, assignment.partition))
+    return GrantScope(read=tuple(read), write=_full(root_uri, assignment.output),
+                      checkpoints=checkpoints)
 
 
 def scope_policy(scope: GrantScope) -> dict:
@@ -84,13 +97,13 @@ def scope_policy(scope: GrantScope) -> dict:
         return [f"arn:aws:s3:::{bucket}/{key}", f"arn:aws:s3:::{bucket}/{key}/*"]
 
     listed: dict[str, list[str]] = {}
-    for bucket, key in (*scope.read, scope.write):
+    for bucket, key in (*scope.read, *scope.writable):
         listed.setdefault(bucket, []).extend([key, f"{key}/*"])
     statements: list[dict[str, Any]] = [
         {"Sid": "ReadInputs", "Effect": "Allow", "Action": ["s3:GetObject"],
          "Resource": [a for b, k in scope.read for a in arns(b, k)]},
         {"Sid": "WriteOutput", "Effect": "Allow", "Action": list(WRITE_ACTIONS),
-         "Resource": arns(*scope.write)},
+         "Resource": [a for b, k in scope.writable for a in arns(b, k)]},
         {"Sid": "Locate", "Effect": "Allow", "Action": ["s3:GetBucketLocation"],
          "Resource": [f"arn:aws:s3:::{b}" for b in listed]},
     ]

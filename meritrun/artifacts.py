@@ -203,6 +203,12 @@ def partition_prefix(run: RunId, partition: str, attempt: int) -> str:
     return f"{run_prefix(run)}/partitions/{partition}/attempt-{attempt}"
 
 
+def checkpoint_prefix(run: RunId, partition: str) -> str:
+    """A partition's training checkpoints: no attempt in the key, since the next attempt of
+    the same partition resumes from them (the trainer fences by a configuration hash below)."""
+    return f"{run_prefix(run)}/partitions/{partition}/checkpoints"
+
+
 def merged_prefix(run: RunId, attempt: int) -> str:
     return f"{run_prefix(run)}/merged/attempt-{attempt}"
 

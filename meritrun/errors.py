@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     ERROR = 2  # a MeritRunError that another attempt may not meet (storage, network): retried
     QUORUM = 3  # the merge found too few trustworthy contributions: a verdict on the inputs
     PERMANENT = 4  # deterministic (invalid params, bad data, a missing file): never retried
+    INVALID_SPEC = 5  # the spec asks for what the stage cannot do: InvalidSpec on the run
 
 
 class MeritRunError(Exception):
@@ -83,10 +84,20 @@ PERMANENT_ERRORS: tuple[type[MeritRunError], ...] = (SpecError, DataError, Objec
 
 
 def exit_code_for(error: BaseException) -> ExitCode:
-    """The exit code a stage ends with for `error` (PERMANENT when retrying cannot help)."""
+    """The exit code a stage ends with for `error`: INVALID_SPEC for a SpecError naming a
+    spec field (`spec.…`: only a changed spec can help), PERMANENT when retrying cannot help."""
+    if isinstance(error, SpecError) and error.path.startswith("spec."):
+        return ExitCode.INVALID_SPEC
     if isinstance(error, PERMANENT_ERRORS):
         return ExitCode.PERMANENT
     return ExitCode.ERROR if isinstance(error, MeritRunError) else ExitCode.INTERNAL
+
+
+def most_decisive(codes: Iterable[int | None]) -> int | None:
+    """Of a gang's exit codes, the one that decides a retry: a spec verdict outranks a
+    permanent one, which outranks any other failure, which outranks success (None: none)."""
+    rank = {ExitCode.INVALID_SPEC: 3, ExitCode.PERMANENT: 2, ExitCode.OK: 0}
+    return max((c for c in codes if c is not None), key=lambda c: rank.get(c, 1), default=None)
 
 
 def error_line(reason: str) -> str:

@@ -33,7 +33,7 @@ from .api import TERMINAL_PHASES, MeritRun, MeritRunSpec, MeritRunStatus, Storag
 from .artifacts import RunId
 from .conditions import now_utc
 from .driver import ActionsFailed, run_round
-from .errors import ExitCode, SpecError, TransientError, find_error_line
+from .errors import SpecError, TransientError, find_error_line
 from .observe import attach_progress, grant_candidates, observe_storage
 from .outage import Outage
 from .pipeline import (
@@ -45,6 +45,7 @@ from .pipeline import (
     OfferAssignment,
     Policy,
     RevokeGrant,
+    exit_verdict,
 )
 from .stages import stage_command
 from .workdir import stage_environment
@@ -89,7 +90,7 @@ def with_torchrun(argv: list[str], stage: str, gpus: int) -> list[str]:
     Kubernetes pod with that many GPUs runs it; anything else runs as it is."""
     if stage != "train" or gpus < 2 or argv[1] != "-m":
         return argv
-    return [argv[0], "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+    return [argv[0], "-m", "merit_trainer.launch", "--standalone", "--nproc_per_node",
             str(gpus), *argv[1:]]
 
 
@@ -192,7 +193,7 @@ class LocalBackend:
             else:
                 reason = last_error_line(proc.log_path) or f"exit code {code}"
                 seen[name] = JobObservation("Failed", f"exit code {code}: {reason}",
-                                            permanent=code == ExitCode.PERMANENT)
+                                            **exit_verdict(code))
         return seen
 
     def stop_all(self) -> None:

@@ -79,6 +79,10 @@ class TrainParams(_Params):
     site: str | None = None
     data: DataSpec
     training: TrainingSpec
+    checkpoints: str | None = Field(
+        None, description="Key prefix (under storage; artifacts.checkpoint_prefix) where "
+        "checkpoints are also kept, so an attempt on a fresh work directory resumes. None: "
+        "the work directory alone keeps them (a workVolume PVC, the local runner's directory).")
 
 
 class PartitionInput(BaseModel):

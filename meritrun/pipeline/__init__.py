@@ -31,16 +31,21 @@ from .actions import (
     RevokeGrant,
     grant_name,
 )
-from .observations import JobObservation, MergeOutcome, Observed, PartitionResult
+from .observations import (
+    JobObservation,
+    MergeOutcome,
+    Observed,
+    PartitionResult,
+    exit_verdict,
+)
 from .pull import settle_grants
-from .round import Policy, Round, revoke_unwanted, stages_of
+from .round import INVALID_SPEC, Policy, Round, revoke_unwanted, stages_of, started
 from .steps import advance
 
 __all__ = ["Action", "CreateJob", "Decision", "DeleteJob", "Event", "GrantRef",
            "JobObservation", "MergeOutcome", "Observed", "OfferAssignment", "PartitionResult",
-           "Policy", "RevokeGrant", "decide", "failed_for_spec", "grant_name"]
+           "Policy", "RevokeGrant", "decide", "exit_verdict", "failed_for_spec", "grant_name"]
 
-INVALID_SPEC = "InvalidSpec"
 DEFAULT_POLICY = Policy()
 
 
@@ -66,7 +71,7 @@ def decide(spec: MeritRunSpec | None, status: MeritRunStatus | None, observed: O
         r.status.observed_generation, r.status.run_uid = observed.generation, r.run.uid
         if r.status.phase in TERMINAL_PHASES:
             return _terminal(r)
-        _fail_for_spec(r, str(e) if isinstance(e, MeritRunError) else f"spec: {e}")
+        r.fail_for_spec(str(e) if isinstance(e, MeritRunError) else f"spec: {e}")
         return _finish(r)
 
 
@@ -81,20 +86,6 @@ def _copy(status: MeritRunStatus | None) -> MeritRunStatus:
     if status is None:
         return MeritRunStatus()
     return MeritRunStatus.model_validate(status.model_dump(mode="python", round_trip=True))
-
-
-def started(status: MeritRunStatus) -> bool:
-    """Whether the run ever started a Job or asked a site for anything."""
-    return status.profile.attempt > 0 or bool(status.sketches) or bool(status.partitions)
-
-
-def _fail_for_spec(r: Round, message: str) -> None:
-    """InvalidSpec. A run that never started anything starts over once its spec is fixed; one
-    that did stays Failed (its Job names would be reused): it says how to run it again."""
-    if started(r.status):
-        message += ("; the run had started, so a fixed spec does not restart it: delete and "
-                    "re-create the MeritRun (locally: --fresh)")
-    r.fail(INVALID_SPEC, message)
 
 
 def failed_for_spec(status: MeritRunStatus | None) -> bool:
@@ -112,11 +103,11 @@ def _decide(r: Round) -> Decision:
     if st.phase in TERMINAL_PHASES:
         if (obs.spec_error and failed_for_spec(st)
                 and not (st.message or "").startswith(obs.spec_error)):
-            _fail_for_spec(r, obs.spec_error)  # a new verdict on a new generation
+            r.fail_for_spec(obs.spec_error)  # a new verdict on a new generation
             return _finish(r)
         return _terminal(r)
     if spec is None or obs.spec_error:
-        _fail_for_spec(r, obs.spec_error or "spec does not validate")
+        r.fail_for_spec(obs.spec_error or "spec does not validate")
         return _finish(r)
     if st.start_time is None:
         st.start_time = to_rfc3339(obs.now)

@@ -54,7 +54,7 @@ def step_job(r: Round, stage: StageStatus, *, kind: str, label: str, has_result:
             if job.state == "Succeeded":
                 reason = "job succeeded but wrote no complete artifact"
             failed_attempt(r, stage, kind=kind, label=label, reason=reason,
-                           permanent=job.permanent)
+                           permanent=job.permanent, invalid_spec=job.invalid_spec)
 
 
 def note_waiting(r: Round, stage: StageStatus, label: str, waiting: str | None) -> None:
@@ -76,10 +76,16 @@ def start(r: Round, stage: StageStatus, job: CreateJob, label: str) -> None:
 
 
 def failed_attempt(r: Round, stage: StageStatus, *, kind: str, label: str, reason: str,
-                   permanent: bool = False) -> None:
-    """Back off and retry while the budget lasts; a permanent failure gives up at once."""
+                   permanent: bool = False, invalid_spec: bool = False) -> None:
+    """Back off and retry while the budget lasts; a permanent failure gives up at once, and
+    one the stage blamed on the spec (GPUs the image cannot use) fails the run InvalidSpec:
+    every other stage would meet the same spec."""
     stage.message = f"attempt {stage.attempt}: {reason}"
-    if stage.attempt <= r.valid_spec.backoff_limit and not permanent:
+    if invalid_spec:
+        stage.state = "Failed"
+        stage.completion_time = to_rfc3339(r.obs.now)
+        r.fail_for_spec(f"{label} {stage.message}")
+    elif stage.attempt <= r.valid_spec.backoff_limit and not permanent:
         stage.state = "BackingOff"
         stage.retry_after = to_rfc3339(r.obs.now + r.policy.backoff(stage.attempt))
         r.event("Retrying", f"{label} {stage.message}; retry after {stage.retry_after}",

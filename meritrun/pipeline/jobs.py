@@ -56,6 +56,9 @@ def train_job(run: RunId, spec: MeritRunSpec, part: PartitionStatus, attempt: in
         output=artifacts.partition_prefix(run, part.name, attempt),
         partition=part.name, index=part.index, sources=part.sources, site=part.site,
         data=spec.data, training=spec.training,
+        # A workVolume PVC outlives the attempt; an emptyDir does not, so storage keeps them.
+        checkpoints=None if spec.template.work_volume else artifacts.checkpoint_prefix(
+            run, part.name),
     )
     return CreateJob("train", job_name(run.name, "train", attempt, part.name), attempt, params,
                      partition=part.name, cluster=cluster)

@@ -12,6 +12,7 @@ from typing import Literal
 
 from ..api import ArtifactRef
 from ..artifacts import RunId
+from ..errors import ExitCode
 from ..stages import Plan, Verdict
 from .actions import GrantRef
 
@@ -26,6 +27,13 @@ class JobObservation:
     waiting: str | None = None
     permanent: bool = False  # the stage said retrying cannot help (bad input, missing file)
     cluster: str | None = None  # where it was seen (a kubeconfig site), None for this cluster
+    invalid_spec: bool = False  # the stage said the spec asks for what it cannot do
+
+
+def exit_verdict(code: int | None) -> dict[str, bool]:
+    """What a failed stage's exit code says about retrying (JobObservation's fields)."""
+    return {"permanent": code in (ExitCode.PERMANENT, ExitCode.INVALID_SPEC),
+            "invalid_spec": code == ExitCode.INVALID_SPEC}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from .actions import (
 )
 from .observations import Observed
 
+INVALID_SPEC = "InvalidSpec"
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -78,6 +80,15 @@ class Round:
             return None
         elapsed = (self.obs.now - from_rfc3339(start)).total_seconds()
         return max(1, int(spec.active_deadline_seconds - elapsed))
+
+    def fail_for_spec(self, message: str) -> None:
+        """InvalidSpec. A run that never started anything starts over once its spec is fixed;
+        one that did stays Failed (its Job names would be reused): it says how to run it
+        again."""
+        if started(self.status):
+            message += ("; the run had started, so a fixed spec does not restart it: delete "
+                        "and re-create the MeritRun (locally: --fresh)")
+        self.fail(INVALID_SPEC, message)
 
     def fail(self, reason: str, message: str) -> None:
         """The one way a run fails: status, condition, event, then stop Jobs and grants."""
@@ -158,3 +169,8 @@ def revoke_unwanted(r: Round, *, wanted: dict[str, int]) -> None:
     for name, ref in sorted(r.obs.grants.items()):
         if wanted.get(name) != ref.attempt:
             revoke(r, ref)
+
+
+def started(status: MeritRunStatus) -> bool:
+    """Whether the run ever started a Job or asked a site for anything."""
+    return status.profile.attempt > 0 or bool(status.sketches) or bool(status.partitions)

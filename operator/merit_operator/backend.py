@@ -15,9 +15,9 @@ from typing import Any
 
 from meritrun import API_GROUP, API_VERSION
 from meritrun.api import PLURAL, MeritRunSpec
-from meritrun.errors import ExitCode, SpecError, TransientError, find_error_line
+from meritrun.errors import SpecError, TransientError, find_error_line, most_decisive
 from meritrun.jobs import CreateJob
-from meritrun.pipeline import JobObservation
+from meritrun.pipeline import JobObservation, exit_verdict
 
 from .kubeapi import ApiError, KubeApi
 from .manifests import (
@@ -59,17 +59,18 @@ def is_ours(obj: dict[str, Any], run: RunRef) -> bool:
     return labels.get(LABEL_RUN) == run.name and labels.get(LABEL_RUN_UID) in (None, run.uid)
 
 
-def termination_reason(pods: list[dict[str, Any]]) -> tuple[str | None, bool]:
+def termination_reason(pods: list[dict[str, Any]]) -> tuple[str | None, int | None]:
     """The stage's own one-line reason, from its pod's termination message (the log tail),
-    and whether it exited PERMANENT (retrying the same inputs cannot help)."""
-    reason, permanent = None, False
+    and the exit code that decides a retry (of a gang's pods, the most decisive one)."""
+    reason, code = None, None
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             ended = (cs.get("state") or {}).get("terminated") or {}
-            permanent = permanent or ended.get("exitCode") == ExitCode.PERMANENT
+            code = most_decisive([code, ended.get("exitCode")])
             reason = find_error_line((ended.get("message") or "").splitlines(),
                                      limit=300) or reason
-    return reason, permanent
+    return reason, code
+
 
 
 class KubeBackend:
@@ -166,8 +167,8 @@ class KubeBackend:
             return observation
         pods = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {})
                 .get("job-name") == job]
-        reason, permanent = termination_reason(pods)
-        return replace(observation, message=reason or observation.message, permanent=permanent)
+        reason, code = termination_reason(pods)
+        return replace(observation, message=reason or observation.message, **exit_verdict(code))
 
     def create_job(self, action: CreateJob, *, run: RunRef, spec: MeritRunSpec) -> bool:
         """Create the params ConfigMap and the Job; True if the Job is new."""

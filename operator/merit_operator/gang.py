@@ -61,7 +61,7 @@ def launch_command(job: CreateJob, spec: MeritRunSpec, *, stage_args: list[str],
     """The torchrun line for a multi-process train Job; None keeps the plain command."""
     if not is_multiprocess(job, spec):
         return None
-    torchrun = [python, "-m", "torch.distributed.run",
+    torchrun = [python, "-m", "merit_trainer.launch",  # torchrun keeping the stage's exit
                 "--nproc_per_node", str(processes_per_pod(job, spec))]
     if is_gang(job, spec):
         torchrun += [f"--nnodes={nodes(job, spec)}", f"--node_rank=$({NODE_RANK_ENV})",

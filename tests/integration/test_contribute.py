@@ -21,7 +21,7 @@ from support.seaweed import SeaweedServer
 
 from meritrun.access import offer_assignment, offer_partition
 from meritrun.api import MeritRunSpec, PartitionStatus
-from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, RunId
+from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, RunId, checkpoint_prefix
 from meritrun.assignment import build_sketch_assignment
 from meritrun.data import iter_examples, write_examples
 from meritrun.iam import IamIssuer
@@ -237,8 +237,12 @@ def test_site_contributes_to_s3_with_only_its_scoped_grant(tiny_base, tiny_mixtu
                    storage=storage, issuer=issuer)
     data = site_data(tiny_mixture, tmp_path / "site.jsonl", DECLARED)
     done = run_site(contribute_cmd(hub.grant_file, data, tmp_path / "work", "--key",
-                                   str(key_path)), tmp_path)
+                                   str(key_path), "--hub-checkpoints"), tmp_path,
+                    MERITRUN_CHECKPOINT_STEPS="1")
     assert done.returncode == 0, done.stderr[-4000:]
+    # Checkpoints went to the partition's prefix through the grant, and were removed after.
+    assert done.stderr.count("kept in s3://") == 3  # maxSteps 3, one per step
+    assert storage.list_keys(checkpoint_prefix(RUN, "p1")) == []
     manifest = hub.manifest()
     verify_manifest_signature(manifest, public)
     hub.storage.download_dir(hub.output, tmp_path / "fetched", expected=manifest.files)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from merit_trainer.moments import compress_rank1, load_second_moments
 from merit_trainer.training import train_partition
-from meritrun.artifacts import read_manifest
-from meritrun.stages import TrainParams
+from meritrun.artifacts import RunId, checkpoint_prefix, read_manifest
+from meritrun.stages import StorageParams, TrainParams
 
 TESTS = Path(__file__).parents[1]
 WORKER = "support.train_worker"  # as a module: tests/support/minio.py must not shadow minio
@@ -48,6 +48,7 @@ def make_params(tmp: Path, base: Path, data: Path, *, attempt: int = 1, **traini
 
 def torchrun(tmp: Path, params: TrainParams, *args: str, check: bool = True,
              shard_bytes: int | None = None) -> subprocess.CompletedProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "params.json").write_text(params.model_dump_json())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -177,3 +178,35 @@ def test_killed_gang_resumes_in_the_next_attempt(tmp_path, sharded, tiny_base, t
             ref = compress_rank1(v)
             for key, got in zip(("row", "col", "total"), factors[name], strict=True):
                 assert_rel_close(got, ref[key], 1e-6, f"{name}::{key}")
+
+
+def test_a_gang_on_fresh_disks_resumes_from_storage(tmp_path, sharded, tiny_base, tiny_mixture,
+                                                    s3_bucket, monkeypatch):
+    """No work volume: the pods of the next attempt start on empty disks (also the nodes of
+    a multi-node gang never share one), so the checkpoint comes back from S3."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_bucket.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_bucket.secret_key)
+    prefix = checkpoint_prefix(RunId("dist", "u1"), "p0")
+
+    def attempt(n: int) -> TrainParams:
+        return make_params(tmp_path, tiny_base, tiny_mixture.train, attempt=n).model_copy(
+            update={"storage": StorageParams(uri=s3_bucket.root_uri,
+                                             endpoint=s3_bucket.endpoint),
+                    "checkpoints": prefix})
+
+    storage = s3_bucket.open()
+    died = torchrun(tmp_path / "pod-a1", attempt(1), "--die-after-step", "3", check=False)
+    assert died.returncode != 0
+    markers = [k for k in storage.list_keys(prefix) if k.endswith("/meta.json")]
+    assert len(markers) == 1 and "/step-00000002/" in markers[0]
+    shards = {k.rsplit("/", 1)[1] for k in storage.list_keys(markers[0].rsplit("/", 1)[0])}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= shards  # each rank sent its own
+
+    retry = attempt(2)
+    done = torchrun(tmp_path / "pod-a2", retry)  # an empty work directory
+    assert "resuming from checkpoint" in done.stderr and "downloading checkpoint" in done.stderr
+    artifact = storage.download_dir(retry.output, tmp_path / "fetched")
+    resumed, uninterrupted = weights(artifact / "model"), weights(sharded.artifact / "model")
+    assert all(torch.equal(resumed[n], uninterrupted[n]) for n in uninterrupted)
+    assert read_manifest(artifact).tokens == read_manifest(sharded.artifact).tokens
+    assert storage.list_keys(prefix) == []  # removed after publishing

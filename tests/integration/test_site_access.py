@@ -26,7 +26,7 @@ from meritrun.access import (
     scope_policy,
 )
 from meritrun.api import MeritRunSpec, PartitionStatus
-from meritrun.artifacts import RunId
+from meritrun.artifacts import RunId, checkpoint_prefix
 from meritrun.assignment import SiteGrant, build_train_assignment, parse_grant, read_assignment
 from meritrun.errors import StorageError
 from meritrun.iam import IamIssuer
@@ -130,6 +130,25 @@ def test_site_cannot_touch_other_partitions_attempts_or_assignments(hub):
     read_assignment(hub["storage"], a.assignment_key)
 
 
+def test_site_keeps_its_partitions_checkpoints_and_no_other(hub):
+    """Checkpoints outlive the attempt (artifacts.checkpoint_prefix): the site writes, lists,
+    reads back and removes its own partition's, and cannot reach another partition's."""
+    site = site_storage(hub["grants"]["a"])
+    mine = checkpoint_prefix(RUN, "p0") + "/abc/step-00000002"
+    site.put_bytes(f"{mine}/__0_0.distcp", b"shard")
+    site.put_bytes(f"{mine}/meta.json", b"{}")
+    assert site.list_keys(checkpoint_prefix(RUN, "p0")) == [f"{mine}/__0_0.distcp",
+                                                            f"{mine}/meta.json"]
+    assert site.get_bytes(f"{mine}/__0_0.distcp") == b"shard"
+    assert site.delete_prefix(checkpoint_prefix(RUN, "p0")) == 2
+    theirs = checkpoint_prefix(RUN, "p1") + "/abc/step-00000002/meta.json"
+    hub["storage"].put_bytes(theirs, b"{}")
+    denied(lambda: site.put_bytes(theirs, b"evil"))
+    denied(lambda: site.get_bytes(theirs))
+    denied(lambda: site.list_keys(checkpoint_prefix(RUN, "p1")))
+    denied(lambda: site.delete_prefix(theirs))
+
+
 def test_expired_grant_is_refused_by_the_server(hub):
     assignment = build_train_assignment(RUN, hub["spec"], hub["parts"]["b"])
     expires = datetime.now(timezone.utc) + timedelta(seconds=4)
@@ -182,6 +201,7 @@ def test_policy_names_only_the_grants_prefixes(hub):
     assert f"arn:aws:s3:::{bucket}/tenant/runs/acc/u1/partitions/p0/attempt-1/*" in policy
     assert f"arn:aws:s3:::{bucket}/tenant/runs/acc/u1/sites/a/p0/attempt-1/*" in policy
     assert f"arn:aws:s3:::{bucket}/models/base/*" in policy
+    assert f"arn:aws:s3:::{bucket}/tenant/runs/acc/u1/partitions/p0/checkpoints/*" in policy
     assert "p1" not in policy and "attempt-2" not in policy and "s3:*" not in policy
     assert len(policy) < 2048  # the inline-policy limit of AWS, MinIO and SeaweedFS
     assert grant_identity(assignment) == "meritrun-acc-a-p0-a1"

@@ -106,6 +106,27 @@ def test_missing_source_is_reported_by_name(tmp_path, tiny_base, tiny_mixture, c
     assert not (tmp_path / "store").exists()
 
 
+def test_gpus_the_image_cannot_use_fail_as_an_invalid_spec(tmp_path, tiny_base, tiny_mixture):
+    """The pod asks for a GPU (the Job renderer sets MERITRUN_GPUS from the template) but
+    torch sees no CUDA: exit INVALID_SPEC, which the backends turn into InvalidSpec."""
+    params = TrainParams(
+        run="r", run_uid="u1", attempt=1, partition="p0", index=0, sources=["copy"],
+        storage={"uri": (tmp_path / "store").as_uri()}, base_model=str(tiny_base),
+        output=partition_prefix(RunId("r", "u1"), "p0", 1), data={"uri": str(tiny_mixture.train)},
+        training={"maxSteps": 1},
+    )
+    (tmp_path / "params.json").write_text(params.model_dump_json())
+
+    done = run_stage("train", "--params", str(tmp_path / "params.json"),
+                     "--workdir", str(tmp_path / "w"),
+                     env=_env(MERITRUN_GPUS="1", CUDA_VISIBLE_DEVICES=""))
+
+    assert done.returncode == ExitCode.INVALID_SPEC
+    line = error_line(done.stderr)
+    assert 'spec.template.resources.limits["nvidia.com/gpu"]' in line and "1 GPU(s)" in line
+    assert not (tmp_path / "store").exists()
+
+
 def test_unreadable_params_file_fails_before_loading_anything(capfd):
     code = main(["profile", "--params", "/nonexistent/params.json"])
 

@@ -72,7 +72,7 @@ def test_one_gpu_keeps_the_plain_command_and_one_pod():
 def test_one_pod_with_n_gpus_runs_torchrun_standalone_with_shm():
     r = render(make_spec(gpus=8))
     cmd = command(r)
-    assert cmd[:6] == ["python", "-m", "torch.distributed.run", "--nproc_per_node", "8",
+    assert cmd[:6] == ["python", "-m", "merit_trainer.launch", "--nproc_per_node", "8",
                        "--standalone"]
     assert cmd[6:10] == ["-m", "merit_trainer.stage", "train", "--params"]
     assert cmd[-2:] == ["--workdir", "/work"]

@@ -9,7 +9,7 @@ from meritrun.stages import stage_command
 def test_train_uses_every_local_gpu_through_torchrun():
     argv = stage_command("train", "p.json", python="py") + ["--workdir", "w"]
     assert with_torchrun(argv, "train", 4) == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+        "py", "-m", "merit_trainer.launch", "--standalone", "--nproc_per_node", "4",
         "-m", "merit_trainer.stage", "train", "--params", "p.json", "--workdir", "w"]
     assert with_torchrun(argv, "train", 1) == argv  # one device: one plain process
     profile = stage_command("profile", "p.json", python="py")

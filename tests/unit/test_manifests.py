@@ -100,6 +100,26 @@ def test_command_reads_params_from_the_mounted_configmap():
     assert params["partition"] == "p1" and params["attempt"] == 2
 
 
+def test_checkpoints_go_to_storage_unless_a_work_volume_keeps_them():
+    """An emptyDir dies with the pod: the next attempt resumes from storage instead."""
+    assert train(make_spec()).params.checkpoints == "runs/demo/1111-2222/partitions/p1/checkpoints"
+    assert train(make_spec(), attempt=3).params.checkpoints == train(make_spec()).params.checkpoints
+    assert train(make_spec(workVolume="meritrun-work")).params.checkpoints is None
+
+
+def test_a_gang_pods_spec_verdict_outranks_the_others_exits():
+    from merit_operator.backend import termination_reason
+
+    def pod(code: int, message: str = "") -> dict:
+        return {"status": {"containerStatuses": [
+            {"state": {"terminated": {"exitCode": code, "message": message}}}]}}
+
+    why = 'MERITRUN_ERROR: spec.template.resources.limits["nvidia.com/gpu"]: 8 GPU(s) requested'
+    assert termination_reason([pod(137), pod(5, why), pod(4)]) == (why.split(": ", 1)[1], 5)
+    assert termination_reason([pod(1), pod(4)])[1] == 4
+    assert termination_reason([]) == (None, None)
+
+
 def test_credentials_only_by_secret_reference():
     spec = make_spec(env=[{"name": "EXTRA", "value": "1"}])
     job = build_stage_job(train(spec), run=RUN, spec=spec, images=IMAGES)

@@ -9,7 +9,14 @@ import pytest
 from support.decide import RUN, created, make_spec, result, step
 
 from meritrun.api import MeritRunStatus
-from meritrun.pipeline import DeleteJob, GrantRef, JobObservation, MergeOutcome, RevokeGrant
+from meritrun.pipeline import (
+    DeleteJob,
+    GrantRef,
+    JobObservation,
+    MergeOutcome,
+    RevokeGrant,
+    exit_verdict,
+)
 from meritrun.stages import Plan, PlannedPartition
 
 EAST = {"name": "east", "mode": "kubeconfig", "secretRef": {"name": "east-kc"}}
@@ -68,6 +75,29 @@ def test_a_permanent_failure_is_not_retried():
     d = step(spec, training(spec, k=1).status,
              jobs={"r-p0-a1": JobObservation("Failed", "no such file", permanent=True)})
     assert d.status.partitions[0].state == "Failed" and d.status.phase == "Failed"
+
+
+def test_a_stage_blaming_the_spec_fails_the_run_invalid_spec_at_once():
+    """GPUs the image cannot use: no retry, no waiting for the other partitions."""
+    spec = make_spec(backoffLimit=3)
+    why = 'spec.template.resources.limits["nvidia.com/gpu"]: 1 GPU(s) requested, but ...'
+    d = step(spec, training(spec, k=2).status, jobs={
+        "r-p0-a1": JobObservation("Failed", why, permanent=True, invalid_spec=True),
+        "r-p1-a1": JobObservation("Active")})
+    failed = next(c for c in d.status.conditions if c.type == "Failed")
+    assert (d.status.phase, failed.reason) == ("Failed", "InvalidSpec")
+    assert 'limits["nvidia.com/gpu"]' in failed.message and "partition p0" in failed.message
+    assert d.status.partitions[0].state == "Failed" and created(d) == []
+    assert ("r-p1-a1", None) in deletes(d)
+
+
+@pytest.mark.parametrize(("code", "verdict"), [
+    (5, {"permanent": True, "invalid_spec": True}),
+    (4, {"permanent": True, "invalid_spec": False}),
+    (2, {"permanent": False, "invalid_spec": False}), (None, {"permanent": False,
+                                                             "invalid_spec": False})])
+def test_exit_codes_read_as_retry_verdicts(code, verdict):
+    assert exit_verdict(code) == verdict
 
 
 @pytest.mark.parametrize(("observation", "reason"), [

@@ -240,6 +240,11 @@ def test_every_spec_field_is_either_mutable_or_immutable():
      "finite"),
     ({"training": {"seed": 2**63}}, "spec.training.seed", "less than or equal"),
     ({"sites": [{"name": "a/b"}]}, "spec.sites[0].name", "'a/b' must be a DNS label"),
+    ({"training": {"nodes": 0}}, "spec.training.nodes", "greater than or equal to 1"),
+    ({"training": {"batchSize": 8, "microBatchSize": 3}}, "spec.training",
+     "training.microBatchSize 3 does not divide training.batchSize 8"),
+    ({"training": {"batchSize": 4, "microBatchSize": 8}}, "spec.training",
+     "training.microBatchSize 8 is larger than training.batchSize 4"),
 ])
 def test_the_operators_spec_parser_says_the_same(spec, path, words):
     from meritrun.errors import SpecError

@@ -11,9 +11,9 @@ from merit_trainer.stage import main
 from meritrun.errors import SpecError
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only torch build")
 def test_gpus_requested_on_an_image_without_cuda_name_the_field(monkeypatch):
     monkeypatch.delenv("MERITRUN_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only image
     monkeypatch.setenv("MERITRUN_GPUS", "2")
     with pytest.raises(SpecError) as refused:
         choose_device(0)

@@ -8,9 +8,11 @@ the work directory (on Kubernetes the run's work volume, a PVC when `template.wo
 set) under checkpoints/<identity>/step-<n>; the identity hashes run, partition, sources, base,
 training configuration and data, but not the attempt, so a retry resumes and anything else
 starts over. A step directory counts once rank 0 has renamed it into place after every rank
-wrote, so a crash while saving leaves the previous checkpoint. The batch of every step is a
-pure function of (seed, step), so a resumed run feeds exactly what an uninterrupted run would
-have fed. This is not the artifact (training.py and export.py write that).
+wrote, so a crash while saving leaves the previous checkpoint. When the work directory does not
+outlive the attempt (an emptyDir), the stage parameters name a storage prefix and every step is
+also uploaded there (checkpoint_mirror.py); resume takes the newer of the two. The batch of
+every step is a pure function of (seed, step), so a resumed run feeds exactly what an
+uninterrupted run would have fed. This is not the artifact (training.py and export.py write that).
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_mirror import META_NAME, CheckpointMirror
 from .dist import Dist, all_gather, barrier
 
 log = logging.getLogger(__name__)
 
-META_NAME = "meta.json"
 CHECKPOINTS_DIR = "checkpoints"
+RESTORE_DIR = "restored"  # steps downloaded from storage, one directory per node
 
 
 @dataclass
@@ -117,21 +120,23 @@ def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 def save_checkpoint(
     root: Path, *, identity: str, dist: Dist, model: torch.nn.Module,
     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-    progress: Progress,
+    progress: Progress, mirror: CheckpointMirror | None = None,
 ) -> Path:
-    """Every rank writes its shards; rank 0 then moves the step into place and drops older ones."""
+    """Every rank writes its shards (and uploads them, with a mirror); rank 0 then moves the
+    step into place and drops older ones."""
     import torch.distributed.checkpoint as dcp
 
     final = Path(root) / f"step-{progress.step:08d}"
     tmp = Path(root) / f".step-{progress.step:08d}.tmp"
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
     barrier(dist)
-    dcp.save(_states(model, optimizer), checkpoint_id=str(tmp))
+    dcp.save(_states(model, optimizer), checkpoint_id=str(tmp))  # each node creates tmp
+    meta = {"identity": identity, "scheduler": scheduler.state_dict(), **asdict(progress)}
+    if mirror is not None:
+        mirror.upload(tmp, step=progress.step, meta=meta, dist=dist)
     barrier(dist)
     if dist.main:
-        meta = {"identity": identity, "scheduler": scheduler.state_dict(), **asdict(progress)}
         (tmp / META_NAME).write_text(json.dumps(meta))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -139,23 +144,42 @@ def save_checkpoint(
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(dist)
+    if dist.local_rank == 0 and not dist.main:  # another node's disk: its part is in storage
+        shutil.rmtree(tmp, ignore_errors=True)
     log.debug("checkpoint at step %d -> %s", progress.step, final)
     return final
+
+
+def _latest(root: Path, *, identity: str, dist: Dist,
+            mirror: CheckpointMirror | None) -> tuple[Path, bool] | None:
+    """The newest complete step every rank can read: (directory, downloaded?), or None.
+
+    The work directory's own step when it is at least as new as storage's (no download);
+    otherwise storage's, fetched into the work directory once per node.
+    """
+    seen = all_gather(dist, _complete_steps(Path(root), identity))
+    local = set(seen[0]).intersection(*map(set, seen[1:]))
+    remote = mirror.complete_steps(dist) if mirror is not None else []
+    if remote and max(remote) > max(local, default=-1):
+        return mirror.download(max(remote), Path(root) / RESTORE_DIR, dist=dist), True
+    if local:
+        return Path(root) / f"step-{max(local):08d}", False
+    return None
 
 
 def load_checkpoint(
     root: Path, *, identity: str, dist: Dist, model: torch.nn.Module,
     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    mirror: CheckpointMirror | None = None,
 ) -> Progress | None:
-    """Restore the latest step every rank can see; None (a fresh start) when there is none."""
+    """Restore the latest complete step (work directory or storage); None for a fresh start."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    seen = all_gather(dist, _complete_steps(Path(root), identity))
-    common = set(seen[0]).intersection(*map(set, seen[1:]))
-    if not common:
+    latest = _latest(Path(root), identity=identity, dist=dist, mirror=mirror)
+    if latest is None:
         return None
-    found = Path(root) / f"step-{max(common):08d}"
+    found, downloaded = latest
     states = _states(model, optimizer)
     dcp.load(states, checkpoint_id=str(found))
     set_state_dict(model, optimizer, model_state_dict=states["model"],
@@ -164,12 +188,18 @@ def load_checkpoint(
     meta.pop("identity")
     scheduler.load_state_dict(meta.pop("scheduler"))
     progress = Progress(**meta)
+    if downloaded:  # loaded into memory; the next save writes a local step again
+        barrier(dist)
+        if dist.local_rank == 0:
+            shutil.rmtree(Path(root) / RESTORE_DIR, ignore_errors=True)
     log.info("resuming from checkpoint %s at step %d", found, progress.step)
     return progress
 
 
-def remove_checkpoints(root: Path, dist: Dist) -> None:
+def remove_checkpoints(root: Path, dist: Dist, mirror: CheckpointMirror | None = None) -> None:
     """After publishing: the artifact supersedes every checkpoint of this training."""
     barrier(dist)
     if dist.main:
         shutil.rmtree(root, ignore_errors=True)
+    if mirror is not None:
+        mirror.remove_all(dist)

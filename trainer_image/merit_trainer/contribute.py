@@ -1,8 +1,9 @@
 """`meritrun contribute`: a pull site trains its partition on its own machines and uploads it.
 
 One command for a laptop, a GPU box or a Job on the site's own cluster (trainer image). Only
-outbound connections to the hub's object storage; only final weights leave. Each step resumes
-when the same command runs again with the same --workdir:
+outbound connections to the hub's object storage; only final weights leave (and, with
+--hub-checkpoints, the checkpoints while training: for machines whose disk does not last).
+Each step resumes when the same command runs again with the same --workdir:
   1. ticket: the hub's grant bundle (or a bare assignment, with S3 keys from the environment)
   2. data: each declared source needs examples in --data; other sources are reported, not
      trained on, and recorded (with the file's sha256) in the signed manifest
@@ -27,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from meritrun.access import open_as_site, read_granted_assignment
-from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, write_manifest
+from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, checkpoint_prefix, write_manifest
 from meritrun.assignment import (
     ASSIGNMENT_FORMAT,
     GRANT_FORMAT,
@@ -123,11 +124,13 @@ def _digest(assignment: Assignment, data: SiteData) -> str:
     return hashlib.sha256(assignment_bytes(assignment) + data.sha256.encode()).hexdigest()
 
 
-def build_artifact(ticket: Ticket, data: SiteData, *, base_dir: Path, workdir: Path
-                   ) -> tuple[Path, PartitionManifest]:
+def build_artifact(ticket: Ticket, data: SiteData, *, base_dir: Path, workdir: Path,
+                   hub_checkpoints: bool = False) -> tuple[Path, PartitionManifest]:
     """Train (resuming from workdir checkpoints) into workdir/train/artifact; the manifest.
 
-    A finished build is recorded in workdir/contribution.json, so a rerun after an interrupted
+    With `hub_checkpoints` the checkpoints also go to the hub's storage (the grant covers the
+    partition's checkpoint prefix), so a later attempt resumes on another machine too. A
+    finished build is recorded in workdir/contribution.json, so a rerun after an interrupted
     upload goes straight to the upload.
     """
     a, state_path = ticket.assignment, workdir / STATE_NAME
@@ -146,7 +149,11 @@ def build_artifact(ticket: Ticket, data: SiteData, *, base_dir: Path, workdir: P
     staging = workdir / "staging"  # train_partition publishes here; we upload ourselves
     params = a.train_params(data_uri=str(data.path), base_model=str(base_dir),
                             storage=StorageParams(uri=staging.as_uri()), output="artifact")
-    manifest = train_partition(params, workdir=workdir / "train")
+    if hub_checkpoints:
+        params = params.model_copy(update={"checkpoints": checkpoint_prefix(
+            a.run_id, a.partition or a.name)})
+    manifest = train_partition(params, workdir=workdir / "train",
+                               checkpoint_storage=ticket.storage)
     shutil.rmtree(staging, ignore_errors=True)
     (artifact_dir / MANIFEST_NAME).unlink(missing_ok=True)  # uploaded last, by us, signed
     site_data = {"examples": data.counts, "ignored": data.ignored, "data_sha256": data.sha256}
@@ -229,7 +236,8 @@ def contribute(args: argparse.Namespace) -> str:
     if args.sketch_only:
         where = contribute_sketch(ticket, data, base_dir=base_dir, workdir=workdir)
         return f"sketches of {', '.join(a.sources)} uploaded to {where}"
-    artifact_dir, manifest = build_artifact(ticket, data, base_dir=base_dir, workdir=workdir)
+    artifact_dir, manifest = build_artifact(ticket, data, base_dir=base_dir, workdir=workdir,
+                                            hub_checkpoints=args.hub_checkpoints)
     if key is not None:
         manifest = sign_manifest(manifest, key)
     upload_artifact(ticket.storage, a.output, artifact_dir=artifact_dir, manifest=manifest,
@@ -255,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "./meritrun-contribute/<run>-<partition>-a<attempt>)")
     p.add_argument("--key", type=Path, default=None, help="ed25519 private key to sign with")
     p.add_argument("--base", type=Path, default=None, help="a local copy of the base model")
+    p.add_argument("--hub-checkpoints", action="store_true",
+                   help="also keep checkpoints (weights and optimizer state, no data) in the "
+                        "hub's storage, so another attempt resumes on a fresh machine")
     p.add_argument("--sketch-only", action="store_true",
                    help="upload only gradient sketches of the sources (a sketch assignment)")
     return p

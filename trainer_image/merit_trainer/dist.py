@@ -25,7 +25,7 @@ from meritrun.errors import SpecError
 log = logging.getLogger(__name__)
 
 GPUS_ENV = "MERITRUN_GPUS"  # set by the Job renderer from template.resources.limits
-GPU_FIELD = 'template.resources.limits["nvidia.com/gpu"]'
+GPU_FIELD = 'spec.template.resources.limits["nvidia.com/gpu"]'
 T = TypeVar("T")
 
 

@@ -1,8 +1,9 @@
 """Which rank holds which example, and which rows each rank feeds at each step.
 
-Every rank tokenizes only its own share of the examples (raw index i belongs to rank
-i % world), so the tokenization runs in as many processes as there are ranks and no rank holds
-every encoded example. The ranks then exchange a small catalogue (supervised and total tokens
+Every rank reads and tokenizes only its own share of the examples (raw index i belongs to
+rank i % world; sources.py streams it out of the files), in a pool of worker processes when
+the share is large (tokenizing.py), so no rank holds every example, raw or encoded. The
+ranks then exchange a small catalogue (supervised and total tokens
 of each example that keeps a supervised token), from which every rank computes, without
 further communication, the same step plan, the global token counts of each step and how many
 micro-batches every rank runs.
@@ -15,13 +16,14 @@ of one process; only the float summation order differs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from meritrun.textenc import IGNORE, Encoded, encode_example
+from meritrun.data import Example
+from meritrun.textenc import IGNORE, Encoded
 
 from .checkpoint import batch_indices
 from .dist import Dist, all_gather
+from .tokenizing import MIN_PER_WORKER, encode_all
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,12 @@ class StepRows:
     total: int
 
 
-def encode_share(tokenizer, examples: Sequence, *, dist: Dist,
-                 max_len: int) -> dict[int, Encoded]:
-    """raw index -> encoded example, for this rank's share only (empty ones included)."""
-    return {i: encode_example(tokenizer, examples[i], max_len=max_len)
-            for i in range(dist.rank, len(examples), dist.world)}
+def encode_share(tokenizer, share: dict[int, Example], *, max_len: int, workers: int = 1,
+                 min_per_worker: int = MIN_PER_WORKER) -> dict[int, Encoded]:
+    """raw index -> encoded example, for this rank's share (empty ones included), tokenized
+    in up to `workers` processes, one per `min_per_worker` examples (tokenizing.py)."""
+    return encode_all(tokenizer, share, max_len=max_len, workers=workers,
+                      min_per_worker=min_per_worker)
 
 
 def build_catalogue(dist: Dist, share: dict[int, Encoded]) -> Catalogue:

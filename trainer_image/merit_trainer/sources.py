@@ -2,8 +2,9 @@
 
 A run's data is either one mixture file (`data.uri`, examples carry a source field) or one file
 per source (`data.sources[].uri`), local or in S3. A partition trains on a subset of sources, so
-this module reads only the files it needs and keeps only the examples of those sources. It does
-no tokenization (training.py does, with the model's tokenizer).
+this module reads only the files it needs and keeps only the examples of those sources. Files
+are streamed twice (count, then keep one rank's share), never held whole: a 1M-example mixture
+costs each rank its share, not the file. It does no tokenization (shares.py does).
 """
 
 from __future__ import annotations
@@ -40,6 +41,79 @@ def source_files(data: DataSpec, sources: Sequence[str]) -> dict[str, list[str]]
     return files
 
 
+def fetch_partition_files(
+    data: DataSpec,
+    sources: Sequence[str],
+    cache_dir: Path,
+    *,
+    endpoint: str | None = None,
+    region: str | None = None,
+) -> dict[Path, list[str]]:
+    """Local path -> the requested sources it holds (fetched from S3 into cache_dir)."""
+    wanted = list(dict.fromkeys(sources))
+    if not wanted:
+        raise DataError("the partition lists no sources")
+    files: dict[Path, list[str]] = {}
+    for uri, names in source_files(data, wanted).items():
+        try:
+            path = fetch_path(uri, Path(cache_dir), endpoint=endpoint, region=region)
+        except MeritRunError as e:
+            raise DataError(f"cannot fetch data {uri} (sources {', '.join(names)}): {e}") from e
+        files.setdefault(path, []).extend(names)
+    return files
+
+
+def count_examples(files: dict[Path, list[str]], sources: Sequence[str], *,
+                   source_field: str) -> dict[str, int]:
+    """source -> examples, sources in the order asked for, by streaming every file once.
+
+    Examples of other sources in the same file are ignored (a mixture file holds every
+    partition's data). A requested source with no examples is a DataError naming it: training
+    a partition on silently missing data would skew the token-weighted merge.
+    """
+    counts = {name: 0 for name in dict.fromkeys(sources)}
+    for path, names in files.items():
+        keep, other = set(names), 0
+        for example in iter_examples(path, source_field=source_field):
+            if example.source in keep:
+                counts[example.source] += 1
+            else:
+                other += 1
+        log.info("read %s: %s (%d examples of other sources ignored)", path,
+                 ", ".join(f"{n}={counts[n]}" for n in names), other)
+    empty = [name for name, n in counts.items() if not n]
+    if empty:
+        raise DataError(
+            f"no examples for source(s) {', '.join(map(repr, empty))} "
+            f"(field {source_field!r} never has that value in the data)"
+        )
+    return counts
+
+
+def read_share(files: dict[Path, list[str]], counts: dict[str, int], *, source_field: str,
+               rank: int = 0, world: int = 1) -> dict[int, Example]:
+    """raw index -> example, for the raw indices i with i % world == rank, streaming.
+
+    The raw index is the example's place in the partition: sources in the order of `counts`,
+    each in file order. Only this share is ever held, so the ranks of a node hold the data
+    once between them.
+    """
+    offsets, start = {}, 0
+    for name, n in counts.items():
+        offsets[name], start = start, start + n
+    share: dict[int, Example] = {}
+    for path, names in files.items():
+        seen = dict.fromkeys(names, 0)
+        for example in iter_examples(path, source_field=source_field):
+            if example.source not in seen:
+                continue
+            index = offsets[example.source] + seen[example.source]
+            seen[example.source] += 1
+            if index % world == rank:
+                share[index] = example
+    return dict(sorted(share.items()))
+
+
 def load_partition_examples(
     data: DataSpec,
     sources: Sequence[str],
@@ -48,33 +122,11 @@ def load_partition_examples(
     endpoint: str | None = None,
     region: str | None = None,
 ) -> dict[str, list[Example]]:
-    """source -> its examples in file order, sources in the order asked for.
-
-    Examples of other sources in the same file are ignored (a mixture file holds every
-    partition's data). A requested source with no examples is a DataError naming it: training
-    a partition on silently missing data would skew the token-weighted merge.
-    """
-    wanted = list(dict.fromkeys(sources))
-    if not wanted:
-        raise DataError("the partition lists no sources")
-    found: dict[str, list[Example]] = {name: [] for name in wanted}
-    for uri, names in source_files(data, wanted).items():
-        try:
-            path = fetch_path(uri, Path(cache_dir), endpoint=endpoint, region=region)
-        except MeritRunError as e:
-            raise DataError(f"cannot fetch data {uri} (sources {', '.join(names)}): {e}") from e
-        keep, other = set(names), 0
-        for example in iter_examples(path, source_field=data.source_field):
-            if example.source in keep:
-                found[example.source].append(example)
-            else:
-                other += 1
-        log.info("read %s: %s (%d examples of other sources ignored)", uri,
-                 ", ".join(f"{n}={len(found[n])}" for n in names), other)
-    empty = [name for name, examples in found.items() if not examples]
-    if empty:
-        raise DataError(
-            f"no examples for source(s) {', '.join(map(repr, empty))} "
-            f"(field {data.source_field!r} never has that value in the data)"
-        )
+    """source -> its examples in file order, sources in the order asked for (every example,
+    in one process: profiling-sized uses and tests; training reads its share only)."""
+    files = fetch_partition_files(data, sources, cache_dir, endpoint=endpoint, region=region)
+    counts = count_examples(files, sources, source_field=data.source_field)
+    found: dict[str, list[Example]] = {name: [] for name in counts}
+    for example in read_share(files, counts, source_field=data.source_field).values():
+        found[example.source].append(example)
     return found

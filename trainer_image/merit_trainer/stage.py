@@ -23,6 +23,8 @@ from pydantic import BaseModel, ValidationError
 from meritrun.errors import ERROR_MARKER, ExitCode, MeritRunError, SpecError, exit_code_for
 from meritrun.stages import PARAMS_ENV, ProfileParams, TrainParams
 
+from .launch import record_exit
+
 log = logging.getLogger("merit_trainer.stage")  # not __name__: that is "__main__" under -m
 
 ERROR_PREFIX = ERROR_MARKER + " "
@@ -100,6 +102,7 @@ def _configure_logging() -> None:
 def _fail(reason: str, code: int) -> int:
     sys.stderr.flush()
     print(ERROR_PREFIX + " ".join(reason.split()), file=sys.stderr, flush=True)
+    record_exit(code, reason)  # under merit_trainer.launch: torchrun itself would say 1
     return code
 
 

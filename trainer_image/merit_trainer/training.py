@@ -28,7 +28,7 @@ import torch
 from meritrun.artifacts import PartitionManifest, TokenCounts, base_fingerprint, hash_tree
 from meritrun.errors import DataError
 from meritrun.stages import TrainParams
-from meritrun.storage import fetch_path
+from meritrun.storage import Storage, fetch_path
 from meritrun.textenc import Encoded
 
 from .checkpoint import (
@@ -41,11 +41,13 @@ from .checkpoint import (
     remove_checkpoints,
     save_checkpoint,
 )
+from .checkpoint_mirror import open_mirror
 from .dist import Dist, all_gather, node_leader_first, start, stop
 from .engine import choose_precision, enable_tf32, make_optimizer, prepare_model, train_step
 from .export import base_dtype, max_shard_bytes
 from .publishing import ProgressFile, publish_artifact, write_artifact
 from .shares import build_catalogue, encode_share, micro_batches, step_rows
+from .tokenizing import default_workers
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ DEFAULT_CHECKPOINT_STEPS = 200
 def encode_examples(tokenizer, examples: list, *, max_len: int) -> tuple[list[Encoded], int]:
     """Encoded examples with at least one supervised token, and how many were skipped: the
     train stage's rule (shares.py) as one process applies it."""
-    share = encode_share(tokenizer, examples, dist=Dist(), max_len=max_len)
+    share = encode_share(tokenizer, dict(enumerate(examples)), max_len=max_len)
     kept = [e for e in share.values() if e.supervised > 0]
     return kept, len(share) - len(kept)
 
@@ -105,30 +107,49 @@ def train_partition(
     progress: ProgressFn | None = None,
     checkpoint_every: int | None = None,
     shard_bytes: int | None = None,
+    checkpoint_storage: Storage | None = None,
 ) -> PartitionManifest:
     """Train one partition, write and upload its artifact; return the uploaded manifest.
 
     Run by every rank of a torchrun gang, or by one process. Resumes from the latest
-    checkpoint under `workdir/checkpoints/` of this very partition and configuration (any
-    attempt). `checkpoint_every` defaults to $MERITRUN_CHECKPOINT_STEPS (else 200; 0: none
-    between epochs); checkpoints are also written at every epoch end and after the last step,
-    and removed once the artifact is published. `shard_bytes` caps each weights file
-    (default $MERITRUN_MAX_SHARD_BYTES, else 5 GB). `progress(step, total_steps, loss)` is
+    checkpoint of this very partition and configuration (any attempt) under
+    `workdir/checkpoints/` or, when `params.checkpoints` names a prefix, in storage
+    (`checkpoint_storage`, default the run's; a pull site passes its granted one).
+    `checkpoint_every` defaults to $MERITRUN_CHECKPOINT_STEPS (else 200; 0: none between
+    epochs); checkpoints are also written at every epoch end and after the last step, and
+    removed once the artifact is published. `shard_bytes` caps each weights file (default
+    $MERITRUN_MAX_SHARD_BYTES, else 5 GB). `progress(step, total_steps, loss)` is
     called after every step.
     """
     dist = start()
     try:
         return _train(params, dist=dist, workdir=Path(workdir), progress=progress,
-                      checkpoint_every=checkpoint_every, shard_bytes=shard_bytes)
+                      checkpoint_every=checkpoint_every, shard_bytes=shard_bytes,
+                      checkpoint_storage=checkpoint_storage)
     finally:
         stop(dist)
 
 
+def _fetch_data(params: TrainParams, cache: Path, *, dist: Dist,
+                where: dict) -> dict[Path, list[str]]:
+    """The partition's data files -> their sources, fetched once per node (by its first
+    rank: a shared cache would race) and known to every rank of the node."""
+    from .sources import fetch_partition_files
+
+    mine = None
+    if dist.local_rank == 0:
+        mine = {str(path): names for path, names in fetch_partition_files(
+            params.data, params.sources, cache, **where).items()}
+    leader = all_gather(dist, mine)[dist.rank - dist.local_rank]
+    return {Path(path): names for path, names in leader.items()}
+
+
 def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: ProgressFn | None,
-           checkpoint_every: int | None, shard_bytes: int | None) -> PartitionManifest:
+           checkpoint_every: int | None, shard_bytes: int | None,
+           checkpoint_storage: Storage | None) -> PartitionManifest:
     from transformers import AutoTokenizer
 
-    from .sources import load_partition_examples
+    from .sources import count_examples, read_share
 
     spec, started = params.training, time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -139,16 +160,17 @@ def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: Progress
                                        "region": params.storage.region}
     node_cache = cache / f"node-{dist.rank // dist.local_world}"  # a shared PVC: no races
     base_dir = node_leader_first(dist, lambda: fetch_path(params.base_model, node_cache, **where))
+    data_files = _fetch_data(params, node_cache, dist=dist, where=where)
+    counts = count_examples(data_files, params.sources, source_field=params.data.source_field)
     try:
         fingerprint = base_fingerprint(base_dir)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
     except (OSError, ValueError) as e:  # no weights, no tokenizer, unreadable config
         raise DataError(f"base model {params.base_model} is not a usable HF directory: {e}") from e
-    per_source = load_partition_examples(params.data, params.sources,
-                                         cache / f"rank-{dist.rank}", **where)
-    examples = [ex for exs in per_source.values() for ex in exs]
-    share = encode_share(tokenizer, examples, dist=dist, max_len=spec.max_seq_len)
-    del examples  # from here on each rank holds only its own share
+    share = encode_share(
+        tokenizer, read_share(data_files, counts, source_field=params.data.source_field,
+                              rank=dist.rank, world=dist.world),
+        max_len=spec.max_seq_len, workers=default_workers(dist.local_world))
     catalogue = build_catalogue(dist, share)
     share = {i: e for i, e in share.items() if e.supervised > 0}
     if not len(catalogue):
@@ -178,8 +200,9 @@ def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: Progress
         "training": spec.model_dump(mode="json"),
     })
     root = checkpoint_root(workdir, identity)
+    mirror = open_mirror(params, identity=identity, storage=checkpoint_storage)
     state = load_checkpoint(root, identity=identity, dist=dist, model=model,
-                            optimizer=optimizer, scheduler=scheduler) or Progress()
+                            optimizer=optimizer, scheduler=scheduler, mirror=mirror) or Progress()
     micro = spec.micro_batch_size or spec.batch_size
     log.info("partition %s: %d examples (%d skipped), %d steps (%d per epoch), seed %d, %s on "
              "%d process(es), %s, %s", params.partition, len(catalogue), catalogue.skipped,
@@ -212,7 +235,8 @@ def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: Progress
             if ((every > 0 and state.step % every == 0) or state.step == plan.total_steps
                     or state.step % plan.steps_per_epoch == 0):
                 save_checkpoint(root, identity=identity, dist=dist, model=model,
-                                optimizer=optimizer, scheduler=scheduler, progress=state)
+                                optimizer=optimizer, scheduler=scheduler, progress=state,
+                                mirror=mirror)
             reporter.update(state.step, plan.total_steps, loss)
             if progress is not None:
                 progress(state.step, plan.total_steps, loss)
@@ -233,7 +257,7 @@ def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: Progress
         manifest = PartitionManifest(
             run=params.run, run_uid=params.run_uid, partition=params.partition,
             attempt=params.attempt,
-            site=params.site, sources=list(per_source), base=fingerprint,
+            site=params.site, sources=list(counts), base=fingerprint,
             tokens=TokenCounts(supervised=state.supervised, total=state.total),
             weights="lora" if spec.method == "lora" else "full", model_dir="model",
             training={**spec.model_dump(mode="json", by_alias=True), "seed": seed,
@@ -245,6 +269,6 @@ def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: Progress
             second_moments=moments, files=hash_tree(artifact_dir),
         )
         publish_artifact(params, artifact_dir, manifest)
-    remove_checkpoints(root, dist)
+    remove_checkpoints(root, dist, mirror)
     return PartitionManifest.model_validate_json(
         all_gather(dist, manifest.model_dump_json() if manifest else None)[0])
