@@ -4,6 +4,7 @@ every input read at most twice, a corrupted byte refused with its file named, no
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -162,3 +163,33 @@ def test_ranged_reads_are_pinned_to_the_version_first_seen(kind, minio_bucket, t
     storage.put_bytes("a/obj", b"x" * 10240)  # same size, new bytes: a new version
     with pytest.raises(IntegrityError, match="changed"):
         storage.read_into("a/obj", 0, memoryview(bytearray(10)), tag=v.tag)
+
+
+def test_an_outlier_refused_after_the_merge_pass_is_merged_away_before_publishing(
+        bucket, pristine, tiny_base, tmp_path, monkeypatch):
+    """The update norms are judged in the merge pass: a refused outlier means the output is
+    built again from the others, and equals the staged merge that refused it up front."""
+    from support.experts import edit_state, load_state
+
+    storage = bucket.open()
+    base = load_state(tiny_base)
+    outlier = Path(shutil.copytree(pristine.artifacts[2], tmp_path / "p2"))
+
+    def blow_up(state):
+        for n, t in state.items():
+            state[n] = base[n] + 20 * (t - base[n])
+    edit_state(outlier, blow_up)
+    storage.delete_prefix(prefix("p2"))
+    storage.upload_dir(outlier, prefix("p2"))
+    spec = MergeSpec(method="tokenWeighted", quorum=0.5, refuse_outliers=True)
+    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
+    staged = stage.run_merge_stage(merge_params(bucket, spec, "out/staged"),
+                                   workdir=tmp_path / "staged")
+    monkeypatch.setenv("MERITRUN_INPUTS", "stream")
+    streamed = stage.run_merge_stage(merge_params(bucket, spec, "out/streamed"),
+                                     workdir=tmp_path / "streamed")
+    for report in (staged, streamed):
+        assert [(r["partition"], r["check"]) for r in report["refused"]] == [
+            ("p2", "outlier-norm")]
+        assert report["included"] == ["p0", "p1"]
+    assert merged_weights(storage, "out/streamed") == merged_weights(storage, "out/staged")
