@@ -27,7 +27,7 @@ short-circuited: the bench writes each run's plan.json into S3 (SeaweedFS) first
 the release a run's first round creates its profile Job and its next one (woken by that Job's
 watch event) finds the plan and creates its K partition Jobs.
 
-    python bench/operator_scale.py [--runs 50] [--partitions 8] [--workers 4]
+    python bench/operator_scale.py [--runs 50] [--partitions 8] [--workers 16]
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=4)  # the chart's
+    parser.add_argument("--workers", type=int, default=16)  # the operator's default
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--no-floor", action="store_true", help="skip the plain-client floor")
     args = parser.parse_args(argv)
