@@ -1,8 +1,9 @@
 """Faults on the real control plane, all in one scenario to pay for the stage processes once.
 
-Five runs are applied together to one operator: `retry` (its p1 fails once), `quorum-half`
-(p1 always fails, quorum 0.5), `quorum-full` (p1 always fails, quorum 1.0), `bad-spec` (a
-manual assignment naming a source the spec does not have) and `no-storage`: both pass the
+Six runs are applied together to one operator: `retry` (its p1 fails once), `quorum-half`
+(p1 always fails, quorum 0.5), `quorum-full` (p1 always fails, quorum 1.0), `no-cuda` (GPUs
+the image cannot use: the train stage itself says InvalidSpec), `bad-spec` (a manual
+assignment naming a source the spec does not have) and `no-storage`: these two pass the
 CRD's schema and fail the models, so they reach the operator's InvalidSpec path (a schema
 violation such as `learningRate: 0` never gets that far: the API server refuses it at
 admission, checked too). While `retry` trains, the operator is killed with SIGKILL and a new
@@ -61,7 +62,11 @@ def scenario(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) 
                                                 for n in ("a", "b")],
                                "partitioning": {"strategy": "manual",
                                                 "assignments": [["a"], ["ghost"]]}}),
-            no_storage]
+            no_storage,
+            # GPUs on an image whose torch has no CUDA (CUDA hidden, so also on a GPU host)
+            run("no-cuda", **{"template.resources": {"limits": {"nvidia.com/gpu": 2}},
+                              "template.env": [{"name": "CUDA_VISIBLE_DEVICES", "value": ""}],
+                              "backoffLimit": 2})]
     del docs[3]["spec"]["data"]["uri"]
     cluster = KubeCluster(control_plane, tmp, prefix="faults").start()
     operators = [OperatorProcess(cluster, env=creds), OperatorProcess(cluster, env=creds)]
@@ -83,7 +88,8 @@ def scenario(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) 
         for name, phases in [("retry", ("Succeeded", "Failed")),
                              ("quorum-half", ("Succeeded", "Failed")),
                              ("quorum-full", ("Failed", "Succeeded")),
-                             ("bad-spec", ("Failed",)), ("no-storage", ("Failed",))]:
+                             ("bad-spec", ("Failed",)), ("no-storage", ("Failed",)),
+                             ("no-cuda", ("Failed", "Succeeded"))]:
             status[name] = wait_phase(cluster, name, phases, timeout=SCENARIO_TIMEOUT_S)
         survivor_alive = operators[1].proc is not None and operators[1].proc.poll() is None
         return Scenario(status=status, creations=cluster.created("jobs"),
@@ -151,6 +157,17 @@ def test_a_bad_spec_gets_a_condition_not_a_crash(scenario, run, message):
     # ...and the operator kept serving the others.
     assert scenario.survivor_alive
     assert scenario.status["retry"]["phase"] == "Succeeded"
+
+
+def test_gpus_the_image_cannot_use_fail_the_run_invalid_spec_without_a_retry(scenario):
+    """The train stage (under merit_trainer.launch: 2 GPUs) exits INVALID_SPEC; the pod's
+    exit code and last words reach the run as InvalidSpec, not as a crash to retry."""
+    st = scenario.status["no-cuda"]
+    failed = conditions(st)["Failed"]
+    assert (st["phase"], failed["reason"]) == ("Failed", "InvalidSpec"), failed
+    assert 'spec.template.resources.limits["nvidia.com/gpu"]: 2 GPU(s)' in failed["message"]
+    trained = [j for j in scenario.creations if j.startswith("no-cuda-p")]
+    assert trained and all(j.endswith("-a1") for j in trained)  # backoffLimit 2, no retry
 
 
 def test_a_restarted_operator_resumes_without_duplicate_jobs(scenario):
