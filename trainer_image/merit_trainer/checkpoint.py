@@ -144,7 +144,7 @@ def save_checkpoint(
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(dist)
-    if dist.local_rank == 0 and not dist.main:  # another node's disk: its part is in storage
+    if dist.local_rank == 0 and not dist.main:  # a node without the step: nothing to keep
         shutil.rmtree(tmp, ignore_errors=True)
     log.debug("checkpoint at step %d -> %s", progress.step, final)
     return final
