@@ -10,6 +10,7 @@ handlers run these methods in worker threads.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -59,16 +60,34 @@ def is_ours(obj: dict[str, Any], run: RunRef) -> bool:
     return labels.get(LABEL_RUN) == run.name and labels.get(LABEL_RUN_UID) in (None, run.uid)
 
 
-def termination_reason(pods: list[dict[str, Any]]) -> tuple[str | None, int | None]:
+def failed_pod(job_message: str | None) -> str | None:
+    """The pod a Job's Failed condition names ("... for pod <ns>/<name> failed with exit code
+    137 matching FailJob rule ..."), or None."""
+    found = _FAILED_POD.search(job_message or "")
+    return found.group(1) if found else None
+
+
+_FAILED_POD = re.compile(r"\bpod [a-z0-9][-a-z0-9]*/([a-z0-9][-.a-z0-9]*[a-z0-9])\b")
+
+
+def termination_reason(pods: list[dict[str, Any]], *, culprit: str | None = None
+                       ) -> tuple[str | None, int | None]:
     """The stage's own one-line reason, from its pod's termination message (the log tail),
-    and the exit code that decides a retry (of a gang's pods, the most decisive one)."""
+    and the exit code that decides a retry (of a gang's pods, the most decisive one).
+
+    The reason of a multi-node gang is the pod's that failed the Job (`culprit`, named by the
+    Job controller), when it is among `pods`: the others died of losing it, and their last
+    words (a peer's connection reset) would hide the cause.
+    """
+    speakers = [p for p in pods if (p.get("metadata") or {}).get("name") == culprit] or pods
     reason, code = None, None
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             ended = (cs.get("state") or {}).get("terminated") or {}
             code = most_decisive([code, ended.get("exitCode")])
-            reason = find_error_line((ended.get("message") or "").splitlines(),
-                                     limit=300) or reason
+            if pod in speakers:
+                reason = find_error_line((ended.get("message") or "").splitlines(),
+                                         limit=300) or reason
     return reason, code
 
 
@@ -167,7 +186,7 @@ class KubeBackend:
             return observation
         pods = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {})
                 .get("job-name") == job]
-        reason, code = termination_reason(pods)
+        reason, code = termination_reason(pods, culprit=failed_pod(observation.message))
         return replace(observation, message=reason or observation.message, **exit_verdict(code))
 
     def create_job(self, action: CreateJob, *, run: RunRef, spec: MeritRunSpec) -> bool:

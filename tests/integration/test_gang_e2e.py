@@ -49,6 +49,7 @@ class Gang:
     train_log: dict[str, Any]
     operator_log: str
     checkpoints_left: list[str]
+    events: list[dict[str, Any]]
     services: list[str] = field(default_factory=list)
 
 
@@ -121,6 +122,7 @@ def gang(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) -> G
             train_log=json.loads(storage.get_bytes(log_key)) if log_key else {},
             operator_log=operator.log(),
             checkpoints_left=[str(c) for c in claim.glob(f"{RUN}/p0/checkpoints/*/*")],
+            events=cluster.objects("v1/events"),
             services=[s["metadata"]["name"] for s in cluster.objects("v1/services")])
     finally:
         operator.stop()
@@ -148,6 +150,11 @@ def test_a_dying_pod_fails_its_attempt_through_the_pod_failure_policy(gang):
     (cs,) = killed["status"]["containerStatuses"]
     assert cs["state"]["terminated"]["exitCode"] == 137
     assert 0 < gang.checkpoint_at_kill < STEPS
+    # The run says which pod died and how, not what its peer saw next (a connection reset).
+    (retry,) = [e["message"] for e in gang.events if e["reason"] == "Retrying"
+                and e["involvedObject"]["name"] == RUN]
+    assert gang.killed in retry and "exit code 137" in retry, retry
+    assert "Connection reset" not in retry
 
 
 def test_the_job_controller_made_an_indexed_gang_the_node_resolved(gang):
