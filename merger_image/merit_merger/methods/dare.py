@@ -43,6 +43,7 @@ def keep_mask(shape: torch.Size, *, density: float, seed: int) -> torch.Tensor:
 
 def dare(base: torch.Tensor, experts: Sequence[torch.Tensor], *, name: str, density: float,
          scale: float, seed: int) -> torch.Tensor:
+    base = base.float()  # the engine hands the stored dtype (stored_dtype_ok)
     total = torch.zeros_like(base, dtype=torch.float32)
     for k, theta in enumerate(experts):
         tau = theta.float() - base
@@ -59,6 +60,7 @@ class DareMerge(MergeMethod):
     spec_name = "dare"
     Params = DareParams
     elementwise = False
+    stored_dtype_ok = True  # tau_k = theta_k - theta0 converts theta_k as it subtracts
     mergekit = "dare_linear"
 
     def merge(self, inputs: MergeInputs, params: DareParams) -> torch.Tensor:

@@ -8,6 +8,9 @@ Formula, per tensor, with tau_k = theta_k - theta0:
   theta = theta0 + lambda * m.
 Parameters: density (default 0.2, the paper's k = 20%), scale (lambda, default 1.0).
 Needs whole tensors (the trim ranks all entries of a tensor), so it is not fed row blocks.
+Memory: two passes over the experts, keeping only each expert's keep mask (1 byte per
+element) between them and recomputing tau'_k from the stored inputs, instead of all K
+trimmed taus in fp32 at once: about 7 fp32 copies of the tensor plus K masks, whatever K.
 """
 
 from __future__ import annotations
@@ -30,25 +33,39 @@ class TiesParams:
         check_finite(scale=self.scale)
 
 
-def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """tau with all but its top max(1, floor(density * numel)) magnitudes set to zero."""
+def keep_top(tau: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Mask of the top max(1, floor(density * numel)) magnitudes of tau (None: keep all)."""
     if density >= 1 or tau.numel() == 0:
-        return tau
+        return None
     k = max(1, int(density * tau.numel()))
-    flat = tau.reshape(-1)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
-    return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype)).reshape(tau.shape)
+    keep = torch.zeros(tau.shape, dtype=torch.bool)
+    keep.view(-1)[torch.topk(tau.reshape(-1).abs(), k, sorted=False).indices] = True
+    return keep
 
 
 def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], *, density: float,
          scale: float) -> torch.Tensor:
-    trimmed = torch.stack([trim(theta.float() - base, density) for theta in experts])
-    elected = torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0)
-    agree = torch.sign(trimmed) == elected
-    count = agree.sum(dim=0).clamp_(min=1)
-    mean = torch.where(agree, trimmed, 0.0).sum(dim=0).div_(count)
-    return mean.mul_(scale).add_(base)
+    def trimmed(k: int) -> torch.Tensor:
+        tau = experts[k].float() - base
+        return tau if keeps[k] is None else tau.masked_fill_(~keeps[k], 0.0)
+
+    base = base.float()  # the engine hands the stored dtype (stored_dtype_ok)
+    keeps: list[torch.Tensor | None] = []
+    total = torch.zeros_like(base, dtype=torch.float32)
+    for theta in experts:
+        tau = theta.float() - base
+        keeps.append(keep_top(tau, density))
+        total.add_(tau if keeps[-1] is None else tau.masked_fill_(~keeps[-1], 0.0))
+        del tau
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    count, mean = total.zero_(), torch.zeros_like(total)
+    for k in range(len(experts)):
+        tau = trimmed(k)
+        agree = torch.sign(tau) == elected
+        count.add_(agree)
+        mean.add_(tau.masked_fill_(~agree, 0.0))
+        del tau, agree
+    return mean.div_(count.clamp_(min=1)).mul_(scale).add_(base)
 
 
 @register
@@ -57,6 +74,7 @@ class TiesMerge(MergeMethod):
     spec_name = "ties"
     Params = TiesParams
     elementwise = False
+    stored_dtype_ok = True  # tau_k = theta_k - theta0 converts theta_k as it subtracts
     mergekit = "ties"
 
     def merge(self, inputs: MergeInputs, params: TiesParams) -> torch.Tensor:
