@@ -228,6 +228,9 @@ def test_an_older_operator_reads_a_status_written_by_a_newer_one(kube_cluster, s
         operator = OperatorProcess(cluster, env=creds).start()
         wait_until(lambda: cluster.get("batch/v1/jobs", "rolled-back-profile-a1"),
                    timeout=TIMEOUT_S, what="the run to proceed")
+        # The round writes the status after its Jobs exist: wait for that write.
+        wait_until(lambda: cluster.run_status("rolled-back").get("phase") != "Pending",
+                   timeout=TIMEOUT_S, what="the round's status")
         status = cluster.run_status("rolled-back")
         assert status["phase"] == "Profiling" and status["fromTheFuture"] == "kept"
         operator.assert_no_exceptions()

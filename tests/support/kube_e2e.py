@@ -149,15 +149,18 @@ def changed_chart(tmp: Path) -> Path:
     return copy
 
 
-def adopt_crd(plane: Any, release: str, namespace: str) -> None:
+def adopt_crd(plane: Any, release: str, namespace: str) -> bool:
     """Let the release adopt a CRD an earlier test applied (helm refuses to take over an
-    object without its ownership metadata; a chart that keeps its CRD in crds/ skips it)."""
+    object without its ownership metadata); True if there was one to adopt. kubectl's
+    server-side apply still owns its fields, so the first `helm upgrade` after an adoption
+    needs --force-conflicts, as docs/quickstart-cluster.md tells users."""
     crd = "crd/meritruns.merit.run"
     if plane.kubectl("get", crd, check=False).returncode != 0:
-        return
+        return False
     plane.kubectl("label", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
     plane.kubectl("annotate", crd, f"meta.helm.sh/release-name={release}",
                   f"meta.helm.sh/release-namespace={namespace}", "--overwrite")
+    return True
 
 
 def chart_values(cluster: KubeCluster, metrics_port: int) -> list[str]:
@@ -197,7 +200,7 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory, control_plane: Any, seawee
         cluster.create_secret("meritrun-storage", creds)
         prometheus.start()
         chart: dict[str, Any] = {}
-        adopt_crd(control_plane, RELEASE, cluster.namespace)
+        adopted = adopt_crd(control_plane, RELEASE, cluster.namespace)
         chart["install"] = helm.run("install", RELEASE, str(CHART), *values, "--wait",
                                     "--timeout", "180s", timeout=240).stdout
         installed = True
@@ -240,8 +243,10 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory, control_plane: Any, seawee
         result.events = cluster.objects("v1/events")
         result.operator_requests = cluster.plane.audit(user=result.operator_user)
         result.operator_log = operator_pod_log(cluster)
+        take_over = ["--force-conflicts"] if adopted else []
         chart["upgrade"] = helm.run("upgrade", RELEASE, str(changed_chart(tmp)), *values,
-                                    "--wait", "--timeout", "180s", timeout=240).stdout
+                                    *take_over, "--wait", "--timeout", "180s",
+                                    timeout=240).stdout
         chart["crd_after_upgrade"] = cluster.plane.api.get(
             "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/meritruns.merit.run")
         chart["explain"] = cluster.kubectl("explain", "meritrun.spec.training").stdout
