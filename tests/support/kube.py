@@ -28,6 +28,7 @@ from .apiclient import ApiStatus, resource_path
 from .controlplane import ControlPlane, free_port
 from .helm import Helm
 from .kubelet import NodeOptions
+from .processes import die_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "meritrun"
@@ -219,7 +220,7 @@ class OperatorProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "merit_operator"], env=self.env,
                                          stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=die_with_parent)
         wait_until(lambda: self.proc.poll() is not None or self.metrics_text(),
                    timeout=ready_timeout, what="the operator's metrics endpoint")
         assert self.proc.poll() is None, f"operator exited:\n{self.log()[-3000:]}"

@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from .processes import die_with_parent
+
 METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")  # hard-coded in Kueue's main.go
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
 READY_TIMEOUT_S = 90.0
@@ -118,7 +120,8 @@ class KueueManager:
         self.proc = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
             env={**os.environ, "KUBECONFIG": str(kubeconfig)}, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent)
         log.close()
         self._wait_ready()
         return self

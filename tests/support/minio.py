@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from .processes import S3ServerProcess, stop_process
+from .processes import S3ServerProcess, die_with_parent, stop_process
 from .seaweed import S3Bucket
 
 READY_TIMEOUT_S = 60.0
@@ -101,7 +101,7 @@ class MinioServer(S3ServerProcess):
                  "--address", f"127.0.0.1:{self.port}",
                  "--console-address", f"127.0.0.1:{console}"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=die_with_parent)
             log.close()
             self._started()
             try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .kube import free_port, wait_until
+from .processes import die_with_parent
 
 
 def find_tool(name: str) -> str:
@@ -57,7 +58,7 @@ class PrometheusServer:
              f"--storage.tsdb.path={self.workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         wait_until(self._ready, timeout=timeout, what="prometheus /-/ready")
         return self

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from .processes import S3ServerProcess, stop_process
+from .processes import S3ServerProcess, die_with_parent, stop_process
 
 GRPC_OFFSET = 10000
 READY_TIMEOUT_S = 30.0
@@ -194,6 +194,7 @@ class SeaweedServer(S3ServerProcess):
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.close()
         self._started()
