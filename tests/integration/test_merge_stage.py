@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support.experts import load_state, make_experts, refresh_manifest
+from support.experts import load_state, make_experts, refresh_manifest, upload_to_bucket
 
 from merit_merger import stage
 from merit_merger.cli_merge import main as cli_main
@@ -123,12 +123,7 @@ def test_bad_params_exit_permanent(tmp_path, capsys):
 
 def test_s3_corrupted_upload_is_a_sha256_refusal(pristine, tiny_base, s3_bucket, tmp_path,
                                                  monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_bucket.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_bucket.secret_key)
-    storage = s3_bucket.open()
-    storage.upload_dir(tiny_base, "models/base")
-    for a in pristine.artifacts:
-        storage.upload_dir(a, prefix(a.name))
+    storage = upload_to_bucket(s3_bucket, tiny_base, pristine.artifacts, prefix, monkeypatch)
     bad = tmp_path / "bad.safetensors"
     shutil.copyfile(pristine.artifacts[2] / "model" / "model.safetensors", bad)
     corrupt(bad)

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support.experts import make_experts
+from support.experts import make_experts, upload_to_bucket
 
 from merit_merger import stage
 from meritrun.api import MergeSpec, OtaSpec
@@ -33,12 +33,7 @@ def pristine(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def bucket(minio_bucket, pristine, tiny_base, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_bucket.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_bucket.secret_key)
-    storage = minio_bucket.open()
-    storage.upload_dir(tiny_base, "models/base")
-    for a in pristine.artifacts:
-        storage.upload_dir(a, prefix(a.name))
+    upload_to_bucket(minio_bucket, tiny_base, pristine.artifacts, prefix, monkeypatch)
     return minio_bucket
 
 

@@ -195,6 +195,18 @@ def cast_model(src_dir: Path, out_dir: Path, dtype: torch.dtype, *,
     return out_dir
 
 
+def upload_to_bucket(bucket, base_dir: Path, artifacts: list[Path], prefix, monkeypatch):
+    """The stage's credentials pointed at `bucket` (a test S3 bucket), the base uploaded to
+    models/base and each artifact to `prefix(artifact.name)`; the bucket's storage."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", bucket.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", bucket.secret_key)
+    storage = bucket.open()
+    storage.upload_dir(base_dir, "models/base")
+    for a in artifacts:
+        storage.upload_dir(a, prefix(a.name))
+    return storage
+
+
 def verify_artifacts(parts: list[Path], base: Path, method: str = "token-weighted",
                      **kwargs: object):
     """Load and verify partition artifacts as the merge does: (every refusal, the result)."""
