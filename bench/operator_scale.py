@@ -7,12 +7,20 @@ What it measures (definitions printed with the figures):
   can write their plans under their uids; the release is `suspend: false` sent for all of
   them at once (16 client threads: kubectl applies one object after another, and on a loaded
   machine its 2N sequential calls alone take longer than the target);
-- reconcile_round p50/p99: one reconcile round (read the run, observe, decide, act, write the
-  status) in the worker thread, wall time, from the operator's histogram
-  `meritrun_reconcile_duration_seconds` (interpolated within buckets);
+- reconcile_round p50/p99 (THE reconcile latency of the target, as controller-runtime's
+  reconcile time is the Reconcile call's): one round in its worker thread, wall time, from
+  its start to its decision with every action carried out or handed on: read the run (kopf's
+  live body) and its Jobs (the watch's store), read its storage (S3), decide, hand the Job
+  creations to the pool (`meritrun_reconcile_duration_seconds`, interpolated within buckets);
+- reconcile_round_cpu p50/p99: the CPU time of the round's thread in it (our compute; the
+  rest of its wall time it waited: for S3, for the CPU, for the GIL), `..._cpu_seconds`;
+- round_phase_mean_ms / round_phase_p99_ms: where a round's time goes
+  (`meritrun_reconcile_phase_seconds`: run, jobs, storage, grants; decide is the rest);
 - reconcile_handler p50/p99: one handler's call of a round, wall time, from asking for the
-  round to its outcome: the round plus its wait for the run's lock and a worker thread
-  (`meritrun_reconcile_latency_seconds`);
+  round to its outcome: the round plus its waits for the run's lock, the run's previous
+  commit and a worker thread (`meritrun_reconcile_latency_seconds`);
+- commit p50/p99: what a round hands on, after it: its Job creations (ConfigMap, Job each,
+  all at once), then its status write (`meritrun_reconcile_commit_seconds`);
 - the operator's peak resident memory (VmHWM) and its API requests by verb and resource (the
   API server's audit log);
 - cpu_s_until_all_jobs: CPU seconds each process used from the release to all_jobs_s (the
@@ -100,6 +108,28 @@ def histogram_quantiles(exposition: str, name: str, qs: tuple[float, ...]) -> li
                 out.append(prev_edge + share * (edge - prev_edge))
                 break
             prev_edge, prev_count = edge, buckets[edge]
+    return out
+
+
+def phase_figures(exposition: str) -> dict[str, tuple[float, float]]:
+    """Per round phase: mean and p99 in ms (meritrun_reconcile_phase_seconds)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for s in family.samples:
+            if s.name == "meritrun_reconcile_phase_seconds_sum":
+                sums[s.labels["phase"]] = s.value
+            elif s.name == "meritrun_reconcile_phase_seconds_count":
+                counts[s.labels["phase"]] = s.value
+    out = {}
+    for phase, total in sums.items():
+        one = "\n".join(line for line in exposition.splitlines()
+                        if f'phase="{phase}"' in line)
+        (p99,) = histogram_quantiles(one, "meritrun_reconcile_phase_seconds", (0.99,))
+        out[phase] = (round(1000 * total / max(counts.get(phase, 0.0), 1.0), 1),
+                      round(1000 * p99, 1))
     return out
 
 
@@ -229,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                                            (0.5, 0.99))
             h50, h99 = histogram_quantiles(exposition, "meritrun_reconcile_latency_seconds",
                                            (0.5, 0.99))
+            u50, u99 = histogram_quantiles(exposition, "meritrun_reconcile_cpu_seconds",
+                                           (0.5, 0.99))
+            c50, c99 = histogram_quantiles(exposition, "meritrun_reconcile_commit_seconds",
+                                           (0.5, 0.99))
+            phases = phase_figures(exposition)
             rounds = sum(float(line.split()[-1]) for line in exposition.splitlines()
                          if line.startswith("meritrun_reconcile_total{"))
             requests = cluster.requests()
@@ -239,8 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                 "all_jobs_s": round(all_jobs, 2), "reconcile_rounds": int(rounds),
                 "reconcile_round_p50_ms": round(p50 * 1000, 1),
                 "reconcile_round_p99_ms": round(p99 * 1000, 1),
+                "reconcile_round_cpu_p50_ms": round(u50 * 1000, 1),
+                "reconcile_round_cpu_p99_ms": round(u99 * 1000, 1),
+                "round_phase_mean_ms": {k: v[0] for k, v in phases.items()},
+                "round_phase_p99_ms": {k: v[1] for k, v in phases.items()},
                 "reconcile_handler_p50_ms": round(h50 * 1000, 1),
                 "reconcile_handler_p99_ms": round(h99 * 1000, 1),
+                "commit_p50_ms": round(c50 * 1000, 1),
+                "commit_p99_ms": round(c99 * 1000, 1),
                 "operator_peak_rss_mib": round(peak_rss_mib(operator.proc.pid), 1),
                 "operator_api_requests": len(requests),
                 "duplicate_jobs": sum(n - 1 for n in cluster.created("jobs").values()),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from meritrun import API_GROUP, API_VERSION
 from meritrun.api import PLURAL, MeritRunSpec
@@ -37,6 +37,13 @@ from .manifests import (
 from .remote import RemoteClusters
 
 log = logging.getLogger(__name__)
+
+
+class JobSource(Protocol):
+    """This cluster's Jobs and pods of a run from the watches (None: not synced, list)."""
+
+    def jobs(self, namespace: str, run: str) -> list[dict[str, Any]] | None: ...
+    def run_pods(self, namespace: str, run: str) -> list[dict[str, Any]] | None: ...
 
 
 def run_path(namespace: str, name: str | None = None, *, subresource: str | None = None) -> str:
@@ -96,10 +103,11 @@ class KubeBackend:
     """This cluster's API (and remote clusters' for kubeconfig sites)."""
 
     def __init__(self, api: KubeApi, *, images: Images,
-                 remotes: RemoteClusters | None = None) -> None:
+                 remotes: RemoteClusters | None = None, jobs: JobSource | None = None) -> None:
         self.api = api
         self.images = images
         self.remotes = remotes or RemoteClusters(api)
+        self.jobs = jobs  # this cluster's Jobs from the watch (None: a LIST per round)
 
     # --- the MeritRun itself --------------------------------------------------------------
 
@@ -111,15 +119,15 @@ class KubeBackend:
                 return None
             raise
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
-        """Merge-patch the status subresource; False when the run is gone."""
+    def patch_status(self, namespace: str, name: str,
+                     patch: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the status subresource: the run as written, or None when it is gone."""
         try:
-            self.api.merge_patch(run_path(namespace, name, subresource="status"),
-                                 {"status": patch})
-            return True
+            return self.api.merge_patch(run_path(namespace, name, subresource="status"),
+                                        {"status": patch})
         except ApiError as e:
             if e.status == 404:
-                return False
+                return None
             raise
 
     # --- children ---------------------------------------------------------------------------
@@ -145,7 +153,7 @@ class KubeBackend:
         for cluster in self._clusters(spec):
             api, where = self._where(run, spec, cluster)
             here: dict[str, JobObservation] = {}
-            for obj in api.list(jobs_path(where.namespace), labels=run_selector(run)):
+            for obj in self._listed_jobs(api, where, cached=cluster is None):
                 if not is_ours(obj, run):
                     continue  # a leftover of an earlier run with this name: not evidence
                 name = obj["metadata"]["name"]
@@ -154,15 +162,27 @@ class KubeBackend:
                     observation = self._with_reason(api, where.namespace, name, observation)
                 here[name] = replace(observation, cluster=cluster)
             if any(o.state == "Active" and not o.waiting for o in here.values()):
-                here = self._with_waiting(api, where, here)
+                here = self._with_waiting(api, where, here, cached=cluster is None)
             seen.update(here)
         return seen
 
-    def _with_waiting(self, api: KubeApi, run: RunRef,
-                      jobs: dict[str, JobObservation]) -> dict[str, JobObservation]:
+    def _listed_jobs(self, api: KubeApi, run: RunRef, *, cached: bool) -> list[dict[str, Any]]:
+        """The run's Jobs: from the watch's store on this cluster once it is synced, else
+        listed (a remote cluster, or before the first list). Pods likewise (`_with_waiting`);
+        a failed Job's pods are listed fresh (`_with_reason`): its pod's termination message
+        must be there, and the pod store may lag the Job's."""
+        found = self.jobs.jobs(run.namespace, run.name) if cached and self.jobs else None
+        if found is not None:
+            return found
+        return api.list(jobs_path(run.namespace), labels=run_selector(run))
+
+    def _with_waiting(self, api: KubeApi, run: RunRef, jobs: dict[str, JobObservation], *,
+                      cached: bool = False) -> dict[str, JobObservation]:
         """Active Jobs whose pod is stuck (image pull, config, scheduling) say why."""
+        pods = self.jobs.run_pods(run.namespace, run.name) if cached and self.jobs else None
         try:
-            pods = api.list(core_path(run.namespace, "pods"), labels=run_selector(run))
+            if pods is None:
+                pods = api.list(core_path(run.namespace, "pods"), labels=run_selector(run))
         except ApiError as e:  # a nicety, like the failure reason: never stops the round
             log.debug("cannot list pods of run %s: %s", run.name, e)
             return jobs

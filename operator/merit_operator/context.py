@@ -7,9 +7,12 @@ a request carries a ticket (the run's count of requests so far), and a round rec
 count when it starts; a request whose ticket a later-started round already covers gets that
 round's outcome instead of a round of its own (a round reads everything fresh, so it has
 seen whatever the request was about). Fifty Job events of one run during a round cost one
-more round, not fifty. Errors are translated here: expected
-MeritRunErrors back off per run (doubling up to a cap); anything else is a bug and is
-logged with its traceback.
+more round, not fifty. A round ends at its decision and leaves a commit (its Job creations,
+then its status write) running in a pool; the run's next round waits for that commit first,
+so it never decides from a status older than its own last write. Errors are translated
+here: expected MeritRunErrors back off per run (doubling up to a cap), a commit's failures
+too (the run is woken again after the backoff); anything else is a bug and is logged with
+its traceback.
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 from meritrun.errors import MeritRunError
 
 from .backend import KubeBackend
-from .jobwatch import JobWatch, start_job_watches
+from .jobwatch import JobCache, start_job_watches
 from .kubeapi import ApiConfig, KubeApi
 from .manifests import Images
-from .metrics import Metrics
+from .metrics import Metrics, error_kind
 from .reconcile import Reconciler, RoundOutcome
 from .settings import Settings
 
@@ -48,16 +52,18 @@ class OperatorContext:
         self.settings = settings
         self.metrics = metrics or Metrics(process_collectors=True)
         workers, creators = max(settings.workers, 1), max(settings.create_threads, 1)
-        # A connection for every thread that may call at once (rounds, creations, the Job
-        # watch, grants): beyond its size urllib3 opens throwaway connections, a TLS
+        # A connection for every thread that may call at once (rounds, creations, commits,
+        # the Job watch, grants): beyond its size urllib3 opens throwaway connections, a TLS
         # handshake each.
-        self.api = KubeApi(api_config(settings), pool_size=workers + creators + 4,
+        self.api = KubeApi(api_config(settings), pool_size=2 * workers + creators + 4,
                            token_reread_seconds=settings.token_reread_seconds)
         images = Images(trainer=settings.trainer_image, merger=settings.merger_image,
                         python=settings.job_python, rendezvous_port=settings.rendezvous_port)
         self.creator = ThreadPoolExecutor(max_workers=creators, thread_name_prefix="create")
+        self.committer = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="commit")
         self.reconciler = Reconciler(KubeBackend(self.api, images=images), settings=settings,
-                                     metrics=self.metrics, creator=self.creator)
+                                     metrics=self.metrics, creator=self.creator,
+                                     committer=self.committer)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         self._locks: dict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._wakers: dict[Key, asyncio.Event] = defaultdict(asyncio.Event)
@@ -65,9 +71,10 @@ class OperatorContext:
         self._requested: dict[Key, int] = {}  # requests for a round so far, per run
         self._covered: dict[Key, int] = {}  # requests the latest round (at its start) covers
         self._last: dict[Key, tuple[float, RoundOutcome]] = {}  # its outcome, and when
+        self._commits: dict[Key, Future[Any]] = {}  # the latest round's commit, per run
         self._metrics_server: Any = None
         self._stopping = threading.Event()
-        self.job_watches: list[JobWatch] = []
+        self.job_cache: JobCache | None = None
 
     def serve_metrics(self) -> None:
         if not self.settings.metrics_port:
@@ -86,8 +93,9 @@ class OperatorContext:
         def wake(namespace: str, name: str) -> None:
             loop.call_soon_threadsafe(self.wake, namespace, name)
 
-        self.job_watches = start_job_watches(self.api, self.settings.namespaces, wake,
-                                             self._stopping)
+        self.job_cache = start_job_watches(self.api, self.settings.namespaces, wake,
+                                           self._stopping)
+        self.reconciler.backend.jobs = self.job_cache  # rounds read their Jobs from it
 
     def close(self) -> None:
         self._stopping.set()
@@ -95,6 +103,7 @@ class OperatorContext:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.committer.shutdown(wait=False, cancel_futures=True)
         self.creator.shutdown(wait=False, cancel_futures=True)
 
     async def blocking(self, fn: Any, *args: Any) -> Any:
@@ -129,13 +138,15 @@ class OperatorContext:
 
     def forget(self, namespace: str, name: str) -> None:
         for table in (self._wakers, self._locks, self._error_delay, self._requested,
-                      self._covered, self._last):
+                      self._covered, self._last, self._commits):
             table.pop((namespace, name), None)
 
     async def reconcile(self, handler: str, namespace: str, name: str,
-                        ticket: int | None = None) -> RoundOutcome:
+                        ticket: int | None = None, *,
+                        body: Mapping[str, Any] | None = None) -> RoundOutcome:
         """One serialized round (or, for a ticket a newer round covers, that round's outcome);
-        expected errors become a backoff delay, not an exception."""
+        expected errors become a backoff delay, not an exception. `body`: kopf's live view of
+        the run, which the round reads instead of a GET."""
         key, asked = (namespace, name), time.perf_counter()
         async with self._locks[key]:
             if self._stopping.is_set():  # kopf's cleanup ran while a daemon was still here:
@@ -143,16 +154,56 @@ class OperatorContext:
             if ticket is not None and self._covered.get(key, 0) >= ticket and key in self._last:
                 self.metrics.handled(handler, time.perf_counter() - asked, coalesced=True)
                 return self._latest(key)
+            await self._settled(key)
             self._covered[key] = self._requested.get(key, 0)
-            outcome = await self._guarded_round(handler, key)
+            outcome = await self._guarded_round(handler, key, body)
             self._last[key] = (time.monotonic(), outcome)
+            if outcome.commit is not None:
+                self._track(key, handler, outcome.commit)
         self.metrics.handled(handler, time.perf_counter() - asked, coalesced=False)
         return outcome
 
-    async def _guarded_round(self, handler: str, key: Key) -> RoundOutcome:
+    async def _settled(self, key: Key) -> None:
+        """Wait for the run's previous commit (its failures were handled by `_committed`)."""
+        commit = self._commits.get(key)
+        if commit is not None and not commit.done():
+            await asyncio.wait([asyncio.wrap_future(commit)])
+
+    def _track(self, key: Key, handler: str, commit: Future[Any]) -> None:
+        self._commits[key] = commit
+        loop = asyncio.get_running_loop()
+
+        def ended(done: Future[Any]) -> None:
+            if not loop.is_closed():  # the operator stopped meanwhile: nothing to retry
+                loop.call_soon_threadsafe(self._committed, key, handler, done)
+
+        commit.add_done_callback(ended)
+
+    def _committed(self, key: Key, handler: str, commit: Future[Any]) -> None:
+        """A commit ended: if a creation or the status write failed, log it, count it and
+        wake the run after the backoff (its next round tries again)."""
+        if commit.cancelled() or self._stopping.is_set():
+            return
+        error = commit.exception()
+        failures = [] if error is not None else commit.result()
+        if error is None and not failures:
+            return
+        kind = error_kind(error) if error is not None else "api"
+        self.metrics.reconcile_errors.labels(handler=handler, kind=kind).inc()
+        delay = self._backoff(key)
+        what = str(error) if error is not None else "; ".join(str(f) for f in failures)
+        if error is not None and not isinstance(error, MeritRunError):
+            log.error("run %s/%s: commit failed (retry in %.1fs)", *key, delay,
+                      exc_info=error)
+        else:
+            log.warning("run %s/%s: %s (retry in %.1fs)", *key, what[:300], delay)
+        asyncio.get_running_loop().call_later(delay, self.wake, *key)
+
+    async def _guarded_round(self, handler: str, key: Key,
+                             body: Mapping[str, Any] | None) -> RoundOutcome:
         namespace, name = key
         try:
-            outcome = await self.blocking(self._timed_round, handler, namespace, name)
+            outcome = await self.blocking(self._timed_round, handler, namespace, name, body)
         except MeritRunError as e:
             delay = self._backoff(key)
             log.warning("run %s/%s: %s (retry in %.1fs)", namespace, name, str(e)[:300], delay)
@@ -176,15 +227,20 @@ class OperatorContext:
 
     async def cleanup(self, namespace: str, name: str, body: dict[str, Any]) -> int:
         """The finalizer's work under the run's lock, so no round creates a Job meanwhile
-        (a round that waited for the lock then sees the deletionTimestamp and stops)."""
+        (a round that waited for the lock then sees the deletionTimestamp and stops), and
+        after the last round's commit (its creations have ended: none outlives cleanup)."""
         async with self._locks[(namespace, name)]:
+            await self._settled((namespace, name))
             with self.metrics.round("delete"):
                 return await self.blocking(self.reconciler.cleanup, body)
 
-    def _timed_round(self, handler: str, namespace: str, name: str) -> RoundOutcome:
+    def _timed_round(self, handler: str, namespace: str, name: str,
+                     body: Mapping[str, Any] | None) -> RoundOutcome:
         # Timed in the worker thread: the histogram shows the round, not its wait for a thread.
         with self.metrics.round(handler):
-            return self.reconciler.round(namespace, name)
+            if body is None:
+                return self.reconciler.round(namespace, name)
+            return self.reconciler.round(namespace, name, body=body)
 
     def _backoff(self, key: Key) -> float:
         s = self.settings

@@ -1,12 +1,15 @@
 """kopf handlers: thin entry points onto OperatorContext.reconcile.
 
-The daemon per MeritRun is the level-based loop: a round, then sleep until the next resync,
-a backoff's end, or a wake-up. Create/update/resume are fast paths (a round at once; the
-daemon then re-plans its sleep without a round of its own); Job events (`jobwatch`, filtered
-by the API server) wake the owning run's daemon, which waits `wake_debounce_seconds` for the
-burst to settle and then runs one round for all of it. Only here are our errors translated
-into kopf's: an invalid spec is a PermanentError (kopf will not retry the handler
-until the spec changes), an expected failure a TemporaryError with our backoff as its delay.
+Every round reads the run from `body`, kopf's live view of it (kept fresh by kopf's watch),
+not with a GET. The daemon per MeritRun is the level-based loop: a round, then sleep until
+the next resync, a backoff's end, or a wake-up. Create/update/resume are fast paths (a round
+at once; the daemon then re-plans its sleep without a round of its own); Job events
+(`jobwatch`, filtered by the API server) wake the owning run's daemon, which waits
+`wake_debounce_seconds` for the burst to settle and then runs one round for all of it. Only
+here are our errors translated into kopf's: an invalid spec is a PermanentError (kopf will
+not retry the handler until the spec changes), an expected failure of the round a
+TemporaryError with our backoff as its delay (a failure in its commit, after the handler
+returned, wakes the run again after the backoff: `OperatorContext._committed`).
 """
 
 from __future__ import annotations
@@ -97,9 +100,11 @@ def _post(outcome: RoundOutcome) -> None:
         kopf.event(outcome.ref, type=event.type, reason=event.reason, message=event.message)
 
 
-async def _fast_path(handler: str, memo: kopf.Memo, namespace: str, name: str) -> None:
+async def _fast_path(handler: str, memo: kopf.Memo, namespace: str, name: str,
+                     body: kopf.Body) -> None:
     ctx: OperatorContext = memo.ctx
-    outcome = await ctx.reconcile(handler, namespace, name, ctx.request(namespace, name))
+    outcome = await ctx.reconcile(handler, namespace, name, ctx.request(namespace, name),
+                                  body=body)
     _post(outcome)
     ctx.replan(namespace, name)  # the daemon re-plans its sleep around the new status
     if outcome.invalid:
@@ -109,29 +114,32 @@ async def _fast_path(handler: str, memo: kopf.Memo, namespace: str, name: str) -
 
 
 @kopf.on.create(*RESOURCE)
-async def meritrun_created(memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:
-    await _fast_path("create", memo, namespace, name)
+async def meritrun_created(memo: kopf.Memo, namespace: str, name: str,
+                           body: kopf.Body, **_: Any) -> None:
+    await _fast_path("create", memo, namespace, name, body)
 
 
 @kopf.on.update(*RESOURCE, field="spec")
-async def meritrun_updated(memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:
-    await _fast_path("update", memo, namespace, name)
+async def meritrun_updated(memo: kopf.Memo, namespace: str, name: str,
+                           body: kopf.Body, **_: Any) -> None:
+    await _fast_path("update", memo, namespace, name, body)
 
 
 @kopf.on.resume(*RESOURCE)
-async def meritrun_resumed(memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:
-    await _fast_path("resume", memo, namespace, name)
+async def meritrun_resumed(memo: kopf.Memo, namespace: str, name: str,
+                           body: kopf.Body, **_: Any) -> None:
+    await _fast_path("resume", memo, namespace, name, body)
 
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
-async def meritrun_daemon(memo: kopf.Memo, namespace: str, name: str,
+async def meritrun_daemon(memo: kopf.Memo, namespace: str, name: str, body: kopf.Body,
                           stopped: kopf.DaemonStopped, **_: Any) -> None:
     ctx: OperatorContext = memo.ctx
     waker = ctx.waker(namespace, name)
     ticket = ctx.request(namespace, name)  # a round of its own to begin with
     while not stopped:
         waker.clear()
-        outcome = await ctx.reconcile("daemon", namespace, name, ticket)
+        outcome = await ctx.reconcile("daemon", namespace, name, ticket, body=body)
         if outcome.gone:
             return
         _post(outcome)

@@ -1,44 +1,36 @@
-"""The Job watch: wake a run's daemon when one of its Jobs changes, with a server-side filter.
+"""The Job watch: a wake-up for a run when one of its Jobs changes, with a server-side filter.
 
 kopf's `labels=` filter on a watch is applied by kopf, after the API server has sent every
 Job of the cluster (or namespace): on a big cluster the operator would decode every Job
-event. This watch asks the server for our Jobs only (`labelSelector=<run label>`), per
-served namespace (a namespaced install needs no cluster-wide Job rights) or cluster-wide.
+event. This watch is a `WatchStore` (our Jobs only, `labelSelector=<run label>`, per served
+namespace or cluster-wide), so rounds also read their Jobs from it instead of a LIST.
 
-list, then watch from the list's resourceVersion; a 410 Gone (history compacted) or a
-broken stream relists, after a short pause. An event wakes the run named by the Job's run
-label only when what a round reads from the Job changed: a Job seen for the first time (or
-a new Job under an old name), gone, or with another state (Active, Succeeded, Failed) or
-held state (suspended for a queue). The Job controller rewrites a Job's status several times
-on the way (start time, active, ready pods, ...), and each would otherwise cost its run a
-round that finds nothing new. The daemon's round then reads the Jobs itself (level-based),
-so a missed event costs at most one resync period, never correctness. Runs in its own
-thread (blocking HTTP); wakes are handed to the event loop thread-safely.
+An event wakes the run named by the Job's run label only when what a round reads from the
+Job changed: a Job seen for the first time (or a new Job under an old name), gone, or with
+another state (Active, Succeeded, Failed) or held state (suspended for a queue). The Job
+controller rewrites a Job's status several times on the way (start time, active, ready
+pods, ...), and each would otherwise cost its run a round that finds nothing new. A relist
+counts every Job as news. The daemon's round then reads the Jobs itself (level-based), so a
+missed event costs at most one resync period, never correctness. Wakes are handed to the
+event loop thread-safely; the store has the Job before its wake-up goes out.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from meritrun.errors import MeritRunError
-
-from .kubeapi import ApiError, KubeApi
+from .kubeapi import KubeApi
 from .manifests import LABEL_RUN, job_observation
+from .watchstore import WATCH_TIMEOUT_SECONDS, Stores, WatchStore, Where, run_of, watch_paths
 
-log = logging.getLogger(__name__)
-WATCH_TIMEOUT_SECONDS = 300
-RELIST_PAUSE_SECONDS = 1.0
 Wake = Callable[[str, str], None]
 
 
 def job_watch_paths(namespaces: tuple[str, ...]) -> list[str]:
     """One watch per served namespace, or one cluster-wide."""
-    if not namespaces:
-        return ["/apis/batch/v1/jobs"]
-    return [f"/apis/batch/v1/namespaces/{ns}/jobs" for ns in namespaces]
+    return watch_paths("batch/v1", "jobs", namespaces)
 
 
 def job_selector() -> str:
@@ -52,33 +44,25 @@ def job_signature(job: dict[str, Any]) -> tuple[str, ...]:
     return ((job.get("metadata") or {}).get("uid") or "", seen.state, seen.waiting or "")
 
 
-def run_of(job: dict[str, Any]) -> tuple[str, str] | None:
-    meta = job.get("metadata") or {}
-    run = (meta.get("labels") or {}).get(LABEL_RUN)
-    return (meta.get("namespace") or "", run) if run and meta.get("namespace") else None
-
-
-class JobWatch:
+class JobWatch(WatchStore):
     """Follow one path's Jobs until stopped; `wake(namespace, run)` on every change."""
 
     def __init__(self, api: KubeApi, path: str, wake: Wake, *,
                  timeout_seconds: int = WATCH_TIMEOUT_SECONDS) -> None:
-        self.api, self.path, self.wake, self.timeout_seconds = api, path, wake, timeout_seconds
-        self.events = 0  # Job events received (the test checks the filter with it)
+        super().__init__(api, path, timeout_seconds=timeout_seconds)
+        self.wake = wake
         self.wakes = 0  # wake-ups sent (events that changed what a round reads)
         self._seen: dict[tuple[str, str], tuple[str, ...]] = {}  # (namespace, Job) -> signature
 
-    def _list(self) -> str:
-        listed = self.api.request("GET", self.path, query={"labelSelector": job_selector()})
-        self._seen.clear()  # after a gap in the stream, every Job counts as news
-        for job in listed.get("items") or []:
-            self._notify(job, deleted=False)
-        return (listed.get("metadata") or {}).get("resourceVersion") or ""
+    def jobs(self, namespace: str, run: str) -> list[dict[str, Any]] | None:
+        return self.objects(namespace, run)
 
-    def _notify(self, job: dict[str, Any], *, deleted: bool) -> None:
-        where = run_of(job)
-        if where is None:
-            return
+    def relisted(self, objects: list[dict[str, Any]]) -> None:
+        self._seen.clear()  # after a gap in the stream, every Job counts as news
+        for job in objects:
+            self.changed(job, run_of(job), deleted=False)  # type: ignore[arg-type]
+
+    def changed(self, job: dict[str, Any], where: Where, *, deleted: bool) -> None:
         key = (where[0], (job.get("metadata") or {}).get("name") or "")
         if deleted:
             self._seen.pop(key, None)
@@ -90,45 +74,28 @@ class JobWatch:
         self.wakes += 1
         self.wake(*where)
 
-    def _follow(self, version: str, stop: threading.Event) -> str | None:
-        """Watch from version; the last version seen, or None when the server says 410."""
-        query = {"labelSelector": job_selector(), "resourceVersion": version,
-                 "allowWatchBookmarks": "true"}
-        for event in self.api.watch(self.path, query=query,
-                                    timeout_seconds=self.timeout_seconds):
-            obj = event.get("object") or {}
-            if event.get("type") == "ERROR":
-                if obj.get("code") == 410:
-                    return None
-                raise ApiError(int(obj.get("code") or 500), obj.get("reason") or "",
-                               obj.get("message") or "")
-            version = (obj.get("metadata") or {}).get("resourceVersion") or version
-            if event.get("type") != "BOOKMARK":
-                self.events += 1
-                self._notify(obj, deleted=event.get("type") == "DELETED")
-            if stop.is_set():
-                break
-        return version
 
-    def run(self, stop: threading.Event) -> None:
-        version: str | None = None
-        while not stop.is_set():
-            try:
-                if version is None:
-                    version = self._list()
-                version = self._follow(version, stop)
-                continue
-            except MeritRunError as e:  # ApiError, TransientError: relist after a pause
-                log.warning("job watch %s: %s; relisting", self.path, str(e)[:300])
-                version = None
-            stop.wait(RELIST_PAUSE_SECONDS)
+class JobCache(Stores):
+    """The Jobs (and pods) of every served namespace, from the watches."""
+
+    def __init__(self, watches: list[JobWatch], namespaces: tuple[str, ...],
+                 pods: Stores | None = None) -> None:
+        super().__init__(list(watches), namespaces)
+        self.watches, self.pods = watches, pods
+
+    def jobs(self, namespace: str, run: str) -> list[dict[str, Any]] | None:
+        return self.objects(namespace, run)
+
+    def run_pods(self, namespace: str, run: str) -> list[dict[str, Any]] | None:
+        return self.pods.objects(namespace, run) if self.pods is not None else None
 
 
 def start_job_watches(api: KubeApi, namespaces: tuple[str, ...], wake: Wake,
-                      stop: threading.Event) -> list[JobWatch]:
-    """One daemon thread per watched path; they end when stop is set (or with the process)."""
+                      stop: threading.Event) -> JobCache:
+    """The Job watches (which wake runs) and the pod stores, each in a daemon thread until
+    stop is set (or the process ends)."""
     watches = [JobWatch(api, path, wake) for path in job_watch_paths(namespaces)]
-    for watch in watches:
-        threading.Thread(target=watch.run, args=(stop,), name=f"job-watch {watch.path}",
-                         daemon=True).start()
-    return watches
+    pods = [WatchStore(api, path) for path in watch_paths("v1", "pods", namespaces)]
+    for store in [*watches, *pods]:
+        store.start(stop)
+    return JobCache(watches, namespaces, Stores(pods, namespaces))

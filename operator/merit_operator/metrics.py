@@ -35,6 +35,9 @@ from meritrun.conditions import from_rfc3339
 
 PHASES: tuple[str, ...] = get_args(Phase)
 HANDLERS = ("create", "update", "resume", "daemon", "delete")
+# Where a round's time goes: reading the run, its Jobs, its storage and grants, and the rest
+# (deciding, the actions carried out in the round, handing creations to the pool).
+ROUND_PHASES = ("run", "jobs", "storage", "grants", "decide")
 ROUND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MERGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0)
 
@@ -60,8 +63,19 @@ class Metrics:
             ["handler"], buckets=ROUND_BUCKETS, registry=r)
         self.reconcile_latency = Histogram(
             "meritrun_reconcile_latency_seconds", "From a handler asking for a round to its "
-            "outcome: the round plus its wait for the run's lock and a worker thread.",
-            ["handler"], buckets=ROUND_BUCKETS, registry=r)
+            "outcome: the round plus its waits for the run's lock, the previous round's "
+            "commit and a worker thread.", ["handler"], buckets=ROUND_BUCKETS, registry=r)
+        self.reconcile_phase = Histogram(
+            "meritrun_reconcile_phase_seconds", "Time of one round spent per phase (run, "
+            "jobs, storage and grants: reading them; decide: the rest).", ["phase"],
+            buckets=ROUND_BUCKETS, registry=r)
+        self.reconcile_cpu = Histogram(
+            "meritrun_reconcile_cpu_seconds", "CPU time of one round's thread: its own "
+            "compute; the rest of its wall time it waited (API, S3, the CPU, the GIL).",
+            buckets=ROUND_BUCKETS, registry=r)
+        self.reconcile_commit = Histogram(
+            "meritrun_reconcile_commit_seconds", "A round's commit, after the round: its Job "
+            "creations, then the status write.", buckets=ROUND_BUCKETS, registry=r)
         self.coalesced = Counter(
             "meritrun_reconcile_coalesced", "Requests for a round answered by a round that "
             "started after them (wake-ups coalesced), by handler.", ["handler"], registry=r)
@@ -116,6 +130,18 @@ class Metrics:
         finally:
             self.reconciles.labels(handler=handler).inc()
             self.reconcile_duration.labels(handler=handler).observe(time.perf_counter() - start)
+
+    def round_phases(self, phases: Mapping[str, float], total: float, cpu: float) -> None:
+        """One round's phases; `decide` is what the reads leave of the total."""
+        self.reconcile_cpu.observe(cpu)
+        for phase in ROUND_PHASES[:-1]:
+            if phase in phases:
+                self.reconcile_phase.labels(phase=phase).observe(phases[phase])
+        self.reconcile_phase.labels(phase="decide").observe(max(total - sum(phases.values()),
+                                                                0.0))
+
+    def committed(self, seconds: float) -> None:
+        self.reconcile_commit.observe(seconds)
 
     def handled(self, handler: str, seconds: float, *, coalesced: bool) -> None:
         """One handler's request for a round, answered (by its own round or a newer one)."""

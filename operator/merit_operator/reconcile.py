@@ -1,25 +1,32 @@
 """One reconcile round of one MeritRun: the Kubernetes adapter of `meritrun.driver`.
 
-Level-based: the round reads the run fresh from the API (never a cached body), and the
-driver observes (its Jobs on every cluster, its storage, its sites' grants), decides, acts
-and writes the status last, so it converges from whatever state it finds; if the operator
-dies in between, the next round decides the same actions again and they are idempotent
-(deterministic names, 409 adopted). An invalid spec is an observation like any other: the
-pipeline fails the run, stops its Jobs and revokes its grants through the same code.
+Level-based: the driver observes (its Jobs on every cluster, its storage, its sites' grants),
+decides, acts and writes the status last, so it converges from whatever state it finds; if
+the operator dies in between, the next round decides the same actions again and they are
+idempotent (deterministic names, 409 adopted). An invalid spec is an observation like any
+other: the pipeline fails the run, stops its Jobs and revokes its grants through the same code.
 Blocking: the handlers run it in a worker thread.
 
-A round's Jobs are created at once (a run of K partitions starts K Jobs in one round; one
-after another they cost K round trips of the API server's slowest call, a Job create): each
-CreateJob goes to a shared thread pool, and the status is written only once every creation
-of the round has ended, so "actions before the status" holds. Concurrency cannot duplicate a
-Job: rounds of one run never overlap (the run's lock), the Jobs of one round have distinct
-deterministic names, and a 409 is adopted as before.
+Reads come from watch-fed caches, not a GET and LIST per round: the run is kopf's live body
+(or our own last status write, when that is newer by resourceVersion), its Jobs are the Job
+watch's store (`jobwatch`). Without a body (a caller outside kopf) the run is read fresh.
+
+A round ends at its decision: its Job creations go to a shared pool and the status write
+waits for them in a commit (`KubeRound.commit`, in its own pool), so "actions before the
+status" holds while the round itself costs no API write. The next round of the same run
+starts only after that commit has ended (`OperatorContext` waits for it under the run's
+lock), so it decides from the status the commit wrote. Concurrency cannot duplicate a Job:
+rounds of one run never overlap, the Jobs of one round have distinct deterministic names,
+and a 409 is adopted as before.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
+import time
+from collections.abc import Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
@@ -61,6 +68,7 @@ class RoundOutcome:
     gone: bool = False
     invalid: str | None = None  # the InvalidSpec verdict, for kopf's PermanentError
     error: BaseException | None = None  # set by the caller when the round raised
+    commit: Future[list[Failure]] | None = None  # the round's creations and status write
 
 
 class StorageCache:
@@ -112,6 +120,15 @@ class KubeRound:
         self._creating: list[tuple[CreateJob, Future[bool]]] = []
         self.created: set[str] = set()  # Jobs new in this round (none can have run yet)
         self.failures: list[Failure] = []  # creations that failed
+        self.status: MeritRunStatus | None = None  # decided; written by `commit`
+        self.phases: dict[str, float] = {}  # seconds spent per phase (metrics)
+
+    def timed(self, phase: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
 
     def grants(self) -> Any:
         """One grant keeper (and IAM client) per round, made only when a grant is touched."""
@@ -128,15 +145,16 @@ class KubeRound:
         run_id = RunId(name, self.run.uid)  # the status's runUid once it has one (resets)
         found: dict[str, Any] = {}
         if spec is not None and (status is None or status.phase not in TERMINAL_PHASES):
-            found = observe_storage(self.rec.storages.for_spec(spec), run_id, status)
+            found = self.timed("storage", observe_storage, self.rec.storages.for_spec(spec),
+                               run_id, status)
         candidates = grant_candidates(spec, status, found.get("plan"))
-        held = self.grants().held(name, candidates) if candidates else {}
-        return Observed(run=run_id, now=now, generation=self.generation,
-                        jobs=backend.observe_jobs(self.run, spec), grants=held,
-                        spec_error=self.spec_error, **found)
+        held = self.timed("grants", self.grants().held, name, candidates) if candidates else {}
+        jobs = self.timed("jobs", backend.observe_jobs, self.run, spec)
+        return Observed(run=run_id, now=now, generation=self.generation, jobs=jobs,
+                        grants=held, spec_error=self.spec_error, **found)
 
     def create_job(self, action: CreateJob) -> None:
-        """Started in the creators' pool; `finish_creates` waits for it."""
+        """Started in the creators' pool; the commit waits for it."""
         assert self.spec is not None  # decide creates nothing for an invalid spec
         self._creating.append((action, self.rec.creator.submit(
             self.rec.backend.create_job, action, run=self.run, spec=self.spec)))
@@ -172,13 +190,24 @@ class KubeRound:
         self.events.append(event)  # posted by the async handler, with kopf
 
     def write_status(self, status: MeritRunStatus) -> None:
+        self.status = status  # the commit writes it, once this round's creations have ended
+
+    def commit(self) -> list[Failure]:
+        """The round's writes, in order: wait for its creations, then the status (with each
+        running partition's progress, shown and never decided on). The creations that
+        failed; the next round creates them again."""
+        start = time.perf_counter()
         self.finish_creates()
-        if self.spec is not None and status.phase not in TERMINAL_PHASES:
-            # step, total and loss of each training partition, for `kubectl get -o yaml`;
-            # a Job created just now is queued (its pod has not started: nothing to read)
-            attach_progress(self.rec.storages.for_spec(self.spec), RunId(self.run.name,
-                            self.run.uid), status, queued=frozenset(self.created))
-        self.rec.write(self.run, self.stored, status)
+        status = self.status
+        if status is not None:
+            if self.spec is not None and status.phase not in TERMINAL_PHASES:
+                # step, total and loss of each training partition, for `kubectl get -o
+                # yaml`; a Job created just now is queued (its pod has not started)
+                attach_progress(self.rec.storages.for_spec(self.spec), RunId(
+                    self.run.name, self.run.uid), status, queued=frozenset(self.created))
+            self.rec.write(self.run, self.stored, status)
+        self.rec.metrics.committed(time.perf_counter() - start)
+        return self.failures
 
 
 def _storage_of(body: dict[str, Any]) -> StorageSpec | None:
@@ -195,51 +224,85 @@ def _storage_of(body: dict[str, Any]) -> StorageSpec | None:
     return storage
 
 
+def newest(seen: Mapping[str, Any] | None,
+           written: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newer of kopf's live body and our own last status write (by resourceVersion, which
+    the API server hands out in increasing order), copied; None when it cannot tell (no body,
+    or a version that is not a number): then the round reads the run fresh."""
+    if seen is None:
+        return None
+    meta = seen.get("metadata") or {}
+    candidates = [dict(seen)]
+    if written is not None and (written.get("metadata") or {}).get("uid") == meta.get("uid"):
+        candidates.append(written)
+    try:
+        best = max(candidates, key=lambda b: int(b["metadata"]["resourceVersion"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return copy.deepcopy(best)
+
+
 class Reconciler:
     def __init__(self, backend: KubeBackend, *, settings: Settings, metrics: Metrics,
-                 storages: StorageCache | None = None, creator: Executor | None = None) -> None:
+                 storages: StorageCache | None = None, creator: Executor | None = None,
+                 committer: Executor | None = None) -> None:
         self.backend = backend
         self.creator = creator or ThreadPoolExecutor(max(settings.create_threads, 1),
                                                      thread_name_prefix="create")
+        self.committer = committer or ThreadPoolExecutor(max(settings.workers, 1),
+                                                         thread_name_prefix="commit")
         self.settings = settings
         self.metrics = metrics
         self.storages = storages or StorageCache()
         self.policy = Policy(backoff_base_seconds=settings.backoff_base_seconds,
                              backoff_max_seconds=settings.backoff_max_seconds)
+        self._written: dict[tuple[str, str], dict[str, Any]] = {}  # last status write, per run
 
-    def round(self, namespace: str, name: str, *, now: datetime | None = None) -> RoundOutcome:
-        body = self.backend.get_run(namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
+    def current_body(self, namespace: str, name: str,
+                     seen: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """The run as a round reads it: from the caches, else a GET (None: gone)."""
+        body = newest(seen, self._written.get((namespace, name)))
+        return body if body is not None else self.backend.get_run(namespace, name)
+
+    def round(self, namespace: str, name: str, *, body: Mapping[str, Any] | None = None,
+              now: datetime | None = None) -> RoundOutcome:
+        """Observe and decide; the outcome's `commit` carries the creations and the status
+        write (running in the committers' pool)."""
+        start, cpu = time.perf_counter(), time.thread_time()
+        current = self.current_body(namespace, name, body)
+        read = time.perf_counter() - start
+        if current is None or current["metadata"].get("deletionTimestamp"):
             return RoundOutcome(gone=True)
-        meta = body["metadata"]
+        meta = current["metadata"]
         run = RunRef(name=name, namespace=namespace, uid=meta["uid"])
-        stored = parse_status(body.get("status"))
+        stored = parse_status(current.get("status"))
         spec, error = None, None
         try:
-            spec = validated_spec(body)
+            spec = validated_spec(current)
         except SpecError as e:
             error = str(e)
             log.warning("run %s/%s: invalid spec: %s", namespace, name, error)
-        kube = KubeRound(self, run, spec, stored=stored, body=body, spec_error=error)
+        kube = KubeRound(self, run, spec, stored=stored, body=current, spec_error=error)
+        kube.phases["run"] = read
         now = now or now_utc()
         failed: ActionsFailed | None = None
+        commit: Future[list[Failure]] | None = None
         try:
             decision = run_round(kube, spec, stored, now=now, policy=self.policy)
         except ActionsFailed as e:
             decision, failed = e.decision, e
-        finally:
-            kube.finish_creates()  # no creation outlives its round, whatever happened
-        if kube.failures:
-            failed = ActionsFailed(decision, [*(failed.failures if failed else ()),
-                                              *kube.failures])
+        finally:  # a round that raised still hands its creations to a commit to wait for
+            commit = self.committer.submit(kube.commit)
+            self.metrics.round_phases(kube.phases, time.perf_counter() - start,
+                                      time.thread_time() - cpu)
         status = decision.status
         delay = next_delay(status, requeue_after=decision.requeue_after,
                            resync_seconds=self.settings.resync_seconds,
                            idle_seconds=self.settings.idle_resync_seconds)
         if failed is not None:
             delay = min(delay, self.settings.error_backoff_seconds)
-        return RoundOutcome(tuple(kube.events), status.phase, delay, event_ref(body),
-                            invalid=error, error=failed)
+        return RoundOutcome(tuple(kube.events), status.phase, delay, event_ref(current),
+                            invalid=error, error=failed, commit=commit)
 
     def grant_keeper(self, run: RunRef, storage_spec: StorageSpec) -> Any:
         from meritrun.access import GrantKeeper
@@ -258,7 +321,9 @@ class Reconciler:
         old = stored
         patch = merge_patch(old.to_wire() if old else {}, new.to_wire())
         if patch:
-            self.backend.patch_status(run.namespace, run.name, patch)
+            written = self.backend.patch_status(run.namespace, run.name, patch)
+            if written is not None:  # the next round reads this, if kopf has not seen it yet
+                self._written[(run.namespace, run.name)] = written
         self.metrics.record_transition(old, new)
         self.metrics.set_phase(run.uid, new.phase)
 
@@ -282,6 +347,7 @@ class Reconciler:
                 storage.delete_prefix(run_prefix(RunId(run.name, uid)))
             log.info("run %s/%s: deleted its artifacts", run.namespace, run.name)
         self.metrics.forget(run.uid)
+        self._written.pop((run.namespace, run.name), None)
         return deleted
 
     def _revoke_all(self, run: RunRef, spec: MeritRunSpec | None, storage_spec: StorageSpec,

@@ -1,5 +1,6 @@
-"""How the operator spends its rounds at scale: requests for a round are coalesced, and a
-round's Jobs are created at once with the status written only after all of them."""
+"""How the operator spends its rounds at scale: requests for a round are coalesced, a round
+reads from caches and ends at its decision, and its commit creates the round's Jobs at once
+and writes the status only after all of them; the run's next round waits for that commit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,11 +139,13 @@ def test_a_rounds_jobs_are_created_at_once_and_the_status_waits_for_them():
         PartitionStatus(name=n.split("-")[1], index=i, sources=["s"], state="Running",
                         attempt=1, job=n) for i, n in enumerate(names)])
     kube.write_status(status)
+    assert time.monotonic() - start < 0.15 and not written  # the round ends at its decision
+    failures = kube.commit()
     elapsed = time.monotonic() - start
     assert backend.most == 8 and elapsed < 0.2 * 8 / 2
     assert written[0][0] == 0  # the status went out after every creation had ended
     assert kube.created == set(names[:7])
-    assert [f.action.name for f in kube.failures] == ["demo-bad-a1"]
+    assert [f.action.name for f in failures] == ["demo-bad-a1"]
     progress = {p.job: p.progress for p in written[0][1].partitions}
     assert all(progress[n] is not None and progress[n].queued for n in names[:7])
     assert progress["demo-bad-a1"] is None  # not created: nothing claimed about it
@@ -186,3 +190,88 @@ def test_the_job_watch_wakes_a_run_only_when_a_round_would_see_news():
     watch._notify(job(**done), deleted=True)  # gone (a TTL, a person)
     watch._notify(job(uid="j-2"), deleted=False)  # a new Job under the old name
     assert woken == ["demo"] * 4 and watch.wakes == 4
+
+
+class CommittingRounds:
+    """Rounds whose commit takes 0.3 s and fails the first time; each round notes whether
+    the previous commit had ended when it started."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(2)
+        self.commits: list[bool] = []  # per commit: ended
+        self.saw_committed: list[bool] = []
+
+    def commit(self, first: bool) -> list:
+        time.sleep(0.3)
+        self.commits[-1] = True
+        if first:
+            raise TransientError("HTTP 500: etcd leader changed")
+        return []
+
+    def round(self, namespace: str, name: str) -> RoundOutcome:
+        self.saw_committed.append(all(self.commits))
+        self.commits.append(False)
+        return RoundOutcome(delay_seconds=30.0,
+                            commit=self.pool.submit(self.commit, len(self.commits) == 1))
+
+
+def test_a_round_waits_for_the_previous_commit_and_a_failed_commit_wakes_the_run(ctx):
+    ctx.reconciler = rounds = CommittingRounds()
+    ctx.waker("ml", "demo")
+
+    async def scenario() -> float:
+        start = time.monotonic()
+        await ctx.reconcile("daemon", "ml", "demo", ctx.request("ml", "demo"))
+        returned = time.monotonic() - start  # before its commit
+        await ctx.reconcile("daemon", "ml", "demo", ctx.request("ml", "demo"))
+        await asyncio.wait_for(ctx.waker("ml", "demo").wait(), 5.0)  # the retry's wake-up
+        return returned
+
+    ctx.settings = replace(ctx.settings, error_backoff_seconds=0.2)
+    returned = asyncio.run(scenario())
+    assert returned < 0.25
+    assert rounds.saw_committed == [True, True]  # the second round began after the commit
+    assert ctx.metrics.registry.get_sample_value(
+        "meritrun_reconcile_errors_total", {"handler": "daemon", "kind": "transient"}) == 1
+
+
+def _job(name: str, run: str = "demo", uid: str = "j-1", **status) -> dict:
+    return {"metadata": {"name": name, "namespace": "ml", "uid": uid,
+                         "labels": {"merit.run/run": run}}, "spec": {}, "status": status}
+
+
+def test_the_job_watch_keeps_a_store_rounds_read_instead_of_listing():
+    from merit_operator.jobwatch import JobCache, JobWatch
+
+    class Listing:
+        def request(self, method: str, path: str, query: dict) -> dict:
+            return {"metadata": {"resourceVersion": "7"},
+                    "items": [_job("demo-p0-a1"), _job("other-p0-a1", run="other")]}
+
+    watch = JobWatch(Listing(), "/apis/batch/v1/namespaces/ml/jobs", lambda ns, run: None)
+    cache = JobCache([watch], ("ml",))
+    assert cache.jobs("ml", "demo") is None  # not listed yet: the round lists itself
+    assert watch._list() == "7"
+    assert [j["metadata"]["name"] for j in cache.jobs("ml", "demo")] == ["demo-p0-a1"]
+    watch._notify(_job("demo-p1-a1", uid="j-2"), deleted=False)
+    watch._notify(_job("demo-p0-a1"), deleted=True)
+    assert [j["metadata"]["name"] for j in cache.jobs("ml", "demo")] == ["demo-p1-a1"]
+    assert cache.jobs("ml", "nobody") == [] and cache.jobs("elsewhere", "demo") is None
+
+
+def test_a_round_reads_the_newer_of_kopfs_body_and_its_own_last_write():
+    from merit_operator.reconcile import newest
+
+    def body(version: str, uid: str = "u-1", phase: str = "Training") -> dict:
+        return {"metadata": {"uid": uid, "resourceVersion": version},
+                "status": {"phase": phase}}
+
+    written = body("12", phase="Merging")
+    assert newest(body("11"), written)["status"]["phase"] == "Merging"  # kopf lags
+    assert newest(body("13"), written)["status"]["phase"] == "Training"  # kopf is newer
+    assert newest(body("11", uid="u-2"), written)["metadata"]["uid"] == "u-2"  # recreated
+    assert newest(body("x"), written) is None and newest(None, written) is None  # a GET
+    seen = body("13")
+    copied = newest(seen, None)
+    copied["status"]["phase"] = "Failed"
+    assert seen["status"]["phase"] == "Training"  # a copy: the round never edits kopf's

@@ -64,10 +64,11 @@ by the kubelet) and the operator gets its own from its environment.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "create", "delete"]
-# A failed stage's reason is its pod's termination message.
+# A failed stage's reason is its pod's termination message; a stuck one's, its pod's state
+# (rounds read the pods from a watch).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
