@@ -55,12 +55,13 @@ class OperatorContext:
         # A connection for every thread that may call at once (rounds, creations, commits,
         # the Job watch, grants): beyond its size urllib3 opens throwaway connections, a TLS
         # handshake each.
-        self.api = KubeApi(api_config(settings), pool_size=2 * workers + creators + 4,
+        self.api = KubeApi(api_config(settings), pool_size=workers + 2 * creators + 4,
                            token_reread_seconds=settings.token_reread_seconds)
         images = Images(trainer=settings.trainer_image, merger=settings.merger_image,
                         python=settings.job_python, rendezvous_port=settings.rendezvous_port)
         self.creator = ThreadPoolExecutor(max_workers=creators, thread_name_prefix="create")
-        self.committer = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="commit")
+        # A commit mostly waits for its creations, then writes: as many as creations at once.
+        self.committer = ThreadPoolExecutor(max_workers=creators, thread_name_prefix="commit")
         self.reconciler = Reconciler(KubeBackend(self.api, images=images), settings=settings,
                                      metrics=self.metrics, creator=self.creator,
                                      committer=self.committer)
@@ -167,7 +168,10 @@ class OperatorContext:
         """Wait for the run's previous commit (its failures were handled by `_committed`)."""
         commit = self._commits.get(key)
         if commit is not None and not commit.done():
-            await asyncio.wait([asyncio.wrap_future(commit)])
+            try:
+                await asyncio.wrap_future(commit)
+            except Exception:  # noqa: BLE001, S110 - reported by `_committed`, not here
+                pass
 
     def _track(self, key: Key, handler: str, commit: Future[Any]) -> None:
         self._commits[key] = commit

@@ -43,7 +43,9 @@ class Settings:
     create_threads: int = 16
     # A Job event wakes its run's daemon this long before the round, so that a burst of
     # events (a Job created, then its pods, then its status) costs one round, not one each.
-    wake_debounce_seconds: float = 0.5
+    # Short: the round also waits for the run's previous commit, whose creations are what
+    # send the bursts, and wake-ups during that wait are covered by the same round.
+    wake_debounce_seconds: float = 0.1
     # Images used when the run's template names none (the chart sets both).
     trainer_image: str = "ghcr.io/meritrun/meritrun-trainer:0.1.0"
     merger_image: str = "ghcr.io/meritrun/meritrun-merger:0.1.0"
