@@ -11,12 +11,11 @@ thread in reused buffers (the method's fp32 result, a ring of output blocks). Pe
 a few blocks per input (for whole-tensor methods, a few copies of the largest tensor per
 input) plus the method's temporaries, never the model or an output shard.
 
-Threads: element-wise methods on the CPU run their math on all cores but one (the reader
-and writer threads spend theirs in the kernel, faulting pages in and copying pages out),
-and on one thread on a 2-core machine: torch's intra-op threads synchronise at every op,
-and on a busy machine each barrier waited for a descheduled partner (a 1B-parameter merge
-took 91 s of user time with 2 threads against 10 s with one). Whole-tensor methods keep
-torch's setting (their ops are large enough to be worth splitting).
+Threads: element-wise methods on the CPU cut each block into pieces of rows merged by one
+thread per core, each with one torch intra-op thread (see `pieces`: no OpenMP barrier per
+op); the reader and writer threads spend little CPU (mapping pages already in the page cache,
+copying the output into it). Whole-tensor methods keep torch's setting (their ops are large
+enough to be worth splitting).
 
 It does not verify contributions (see `verification`) and does not write the report (see
 `report`): it merges what it is given and says what it did in a MergeResult.
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,8 +40,10 @@ from meritrun.errors import StageFailed
 from .blocks import Block, BlockLoader, Buffers, Item, block_rows
 from .io import ModelReader, copy_model_files, read_header
 from .methods import MergeInputs, MergeMethod, TensorStats, get_method, normalized
+from .pieces import PieceRunner, all_finite
 from .selection import KthLargest, ffg_k
 from .sources import ExpertReader, PartitionSource, open_moments
+from .thresholds import tensor_thresholds
 from .writer import OutputTensor, ShardedWriter
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,6 @@ class MergeOutputError(StageFailed):
     off): nothing is published."""
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in t. A NaN or Inf makes the fp32 sum non-finite, so a finite sum
-    settles it in one vectorized pass (isfinite on bf16 measured 50x slower than a sum);
-    only a non-finite sum (which finite values can reach by overflowing) is checked exactly."""
-    if not t.is_floating_point() or math.isfinite(float(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
 def check_output(files: Sequence[Path], planned: Sequence[OutputTensor]) -> None:
     """The written shards hold exactly the planned tensors, names, dtypes and shapes (their
     headers re-read and validated like any input's)."""
@@ -106,12 +97,12 @@ def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
-def merge_threads(method: MergeMethod, device: torch.device) -> int:
-    """Intra-op threads for the math (see the module docstring): torch's setting, less one
-    core for the reader and writer threads, for element-wise methods on the CPU."""
+def math_threads(method: MergeMethod, device: torch.device) -> int:
+    """Threads merging pieces of a block (see `pieces`): one per core for element-wise
+    methods on the CPU, none for the others (they run in the main thread)."""
     if device.type != "cpu" or not method.elementwise:
-        return torch.get_num_threads()
-    return max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - 1))
+        return 1
+    return len(os.sched_getaffinity(0))
 
 
 @contextmanager
@@ -176,60 +167,16 @@ def merge_models(
     result = MergeResult(Path(out_dir), impl.key, _params_dict(p), [s.name for s in partitions],
                          dict(zip([s.name for s in partitions], weights, strict=True)),
                          str(dtype or (floats[0] if floats else "none")).removeprefix("torch."))
+    threads = math_threads(impl, dev)
+    runner = PieceRunner(threads)
     try:
-        metas = [base.meta(n) for n in base.names]
-        items = [(m.name, rows) for m in metas
-                 for rows in block_rows(m, chunk_elements, elementwise=impl.elementwise)]
-        thresholds = None
-        if impl.needs_thresholds(p):
-            thresholds = ffg_thresholds(impl, p, inputs, items, density=p.density, device=dev)
-            result.thresholds = dict(zip(result.partitions, thresholds, strict=True))
-            result.seconds["prepass"] = round(time.monotonic() - started, 3)
-        outputs = [OutputTensor(m.name, dtype if dtype and m.dtype.is_floating_point else m.dtype,
-                                m.shape) for m in metas]
-        writer = ShardedWriter(Path(out_dir), outputs, shard_size_bytes=shard_size_bytes)
-        out_dtypes = {o.name: o.dtype for o in outputs}
-        total = sum(o.nbytes for o in outputs)
-        merge_started = time.monotonic()
-        stats: dict[str, TensorStats] = {}
-        work, ring = Buffers(torch.float32), Buffers(torch.uint8)  # main thread only
-        try:
-            with intra_op_threads(merge_threads(impl, dev)):
-                for i, block in enumerate(inputs.blocks(items, dev)):
-                    if observe is not None:
-                        observe(block)
-                    if block.raw is not None:
-                        out = block.raw
-                    else:
-                        tstats = stats.setdefault(block.name, TensorStats())
-                        shape = block.experts[0].shape
-                        buf = work.get("merged", shape.numel()).view(shape)
-                        merged = impl.merge(MergeInputs(
-                            block.name, block.base, block.experts, weights, block.moments,
-                            thresholds, tstats, out=buf if dev.type == "cpu" else None), p)
-                        # the writer holds `depth` blocks: slot i is free again at i + depth + 1
-                        out = _cast(merged, out_dtypes[block.name], ring, i % (writer.depth + 1))
-                        if not all_finite(out):  # after the cast: an fp16 output overflows too
-                            raise MergeOutputError(f"merged {block.name} has NaN/Inf values "
-                                                   f"({impl.key} with {_params_dict(p)})")
-                    writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
-                    if progress is not None:
-                        progress(writer.bytes_written, total)
-            result.files = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        try:
-            check_output(result.files, outputs)
-        except MergeOutputError:
-            for path in result.files:
-                path.unlink(missing_ok=True)
-            raise
-        result.files += copy_model_files(Path(base_dir), Path(out_dir), dtype=dtype)
-        result.seconds["merge"] = round(time.monotonic() - merge_started, 3)
-        result.bytes_written = writer.bytes_written
-        result.tensor_stats = _tensor_stats(stats, base, len(partitions), result.partitions)
+        with intra_op_threads(1 if threads > 1 else torch.get_num_threads()):
+            _merge(impl, p, inputs, runner, result, out_dir=Path(out_dir), base_dir=Path(base_dir),
+                   dtype=dtype, weights=weights, device=dev, chunk_elements=chunk_elements,
+                   shard_size_bytes=shard_size_bytes, progress=progress, observe=observe,
+                   started=started)
     finally:
+        runner.close()
         result.bytes_read = inputs.bytes_read()
         inputs.close()
     result.seconds["total"] = round(time.monotonic() - started, 3)
@@ -239,12 +186,87 @@ def merge_models(
     return result
 
 
+def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
+           result: MergeResult, *, out_dir: Path, base_dir: Path, dtype: torch.dtype | None,
+           weights: list[float], device: torch.device, chunk_elements: int,
+           shard_size_bytes: int, progress: Progress | None,
+           observe: Callable[[Block], None] | None, started: float) -> None:
+    """The pre-passes (thresholds), then the merge pass into planned shards; fills result."""
+    base = inputs.base
+    metas = [base.meta(n) for n in base.names]
+    items = [(m.name, rows) for m in metas
+             for rows in block_rows(m, chunk_elements, elementwise=impl.elementwise)]
+    thresholds: Callable[[str], list[float] | None] = lambda name: None  # noqa: E731
+    if impl.needs_thresholds(p):
+        model_wide = ffg_thresholds(impl, p, inputs, items, density=p.density, device=device)
+        result.thresholds = dict(zip(result.partitions, model_wide, strict=True))
+        thresholds = lambda name: model_wide  # noqa: E731
+    elif impl.needs_tensor_thresholds(p):
+        per_tensor = tensor_thresholds(impl, p, inputs, items, device=device, map_fn=runner.map)
+        thresholds = per_tensor.get
+    if impl.needs_thresholds(p) or impl.needs_tensor_thresholds(p):
+        result.seconds["prepass"] = round(time.monotonic() - started, 3)
+    outputs = [OutputTensor(m.name, dtype if dtype and m.dtype.is_floating_point else m.dtype,
+                            m.shape) for m in metas]
+    writer = ShardedWriter(out_dir, outputs, shard_size_bytes=shard_size_bytes)
+    out_dtypes = {o.name: o.dtype for o in outputs}
+    total = sum(o.nbytes for o in outputs)
+    merge_started = time.monotonic()
+    stats: dict[str, TensorStats] = {}
+    work, ring = Buffers(torch.float32), Buffers(torch.uint8)  # main thread only
+    try:
+        for i, block in enumerate(inputs.blocks(items, device)):
+            if observe is not None:
+                observe(block)
+            if block.raw is not None:
+                out = block.raw
+            else:
+                shape = block.experts[0].shape
+                buf = work.get("merged", shape.numel()).view(shape)
+                args = MergeInputs(block.name, block.base, block.experts, weights,
+                                   block.moments, thresholds(block.name),
+                                   stats.setdefault(block.name, TensorStats()),
+                                   out=buf if device.type == "cpu" else None)
+                # the writer holds `depth` blocks: slot i is free again at i + depth + 1
+                slot = i % (writer.depth + 1)
+                if runner.threads > 1:
+                    out = _slot(ring, slot, out_dtypes[block.name], shape)
+                    finite = runner.run(lambda a: impl.merge(a, p), args, out)
+                else:
+                    out = _cast(impl.merge(args, p), out_dtypes[block.name], ring, slot)
+                    finite = all_finite(out)
+                if not finite:  # after the cast: an fp16 output overflows too
+                    raise MergeOutputError(f"merged {block.name} has NaN/Inf values "
+                                           f"({impl.key} with {_params_dict(p)})")
+            writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
+            if progress is not None:
+                progress(writer.bytes_written, total)
+        result.files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    try:
+        check_output(result.files, outputs)
+    except MergeOutputError:
+        for path in result.files:
+            path.unlink(missing_ok=True)
+        raise
+    result.files += copy_model_files(base_dir, out_dir, dtype=dtype)
+    result.seconds["merge"] = round(time.monotonic() - merge_started, 3)
+    result.bytes_written = writer.bytes_written
+    result.tensor_stats = _tensor_stats(stats, base, len(result.partitions), result.partitions)
+
+
+def _slot(ring: Buffers, slot: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """Ring slot `slot` as an empty tensor of the output dtype and the block's shape."""
+    return ring.get(slot, shape.numel() * dtype.itemsize).view(dtype).view(shape)
+
+
 def _cast(merged: torch.Tensor, dtype: torch.dtype, ring: Buffers, slot: int) -> torch.Tensor:
     """merged in the output dtype, on the CPU, in ring slot `slot` (a CPU result) or fresh."""
     if merged.device.type != "cpu":
         return merged.to(dtype).cpu()
-    nbytes = merged.numel() * dtype.itemsize
-    return ring.get(slot, nbytes).view(dtype).view(merged.shape).copy_(merged)
+    return _slot(ring, slot, dtype, merged.shape).copy_(merged)
 
 
 def _params_dict(params: Any) -> dict[str, Any]:

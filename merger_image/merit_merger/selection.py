@@ -45,8 +45,10 @@ class KthLargest:
         if k < 1:
             raise ValueError("k must be >= 1")
         self.k = k
-        self.hi = torch.zeros(HI_BINS, dtype=torch.int64)
-        self.lo = torch.zeros(LO_BINS, dtype=torch.int64)
+        # pass 2's histogram is allocated by pass 2 and pass 1's dropped by end_first, so
+        # selectors kept between the passes (one per tensor and expert for TIES) hold ints
+        self.hi: torch.Tensor | None = torch.zeros(HI_BINS, dtype=torch.int64)
+        self.lo: torch.Tensor | None = None
         self._bin: int | None = None
         self._rank: int | None = None
 
@@ -56,8 +58,8 @@ class KthLargest:
         self.hi = self.hi.to(counts.device).add_(counts)
 
     def end_first(self) -> None:
-        self.hi = self.hi.cpu()
-        self._bin, self._rank = locate(self.hi, self.k)
+        self._bin, self._rank = locate(self.hi.cpu(), self.k)
+        self.hi = None
 
     def add_second(self, values: torch.Tensor) -> None:
         """Pass 2: count the low 16 bits of the values in the chosen high bin."""
@@ -65,10 +67,11 @@ class KthLargest:
         chosen = bits[(bits >> 16) == self._bin] & 0xFFFF
         if chosen.numel():
             counts = torch.bincount(chosen, minlength=LO_BINS)
-            self.lo = self.lo.to(counts.device).add_(counts)
+            self.lo = counts if self.lo is None else self.lo.to(counts.device).add_(counts)
 
     def result(self) -> float:
         """The k-th largest value (call after both passes)."""
-        low, _ = locate(self.lo.cpu(), self._rank)
+        lo = self.lo if self.lo is not None else torch.zeros(LO_BINS, dtype=torch.int64)
+        low, _ = locate(lo.cpu(), self._rank)
         bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
         return float(bits.view(torch.float32)[0])

@@ -73,6 +73,7 @@ class MergeInputs:
     experts: Sequence[torch.Tensor]
     weights: Sequence[float]
     moments: Sequence[Moment] | None = None
+    # per expert: FFG's over the whole model, or TIES's over this tensor (see the method)
     thresholds: Sequence[float] | None = None
     stats: TensorStats = field(default_factory=TensorStats)
     # an fp32 buffer of the block's shape a method may put its result in (the engine reuses
@@ -115,7 +116,16 @@ class MergeMethod:
             raise SpecError(f"method {self.key}: {e}", path="merge") from e
 
     def needs_thresholds(self, params: Any) -> bool:
+        """One threshold per expert over the whole model (FFG's), found by a pre-pass."""
         return False
+
+    def needs_tensor_thresholds(self, params: Any) -> bool:
+        """One threshold per expert and tensor (TIES's trim), found by a pre-pass: the k-th
+        largest `saliency` of the tensor, k = `tensor_k`."""
+        return False
+
+    def tensor_k(self, numel: int, params: Any) -> int:
+        raise NotImplementedError(f"{self.key} has no per-tensor threshold")
 
     def uses_base(self, params: Any) -> bool:
         """Whether merging reads theta0 (a weighted average of full models does not)."""

@@ -1,16 +1,19 @@
 """TIES merging: trim, elect sign, disjoint mean (Yadav et al., 2023).
 
 Formula, per tensor, with tau_k = theta_k - theta0:
-  trim:   keep the k = max(1, floor(density * numel)) entries of tau_k largest in |tau_k|
-          (per expert, per tensor), zero the rest -> tau'_k;
+  trim:   t_k = the k-th largest |tau_k| over the tensor, k = max(1, floor(density * numel))
+          (per expert, per tensor); keep tau_k where |tau_k| >= t_k, zero the rest -> tau'_k
+          (ties at t_k are kept, as FFG keeps them: `topk` would keep exactly k, choosing
+          among equal magnitudes in an order it does not specify);
   elect:  s = sign(sum_k tau'_k), with s = +1 where the sum is 0 (mergekit's convention);
   mean:   m = sum_k tau'_k [sign(tau'_k) = s] / max(1, #{k : sign(tau'_k) = s});
   theta = theta0 + lambda * m.
 Parameters: density (default 0.2, the paper's k = 20%), scale (lambda, default 1.0).
-Needs whole tensors (the trim ranks all entries of a tensor), so it is not fed row blocks.
-Memory: two passes over the experts, keeping only each expert's keep mask (1 byte per
-element) between them and recomputing tau'_k from the stored inputs, instead of all K
-trimmed taus in fp32 at once: about 7 fp32 copies of the tensor plus K masks, whatever K.
+Given the thresholds, everything is element-wise: the engine finds each tensor's t_k in a
+streamed pre-pass (`thresholds`: an exact radix select on the bits of |tau_k|, two passes
+over the blocks) and merges blocks of rows like the averages, holding the K trimmed taus of
+one piece of rows at a time. Called on a whole tensor without thresholds, it finds them with
+`kthvalue` first (the same values).
 """
 
 from __future__ import annotations
@@ -33,39 +36,54 @@ class TiesParams:
         check_finite(scale=self.scale)
 
 
-def keep_top(tau: torch.Tensor, density: float) -> torch.Tensor | None:
-    """Mask of the top max(1, floor(density * numel)) magnitudes of tau (None: keep all)."""
-    if density >= 1 or tau.numel() == 0:
+def trim_k(numel: int, density: float) -> int:
+    """How many magnitudes per expert and tensor the trim keeps (before ties)."""
+    return max(1, min(numel, int(density * numel)))
+
+
+def magnitude(base: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """|theta - theta0| in fp32 (a fresh tensor; base may be in its stored dtype)."""
+    return (theta.float() - base.float()).abs_()
+
+
+def trim_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor],
+                    density: float) -> list[float] | None:
+    """Each expert's k-th largest |tau| over this whole tensor (None: density 1 keeps all)."""
+    if density >= 1 or base.numel() == 0:
         return None
-    k = max(1, int(density * tau.numel()))
-    keep = torch.zeros(tau.shape, dtype=torch.bool)
-    keep.view(-1)[torch.topk(tau.reshape(-1).abs(), k, sorted=False).indices] = True
-    return keep
+    k = trim_k(base.numel(), density)
+    return [float(torch.kthvalue(magnitude(base, t).reshape(-1).cpu(), base.numel() - k + 1)
+                  .values) for t in experts]
+
+
+def ties_elementwise(base: torch.Tensor, experts: Sequence[torch.Tensor],
+                     thresholds: Sequence[float] | None, *, scale: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES given the trim thresholds, element by element, in fp32 (into `out` when given).
+    The disjoint sum is taken as s * sum_k max(s tau'_k, 0): multiplying by s = +-1 and
+    clamping are exact, so it is the same sum of the agreeing tau'_k in the same order."""
+    base = base.float()
+    trimmed, total = [], torch.zeros_like(base)
+    for k, theta in enumerate(experts):
+        tau = theta.float() - base
+        if thresholds is not None:
+            tau.masked_fill_(tau.abs() < thresholds[k], 0.0)
+        total.add_(tau)
+        trimmed.append(tau)
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    count, agreed = total.zero_(), torch.zeros_like(base)
+    for tau in trimmed:
+        along = tau.mul_(sign)  # |tau'_k| where it agrees with s, <= 0 elsewhere
+        count.add_(along > 0)
+        agreed.add_(along.clamp_(min=0.0))
+    merged = agreed.mul_(sign).div_(count.clamp_(min=1.0)).mul_(scale).add_(base)
+    return merged if out is None else out.copy_(merged)
 
 
 def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], *, density: float,
          scale: float) -> torch.Tensor:
-    def trimmed(k: int) -> torch.Tensor:
-        tau = experts[k].float() - base
-        return tau if keeps[k] is None else tau.masked_fill_(~keeps[k], 0.0)
-
-    base = base.float()  # the engine hands the stored dtype (stored_dtype_ok)
-    keeps: list[torch.Tensor | None] = []
-    total = torch.zeros_like(base, dtype=torch.float32)
-    for theta in experts:
-        tau = theta.float() - base
-        keeps.append(keep_top(tau, density))
-        total.add_(tau if keeps[-1] is None else tau.masked_fill_(~keeps[-1], 0.0))
-        del tau
-    elected = torch.where(total >= 0, 1.0, -1.0)
-    count, mean = total.zero_(), torch.zeros_like(total)
-    for k in range(len(experts)):
-        tau = trimmed(k)
-        agree = torch.sign(tau) == elected
-        count.add_(agree)
-        mean.add_(tau.masked_fill_(~agree, 0.0))
-        del tau, agree
-    return mean.div_(count.clamp_(min=1)).mul_(scale).add_(base)
+    """TIES on whole tensors (thresholds found here)."""
+    return ties_elementwise(base, experts, trim_thresholds(base, experts, density), scale=scale)
 
 
 @register
@@ -73,9 +91,22 @@ class TiesMerge(MergeMethod):
     key = "ties"
     spec_name = "ties"
     Params = TiesParams
-    elementwise = False
     stored_dtype_ok = True  # tau_k = theta_k - theta0 converts theta_k as it subtracts
     mergekit = "ties"
 
+    def needs_tensor_thresholds(self, params: TiesParams) -> bool:
+        return params.density < 1
+
+    def tensor_k(self, numel: int, params: TiesParams) -> int:
+        return trim_k(numel, params.density)
+
+    def saliency(self, base: torch.Tensor, expert: torch.Tensor, moment: object,
+                 params: TiesParams) -> torch.Tensor:
+        return magnitude(base, expert)
+
     def merge(self, inputs: MergeInputs, params: TiesParams) -> torch.Tensor:
-        return ties(inputs.base, inputs.experts, density=params.density, scale=params.scale)
+        thresholds = inputs.thresholds
+        if thresholds is None and params.density < 1:  # a whole tensor, not the engine's
+            thresholds = trim_thresholds(inputs.base, inputs.experts, params.density)
+        return ties_elementwise(inputs.base, inputs.experts, thresholds, scale=params.scale,
+                                out=inputs.out)
