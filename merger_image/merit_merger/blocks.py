@@ -26,6 +26,7 @@ import torch
 from .io import ModelReader, TensorMeta
 from .methods import Moment, Rank1Moment
 from .moments import MomentReader
+from .pieces import TRIM_EVERY, trim_heaps
 from .sources import ExpertReader
 
 Rows = tuple[int, int] | None
@@ -159,8 +160,10 @@ class BlockLoader:
 
     def blocks(self, items: Iterable[Item], device: torch.device, depth: int = 1
                ) -> Iterator[Block]:
-        for raw in prefetched(items, self.read_raw, depth):
+        for i, raw in enumerate(prefetched(items, self.read_raw, depth)):
             yield self.materialize(raw, device)
+            if i % TRIM_EVERY == TRIM_EVERY - 1:  # every pass over the blocks (see trim_heaps)
+                trim_heaps()
 
     def bytes_read(self) -> int:
         readers = [self.base.bytes_read] + [e.bytes_read for e in self.experts]

@@ -49,6 +49,7 @@ from .writer import OutputTensor, ShardedWriter
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20  # 1M elements: 4 MiB per fp32 buffer, K + 1 of them per slot
+HOLD_BLOCKS = 5  # TIES's pre-pass keeps the |tau| of a tensor of up to 5 blocks per expert
 Progress = Callable[[int, int], None]
 
 
@@ -202,7 +203,8 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
         result.thresholds = dict(zip(result.partitions, model_wide, strict=True))
         thresholds = lambda name: model_wide  # noqa: E731
     elif impl.needs_tensor_thresholds(p):
-        per_tensor = tensor_thresholds(impl, p, inputs, items, device=device, map_fn=runner.map)
+        per_tensor = tensor_thresholds(impl, p, inputs, items, device=device, map_fn=runner.map,
+                                       hold_elements=HOLD_BLOCKS * chunk_elements)
         thresholds = per_tensor.get
     if impl.needs_thresholds(p) or impl.needs_tensor_thresholds(p):
         result.seconds["prepass"] = round(time.monotonic() - started, 3)

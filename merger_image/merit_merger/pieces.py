@@ -18,6 +18,8 @@ buffers are the engine's, allocated in the main thread and only sliced here.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -29,6 +31,27 @@ import torch
 from .methods import MergeInputs, Moment, Rank1Moment, TensorStats
 
 PIECE_ELEMENTS = 1 << 18  # 1 MiB of fp32 per piece: the running sum stays in L2
+TRIM_EVERY = 64  # blocks between two returns of the allocator's free memory to the kernel
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to do
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def trim_heaps() -> None:
+    """Give the heaps' free memory back to the kernel (glibc's malloc_trim). A merge frees
+    block-sized temporaries between small long-lived allocations (OTA's cached rank-1
+    factors, Python objects), so glibc could not shrink its heaps and the resident set grew
+    with every block: OTA's by 125 MB over a 1B-parameter model at K = 2 (its peak was 850
+    MB above token-weighted's at K = 4); trimmed every TRIM_EVERY blocks it stays flat."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -23,9 +23,12 @@ def ffg_k(numel: int, density: float) -> int:
     return max(1, min(numel, int(density * numel)))
 
 
-def _bits(values: torch.Tensor) -> torch.Tensor:
-    # abs() turns -0.0 into +0.0; everything else is already non-negative (v >= 0, tau^2 >= 0)
-    return values.detach().float().abs().reshape(-1).view(torch.int32)
+def _bits(values: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
+    # abs() turns -0.0 into +0.0; everything else is already non-negative (v >= 0, tau^2 >= 0);
+    # `nonnegative`: the caller's fp32 values are +0.0 or more already (an abs() they took)
+    if not (nonnegative and values.dtype == torch.float32):
+        values = values.detach().float().abs()
+    return values.reshape(-1).view(torch.int32)
 
 
 def locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -41,10 +44,11 @@ def locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
 class KthLargest:
     """Streaming exact k-th largest of non-negative fp32 values; feed every value twice."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, *, nonnegative: bool = False) -> None:
         if k < 1:
             raise ValueError("k must be >= 1")
         self.k = k
+        self.nonnegative = nonnegative  # values are fed as fp32 >= +0.0 (no abs needed)
         # pass 2's histogram is allocated by pass 2 and pass 1's dropped by end_first, so
         # selectors kept between the passes (one per tensor and expert for TIES) hold ints
         self.hi: torch.Tensor | None = torch.zeros(HI_BINS, dtype=torch.int64)
@@ -54,7 +58,7 @@ class KthLargest:
 
     def add_first(self, values: torch.Tensor) -> None:
         """Pass 1: count the high 16 bits (on the values' device: only counts move)."""
-        counts = torch.bincount(_bits(values) >> 16, minlength=HI_BINS)
+        counts = torch.bincount(_bits(values, self.nonnegative) >> 16, minlength=HI_BINS)
         self.hi = self.hi.to(counts.device).add_(counts)
 
     def end_first(self) -> None:
@@ -63,7 +67,7 @@ class KthLargest:
 
     def add_second(self, values: torch.Tensor) -> None:
         """Pass 2: count the low 16 bits of the values in the chosen high bin."""
-        bits = _bits(values)
+        bits = _bits(values, self.nonnegative)
         chosen = bits[(bits >> 16) == self._bin] & 0xFFFF
         if chosen.numel():
             counts = torch.bincount(chosen, minlength=LO_BINS)
