@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Iterable
 
 from . import artifacts
 from .api import ArtifactRef, MeritRunSpec, MeritRunStatus, StageProgress
@@ -102,22 +103,23 @@ def read_search_best(storage, run: RunId, attempt: int) -> dict[str, float] | No
     return None if raw is None else {k: float(v) for k, v in raw["best"].items()}
 
 
-def observe_storage(storage, run: RunId, status: MeritRunStatus | None) -> dict:
+def observe_storage(storage, run: RunId, status: MeritRunStatus | None, *,
+                    fetch: Callable[..., Iterable] = map) -> dict:
     """Keyword arguments for pipeline.Observed, read for the attempts the status points at,
-    under the uid the status records (a reset run's own; `run` is the object's)."""
+    under the uid the status records (a reset run's own; `run` is the object's). `fetch`
+    maps the partitions' result reads (the operator passes a thread pool's `map`: K running
+    partitions are K reads, each a round trip to the store, done at once)."""
     out: dict = {}
     if status is None:
         return out
     run = RunId(run.name, status.run_uid or run.uid)
     if status.plan is None and status.profile.attempt >= 1:
         out["plan"], out["plan_uri"] = read_plan(storage, run, status.profile.attempt)
-    results = {}
-    for p in status.partitions:
-        if p.state in ("Running", "AwaitingContribution") and p.attempt >= 1:
-            res = read_partition_result(storage, run, p.name, p.attempt)
-            if res is not None:
-                results[p.name] = res
-    out["partition_results"] = results
+    running = [p for p in status.partitions
+               if p.state in ("Running", "AwaitingContribution") and p.attempt >= 1]
+    found = fetch(lambda p: read_partition_result(storage, run, p.name, p.attempt), running)
+    out["partition_results"] = {p.name: res for p, res in zip(running, found, strict=True)
+                                if res is not None}
     out["verdicts"] = {p.name: v for p in status.partitions if p.state == "Verifying"
                        and (v := read_verdict(storage, run, p.name, p.attempt)) is not None}
     out["sketches"] = {sk.site: uri for sk in status.sketches or []

@@ -34,7 +34,7 @@ from .jobwatch import JobCache, start_job_watches
 from .kubeapi import ApiConfig, KubeApi
 from .manifests import Images
 from .metrics import Metrics, error_kind
-from .reconcile import Reconciler, RoundOutcome
+from .reconcile import READ_THREADS, Reconciler, RoundOutcome
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,18 @@ def api_config(settings: Settings) -> ApiConfig:
     if settings.kubeconfig:
         return ApiConfig.from_kubeconfig(settings.kubeconfig)
     return ApiConfig.in_cluster()
+
+
+def started(workers: int, prefix: str) -> ThreadPoolExecutor:
+    """A pool whose threads are all running already: a pool starts a thread on demand, in
+    `submit`, and waits until the new thread runs; on a busy machine that wait (tens to
+    hundreds of milliseconds) would land inside a round."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix)
+    barrier = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        pool.submit(barrier.wait)  # busy until all have started: each submit starts one
+    barrier.wait(timeout=60)
+    return pool
 
 
 class OperatorContext:
@@ -59,13 +71,14 @@ class OperatorContext:
                            token_reread_seconds=settings.token_reread_seconds)
         images = Images(trainer=settings.trainer_image, merger=settings.merger_image,
                         python=settings.job_python, rendezvous_port=settings.rendezvous_port)
-        self.creator = ThreadPoolExecutor(max_workers=creators, thread_name_prefix="create")
+        self.creator = started(creators, "create")
         # A commit mostly waits for its creations, then writes: as many as creations at once.
-        self.committer = ThreadPoolExecutor(max_workers=creators, thread_name_prefix="commit")
+        self.committer = started(creators, "commit")
+        self.readers = started(READ_THREADS, "read")
         self.reconciler = Reconciler(KubeBackend(self.api, images=images), settings=settings,
                                      metrics=self.metrics, creator=self.creator,
-                                     committer=self.committer)
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+                                     committer=self.committer, readers=self.readers)
+        self.executor = started(workers, "reconcile")
         self._locks: dict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._wakers: dict[Key, asyncio.Event] = defaultdict(asyncio.Event)
         self._error_delay: dict[Key, float] = {}
@@ -106,6 +119,7 @@ class OperatorContext:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.committer.shutdown(wait=False, cancel_futures=True)
         self.creator.shutdown(wait=False, cancel_futures=True)
+        self.readers.shutdown(wait=False, cancel_futures=True)
 
     async def blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -22,9 +22,7 @@ and a 409 is adopted as before.
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -52,9 +50,11 @@ from .backend import KubeBackend
 from .manifests import RunRef
 from .metrics import Metrics
 from .settings import Settings
+from .sources import StorageCache, newest, storage_of
 from .status import merge_patch, next_delay, parse_status, validated_spec
 
 log = logging.getLogger(__name__)
+READ_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -69,27 +69,6 @@ class RoundOutcome:
     invalid: str | None = None  # the InvalidSpec verdict, for kopf's PermanentError
     error: BaseException | None = None  # set by the caller when the round raised
     commit: Future[list[Failure]] | None = None  # the round's creations and status write
-
-
-class StorageCache:
-    """One Storage per (root, endpoint, region); the operator's own S3 keys come from env."""
-
-    def __init__(self) -> None:
-        self._open: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
-
-    def for_spec(self, spec: MeritRunSpec) -> Any:
-        assert spec.storage is not None
-        return self.for_storage(spec.storage)
-
-    def for_storage(self, storage: StorageSpec) -> Any:
-        from meritrun.storage import open_storage
-
-        key = (storage.root_uri(), storage.endpoint, storage.region)
-        with self._lock:
-            if key not in self._open:
-                self._open[key] = open_storage(key[0], endpoint=key[1], region=key[2])
-            return self._open[key]
 
 
 def results_uids(storage: Any, name: str, uid: str) -> list[str]:
@@ -114,7 +93,7 @@ class KubeRound:
         self.rec, self.run, self.spec, self.stored = rec, run, spec, stored
         self.generation = body["metadata"].get("generation")
         self.spec_error = spec_error
-        self.storage_spec = spec.storage if spec is not None else _storage_of(body)
+        self.storage_spec = spec.storage if spec is not None else storage_of(body)
         self.events: list[Event] = []
         self._grants: Any = None
         self._creating: list[tuple[CreateJob, Future[bool]]] = []
@@ -145,8 +124,8 @@ class KubeRound:
         run_id = RunId(name, self.run.uid)  # the status's runUid once it has one (resets)
         found: dict[str, Any] = {}
         if spec is not None and (status is None or status.phase not in TERMINAL_PHASES):
-            found = self.timed("storage", observe_storage, self.rec.storages.for_spec(spec),
-                               run_id, status)
+            found = self.timed("storage", lambda: observe_storage(  # a first client: ~1 s
+                self.rec.storages.for_spec(spec), run_id, status, fetch=self.rec.readers.map))
         candidates = grant_candidates(spec, status, found.get("plan"))
         held = self.timed("grants", self.grants().held, name, candidates) if candidates else {}
         jobs = self.timed("jobs", backend.observe_jobs, self.run, spec)
@@ -210,47 +189,18 @@ class KubeRound:
         return self.failures
 
 
-def _storage_of(body: dict[str, Any]) -> StorageSpec | None:
-    """The storage section alone, when the rest of an invalid spec does not validate: enough
-    to reach the sites' grants and revoke them."""
-    raw = (body.get("spec") or {}).get("storage")
-    if not isinstance(raw, dict):
-        return None
-    try:
-        storage = StorageSpec.model_validate(raw)
-        storage.root_uri()
-    except ValueError:
-        return None
-    return storage
-
-
-def newest(seen: Mapping[str, Any] | None,
-           written: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The newer of kopf's live body and our own last status write (by resourceVersion, which
-    the API server hands out in increasing order), copied; None when it cannot tell (no body,
-    or a version that is not a number): then the round reads the run fresh."""
-    if seen is None:
-        return None
-    meta = seen.get("metadata") or {}
-    candidates = [dict(seen)]
-    if written is not None and (written.get("metadata") or {}).get("uid") == meta.get("uid"):
-        candidates.append(written)
-    try:
-        best = max(candidates, key=lambda b: int(b["metadata"]["resourceVersion"]))
-    except (KeyError, TypeError, ValueError):
-        return None
-    return copy.deepcopy(best)
-
-
 class Reconciler:
     def __init__(self, backend: KubeBackend, *, settings: Settings, metrics: Metrics,
                  storages: StorageCache | None = None, creator: Executor | None = None,
-                 committer: Executor | None = None) -> None:
+                 committer: Executor | None = None, readers: Executor | None = None) -> None:
         self.backend = backend
         self.creator = creator or ThreadPoolExecutor(max(settings.create_threads, 1),
                                                      thread_name_prefix="create")
-        self.committer = committer or ThreadPoolExecutor(max(settings.workers, 1),
+        self.committer = committer or ThreadPoolExecutor(max(settings.create_threads, 1),
                                                          thread_name_prefix="commit")
+        # A round's storage reads (one per running partition) at once: a partition's result
+        # is one round trip to the store, and a run has up to hundreds of partitions.
+        self.readers = readers or ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read")
         self.settings = settings
         self.metrics = metrics
         self.storages = storages or StorageCache()
@@ -336,7 +286,7 @@ class Reconciler:
         except SpecError:
             spec = None  # nothing was started for an invalid spec on a remote site
         deleted = self.backend.delete_children(run, spec)
-        storage_spec = spec.storage if spec is not None else _storage_of(body)
+        storage_spec = spec.storage if spec is not None else storage_of(body)
         if storage_spec is not None:
             self._revoke_all(run, spec, storage_spec, parse_status(body.get("status")))
         if spec is not None and spec.delete_artifacts:
