@@ -35,7 +35,7 @@ short-circuited: the bench writes each run's plan.json into S3 (SeaweedFS) first
 the release a run's first round creates its profile Job and its next one (woken by that Job's
 watch event) finds the plan and creates its K partition Jobs.
 
-    python bench/operator_scale.py [--runs 50] [--partitions 8] [--workers 4]
+    python bench/operator_scale.py [--runs 50] [--partitions 8] [--workers 4] [--create-threads 16]
 """
 
 from __future__ import annotations
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--workers", type=int, default=4)  # the operator's default
+    parser.add_argument("--create-threads", type=int, default=16)  # the operator's default
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--no-floor", action="store_true", help="skip the plain-client floor")
     args = parser.parse_args(argv)
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster = KubeCluster(plane, Path(tmp) / "scale", prefix="scale").start()
         operator = OperatorProcess(cluster, env={**creds, "MERITRUN_RESYNC_SECONDS": "30",
                                                  "MERITRUN_WORKERS": str(args.workers),
+                                                 "MERITRUN_CREATE_THREADS":
+                                                     str(args.create_threads),
                                                  "MERITRUN_LOG_LEVEL": "WARNING"})
         ns = cluster.namespace
         try:
@@ -288,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             requests = cluster.requests()
             results = {
                 "runs": args.runs, "partitions_per_run": args.partitions,
-                "workers": args.workers, "load_before": load_before,
+                "workers": args.workers, "create_threads": args.create_threads,
+                "load_before": load_before,
                 "load_during": load_during, "release_s": round(applied, 2),
                 "all_jobs_s": round(all_jobs, 2), "reconcile_rounds": int(rounds),
                 "reconcile_round_p50_ms": round(p50 * 1000, 1),
