@@ -44,7 +44,7 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(
-    hidden=128, layers=2, train_per_source=64, lr=1e-3, held_out_per_source=16, base_per_task=500,
-    base_lr=2e-3, seeds=(0,), densities=(0.1, 0.3), calibration_samples=24,
+    hidden=128, layers=2, train_per_source=32, lr=1e-3, held_out_per_source=8, base_per_task=300,
+    base_lr=2e-3, seeds=(0,), densities=(0.1, 0.3), calibration_samples=16,
     projection_dim=1024,
 )  # one seed: the smoke run checks the pipeline and the budgets; spreads need the full run
