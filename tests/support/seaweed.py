@@ -83,11 +83,16 @@ def _port_free(port: int) -> bool:
     return True
 
 
+# Not the module-level generator: in-process training seeds it, and two pytest workers with the
+# same seed history would then draw the same ports at the same time.
+_PORTS = random.SystemRandom()
+
+
 def pick_ports(count: int) -> list[int]:
     """`count` distinct ports below 55535 whose port+10000 (weed's gRPC port) is free too."""
     chosen: list[int] = []
     while len(chosen) < count:
-        port = random.randrange(20000, 55535 - GRPC_OFFSET)
+        port = _PORTS.randrange(20000, 55535 - GRPC_OFFSET)
         taken = {p for c in chosen for p in (c, c + GRPC_OFFSET)}
         if port in taken or port + GRPC_OFFSET in taken:
             continue
