@@ -275,3 +275,46 @@ def test_a_round_reads_the_newer_of_kopfs_body_and_its_own_last_write():
     copied = newest(seen, None)
     copied["status"]["phase"] = "Failed"
     assert seen["status"]["phase"] == "Training"  # a copy: the round never edits kopf's
+
+
+class NoApi:
+    """An API client that must not be called: the round reads from the stores."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the round called the API ({name})")
+
+
+def test_a_round_reads_its_jobs_and_pods_from_the_stores_not_the_api():
+    from merit_operator.backend import KubeBackend
+    from merit_operator.manifests import Images
+
+    job = _job("demo-p0-a1", active=1)
+    job["metadata"]["labels"]["merit.run/run-uid"] = RUN.uid
+    pod = {"metadata": {"name": "demo-p0-a1-x", "namespace": "ml",
+                        "labels": {"merit.run/run": "demo", "job-name": "demo-p0-a1"}},
+           "status": {"containerStatuses": [{"state": {"waiting": {
+               "reason": "ImagePullBackOff", "message": "no such image"}}}]}}
+    stores = SimpleNamespace(jobs=lambda ns, run: [job] if (ns, run) == ("ml", "demo") else [],
+                             run_pods=lambda ns, run: [pod])
+    backend = KubeBackend(NoApi(), images=Images(trainer="t", merger="m"), jobs=stores)
+    seen = backend.observe_jobs(RUN, None)
+    assert seen["demo-p0-a1"].state == "Active"
+    assert seen["demo-p0-a1"].waiting == "ImagePullBackOff: no such image"
+
+
+def test_a_rounds_partition_results_are_read_at_once():
+    from meritrun.artifacts import RunId
+    from meritrun.observe import observe_storage
+
+    class SlowStore:
+        def get_bytes(self, key: str) -> bytes:
+            time.sleep(0.2)
+            raise ObjectNotFound(key)
+
+    status = MeritRunStatus(phase="Training", partitions=[
+        PartitionStatus(name=f"p{i}", index=i, sources=["s"], state="Running", attempt=1,
+                        job=f"demo-p{i}-a1") for i in range(8)])
+    start = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        found = observe_storage(SlowStore(), RunId("demo", "u-1"), status, fetch=pool.map)
+    assert found["partition_results"] == {} and time.monotonic() - start < 0.2 * 8 / 2
