@@ -5,14 +5,14 @@ serializes rounds per run (a lock each), so the daemon, the create/update/resume
 and Job events never decide on the same run at once. It also coalesces requests for rounds:
 a request carries a ticket (the run's count of requests so far), and a round records the
 count when it starts; a request whose ticket a later-started round already covers gets that
-round's outcome instead of a round of its own (a round reads everything fresh, so it has
-seen whatever the request was about). Fifty Job events of one run during a round cost one
-more round, not fifty. A round ends at its decision and leaves a commit (its Job creations,
-then its status write) running in a pool; the run's next round waits for that commit first,
-so it never decides from a status older than its own last write. Errors are translated
-here: expected MeritRunErrors back off per run (doubling up to a cap), a commit's failures
-too (the run is woken again after the backoff); anything else is a bug and is logged with
-its traceback.
+round's outcome instead of a round of its own (a round reads the caches as of its start, and
+they held what the request was about before it was made). Fifty Job events of one run during
+a round cost one more round, not fifty. A round ends at its decision and leaves a commit
+(its Job creations, then its status write) running in a pool; the run's next round waits for
+that commit first, so it never decides from a status older than its own last write. Errors
+are translated here: expected MeritRunErrors back off per run (doubling up to a cap), a
+commit's failures too (the run is woken again after the backoff); anything else is a bug and
+is logged with its traceback.
 """
 
 from __future__ import annotations
