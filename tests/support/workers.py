@@ -44,6 +44,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None  # another --dist asked for: xdist's own
     from xdist.scheduler import LoadFileScheduling
 
+    config.option.loadscopereorder = False  # xdist's default puts the files with most tests first
+
     class SharedFixtureScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
