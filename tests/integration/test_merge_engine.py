@@ -237,3 +237,45 @@ def test_peak_memory_stays_far_below_the_model_size(tmp_path):
     merged = load_state(tmp_path / "out-uniform")
     assert len(list((tmp_path / "out-uniform").glob("model-*.safetensors"))) >= 40
     assert all(torch.equal(merged[n], base[n]) for n in base)
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bf16 base and 3 experts (plain directories) whose updates tie often in magnitude
+    (bf16 differences take few values), with one tensor large enough to be cut into pieces."""
+    root = tmp_path_factory.mktemp("bf16")
+    g = torch.Generator().manual_seed(5)
+    base = {"big.weight": torch.randn(700, 1000, generator=g).bfloat16(),
+            "small.weight": torch.randn(40, 30, generator=g).bfloat16()}
+    for name in ["base", "e0", "e1", "e2"]:
+        state = base if name == "base" else {
+            n: (t.float() + 0.02 * torch.randn(t.shape, generator=g)).bfloat16()
+            for n, t in base.items()}
+        save_state(root / name, state)
+    return root
+
+
+@pytest.mark.parametrize("method,params,chunk", [
+    ("ties", {"density": 0.3}, 1 << 20),  # every tensor one block: held, cut into pieces
+    ("ties", {"density": 0.3}, 1 << 12),  # 171 blocks of the big tensor: streamed twice
+    ("token-weighted", {}, 1 << 20), ("task-arithmetic", {"scale": 0.7}, 1 << 20),
+])
+def test_blocks_pieces_and_streamed_thresholds_give_the_whole_tensor_bits(bf16_model, tmp_path,
+                                                                          method, params, chunk):
+    parts = [PartitionSource(f"e{i}", bf16_model / f"e{i}", 1000 * (i + 1)) for i in range(3)]
+    merge_models(base_dir=bf16_model / "base", partitions=parts, method=method, params=params,
+                 out_dir=tmp_path / "out", shard_size_bytes=10**9, chunk_elements=chunk,
+                 output_dtype="float32")
+    got, base = load_state(tmp_path / "out"), load_state(bf16_model / "base")
+    experts = [load_state(bf16_model / f"e{i}") for i in range(3)]
+    impl = get_method(method)
+    from merit_merger.methods import MergeInputs
+
+    for name, b in base.items():
+        want = impl.merge(MergeInputs(name, b, [e[name] for e in experts], [1, 2, 3]),
+                          impl.parse_params(params))
+        assert torch.equal(got[name], want), name
+    if method == "ties":  # ties at the threshold are common here, and all of them are kept
+        tau = (experts[0]["big.weight"].float() - base["big.weight"].float()).abs().reshape(-1)
+        t = torch.kthvalue(tau, tau.numel() - int(0.3 * tau.numel()) + 1).values
+        assert int((tau == t).sum()) > 1
