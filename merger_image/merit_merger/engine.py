@@ -213,15 +213,14 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
     metas = [base.meta(n) for n in base.names]
     items = [(m.name, rows) for m in metas
              for rows in block_rows(m, chunk_elements, elementwise=impl.elementwise)]
-    thresholds: Callable[[str], list[float] | None] = lambda name: None  # noqa: E731
+    model_wide: list[float] | None = None  # FFG: one threshold per expert
+    per_tensor: dict[str, list[float]] = {}  # TIES: one per expert and tensor
     if impl.needs_thresholds(p):
         model_wide = ffg_thresholds(impl, p, inputs, items, density=p.density, device=device)
         result.thresholds = dict(zip(result.partitions, model_wide, strict=True))
-        thresholds = lambda name: model_wide  # noqa: E731
     elif impl.needs_tensor_thresholds(p):
         per_tensor = tensor_thresholds(impl, p, inputs, items, device=device, map_fn=runner.map,
                                        hold_elements=HOLD_BLOCKS * chunk_elements)
-        thresholds = per_tensor.get
     if impl.needs_thresholds(p) or impl.needs_tensor_thresholds(p):
         result.seconds["prepass"] = round(time.monotonic() - started, 3)
     outputs = [OutputTensor(m.name, dtype if dtype and m.dtype.is_floating_point else m.dtype,
@@ -242,7 +241,7 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
                 shape = block.experts[0].shape
                 buf = work.get("merged", shape.numel()).view(shape)
                 args = MergeInputs(block.name, block.base, block.experts, weights,
-                                   block.moments, thresholds(block.name),
+                                   block.moments, per_tensor.get(block.name, model_wide),
                                    stats.setdefault(block.name, TensorStats()),
                                    out=buf if device.type == "cpu" else None)
                 # the writer holds `depth` blocks: slot i is free again at i + depth + 1
