@@ -99,9 +99,6 @@ class OtaMerge(MergeMethod):
     Params = OtaParams
     needs_moments = True
     accepts_lora = False
-    # theta_i.float() per piece, on the math threads, instead of a copy per input in the
-    # main thread before the pieces start (the same fp32 values)
-    stored_dtype_ok = True
 
     def needs_thresholds(self, params: OtaParams) -> bool:
         return params.density is not None
