@@ -22,8 +22,16 @@ from collections.abc import Callable
 from typing import Any
 
 from .kubeapi import KubeApi
-from .manifests import LABEL_RUN, job_observation
-from .watchstore import WATCH_TIMEOUT_SECONDS, Stores, WatchStore, Where, run_of, watch_paths
+from .manifests import job_observation
+from .watchstore import (
+    WATCH_TIMEOUT_SECONDS,
+    Stores,
+    WatchStore,
+    Where,
+    name_of,
+    run_of,
+    watch_paths,
+)
 
 Wake = Callable[[str, str], None]
 
@@ -31,11 +39,6 @@ Wake = Callable[[str, str], None]
 def job_watch_paths(namespaces: tuple[str, ...]) -> list[str]:
     """One watch per served namespace, or one cluster-wide."""
     return watch_paths("batch/v1", "jobs", namespaces)
-
-
-def job_selector() -> str:
-    """The server-side filter: Jobs that carry a run label (only ours do)."""
-    return LABEL_RUN
 
 
 def job_signature(job: dict[str, Any]) -> tuple[str, ...]:
@@ -54,16 +57,13 @@ class JobWatch(WatchStore):
         self.wakes = 0  # wake-ups sent (events that changed what a round reads)
         self._seen: dict[tuple[str, str], tuple[str, ...]] = {}  # (namespace, Job) -> signature
 
-    def jobs(self, namespace: str, run: str) -> list[dict[str, Any]] | None:
-        return self.objects(namespace, run)
-
     def relisted(self, objects: list[dict[str, Any]]) -> None:
         self._seen.clear()  # after a gap in the stream, every Job counts as news
         for job in objects:
             self.changed(job, run_of(job), deleted=False)  # type: ignore[arg-type]
 
     def changed(self, job: dict[str, Any], where: Where, *, deleted: bool) -> None:
-        key = (where[0], (job.get("metadata") or {}).get("name") or "")
+        key = (where[0], name_of(job))
         if deleted:
             self._seen.pop(key, None)
         else:
