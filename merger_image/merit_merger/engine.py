@@ -42,7 +42,7 @@ from .blocks import Block, BlockLoader, Buffers, Item, block_rows
 from .io import ModelReader, copy_model_files, read_header
 from .methods import MergeInputs, MergeMethod, TensorStats, get_method, normalized
 from .pieces import PieceRunner, all_finite
-from .selection import KthLargest, ffg_k
+from .selection import KthLargest, keep_count
 from .sources import ExpertReader, PartitionSource, open_moments
 from .thresholds import tensor_thresholds
 from .writer import OutputTensor, ShardedWriter
@@ -138,7 +138,7 @@ def ffg_thresholds(method: MergeMethod, params: Any, inputs: BlockLoader,
     """Pre-pass: each expert's global FFG threshold t_i (two streaming passes, exact)."""
     floats = [it for it in items if inputs.base.meta(it[0]).dtype.is_floating_point]
     numel = sum(inputs.base.meta(n).numel for n in dict.fromkeys(n for n, _ in floats))
-    selectors = [KthLargest(ffg_k(numel, density)) for _ in inputs.experts]
+    selectors = [KthLargest(keep_count(numel, density)) for _ in inputs.experts]
     for first in (True, False):
         for block in inputs.blocks(floats, device):
             for i, sel in enumerate(selectors):

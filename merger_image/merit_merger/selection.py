@@ -18,8 +18,9 @@ HI_BINS = 1 << 15  # sign bit is 0 for non-negative values
 LO_BINS = 1 << 16
 
 
-def ffg_k(numel: int, density: float) -> int:
-    """How many elements FFG keeps (before ties): max(1, floor(density * numel))."""
+def keep_count(numel: int, density: float) -> int:
+    """How many of numel magnitudes a density keeps (before ties): max(1, floor(density *
+    numel)); FFG counts over the whole model, TIES's trim over one tensor."""
     return max(1, min(numel, int(density * numel)))
 
 

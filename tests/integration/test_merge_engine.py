@@ -25,7 +25,7 @@ from support.experts import (
 from merit_merger.engine import merge_models
 from merit_merger.methods import get_method
 from merit_merger.methods.ota import ffg_saliency
-from merit_merger.selection import ffg_k
+from merit_merger.selection import keep_count
 from merit_merger.sources import PartitionSource
 
 
@@ -128,7 +128,7 @@ def test_ffg_threshold_is_the_global_topk_of_each_model(full_experts, tmp_path):
     for a, state, v in zip(full_experts.artifacts, full_experts.states, full_experts.moments,
                            strict=True):
         s = torch.cat([ffg_saliency(base[n].float(), state[n], v[n]).reshape(-1) for n in base])
-        k = ffg_k(s.numel(), density)
+        k = keep_count(s.numel(), density)
         assert result.thresholds[a.name] == float(torch.topk(s, k).values[-1])
         kept = sum(st["kept_fraction"][a.name] * st["numel"]
                    for st in result.tensor_stats.values())

@@ -14,7 +14,7 @@ from merit_merger.methods.task_arithmetic import task_arithmetic
 from merit_merger.methods.ties import ties
 from merit_merger.methods.token_weighted import token_weighted
 from merit_merger.methods.uniform import uniform
-from merit_merger.selection import KthLargest, ffg_k
+from merit_merger.selection import KthLargest, keep_count
 from meritrun.errors import SpecError
 
 FP32 = 2e-6  # fp32 accumulation vs a float64 reference, for values of order 1
@@ -179,7 +179,7 @@ def test_streaming_kth_largest_equals_topk_over_the_concatenation(density):
     parts.append(-torch.zeros(5))
     parts.append(parts[0][:200].clone())  # duplicated values
     values = torch.cat([p.reshape(-1) for p in parts]).abs()
-    k = ffg_k(values.numel(), density)
+    k = keep_count(values.numel(), density)
     sel = KthLargest(k)
     for p in parts:
         sel.add_first(p)

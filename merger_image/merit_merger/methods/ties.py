@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..selection import keep_count
 from . import MergeInputs, MergeMethod, check_density, check_finite, register
 
 
@@ -36,11 +37,6 @@ class TiesParams:
         check_finite(scale=self.scale)
 
 
-def trim_k(numel: int, density: float) -> int:
-    """How many magnitudes per expert and tensor the trim keeps (before ties)."""
-    return max(1, min(numel, int(density * numel)))
-
-
 def magnitude(base: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """|theta - theta0| in fp32 (a fresh tensor; base may be in its stored dtype)."""
     return (theta.float() - base.float()).abs_()
@@ -51,7 +47,7 @@ def trim_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor],
     """Each expert's k-th largest |tau| over this whole tensor (None: density 1 keeps all)."""
     if density >= 1 or base.numel() == 0:
         return None
-    k = trim_k(base.numel(), density)
+    k = keep_count(base.numel(), density)
     return [float(torch.kthvalue(magnitude(base, t).reshape(-1).cpu(), base.numel() - k + 1)
                   .values) for t in experts]
 
@@ -98,7 +94,7 @@ class TiesMerge(MergeMethod):
         return params.density < 1
 
     def tensor_k(self, numel: int, params: TiesParams) -> int:
-        return trim_k(numel, params.density)
+        return keep_count(numel, params.density)
 
     def saliency(self, base: torch.Tensor, expert: torch.Tensor, moment: object,
                  params: TiesParams) -> torch.Tensor:
