@@ -47,7 +47,7 @@ import yaml
 from .apiclient import Api
 from .kubelet import Node
 from .pki import Pki, make_pki
-from .processes import die_with_parent, forget, keep, stop_process
+from .processes import forget, keep, spawn, stop_process
 
 BIN_DIR = Path(os.environ.get("MERITRUN_KUBE_BIN", Path.home() / ".cache" / "meritrun" / "bin"))
 READY_TIMEOUT_S = 120.0
@@ -92,10 +92,7 @@ class Proc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=die_with_parent)
+        self.proc = spawn(self.argv, self.log_path)
         keep(self.proc.pid)
         return self
 

@@ -28,7 +28,7 @@ from .apiclient import ApiStatus, resource_path
 from .controlplane import ControlPlane, free_port
 from .helm import Helm
 from .kubelet import NodeOptions
-from .processes import die_with_parent
+from .processes import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "meritrun"
@@ -217,10 +217,7 @@ class OperatorProcess:
     def start(self, *, ready_timeout: float = 60.0) -> OperatorProcess:
         if "MERITRUN_KUBECONFIG" not in self.env:
             self.env["MERITRUN_KUBECONFIG"] = str(self.cluster.kubeconfig("operator"))
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "merit_operator"], env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = spawn([sys.executable, "-m", "merit_operator"], self.log_path, env=self.env)
         wait_until(lambda: self.proc.poll() is not None or self.metrics_text(),
                    timeout=ready_timeout, what="the operator's metrics endpoint")
         assert self.proc.poll() is None, f"operator exited:\n{self.log()[-3000:]}"

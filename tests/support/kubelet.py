@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from . import podstatus
 from .apiclient import Api, ApiStatus
 from .podenv import FieldError, expand, field_value, resolve_pod_names
-from .processes import die_with_parent, process_tree, signal_process_tree, stop_process_tree
+from .processes import process_tree, signal_process_tree, spawn, stop_process_tree
 
 if TYPE_CHECKING:
     from .controlplane import ControlPlane
@@ -266,10 +266,7 @@ class Node:
         job = (meta.get("labels") or {}).get("job-name", meta["name"])
         if opts.fail(job):
             argv = [sys.executable, "-c", FAIL_CODE]
-        with (folder / "log.txt").open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    cwd=folder, stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=die_with_parent)
+        proc = spawn(argv, folder / "log.txt", env=env, cwd=folder)
         r = Running(pod=pod, proc=proc, folder=folder,
                     ready=not container.get("readinessProbe"))
         with self._lock:

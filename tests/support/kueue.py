@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .processes import die_with_parent
+from .processes import spawn
 
 METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")  # hard-coded in Kueue's main.go
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
@@ -116,13 +116,9 @@ class KueueManager:
         METRICS_CERT_DIR.mkdir(parents=True, exist_ok=True)  # the (empty) mount point
         script = (f'mount --bind "{metrics_certs}" "{METRICS_CERT_DIR}" && '
                   f'exec "{binary}" --config "{config}" --zap-log-level=info')
-        log = (self.workdir / "kueue.log").open("ab")
-        self.proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-            env={**os.environ, "KUBECONFIG": str(kubeconfig)}, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=die_with_parent)
-        log.close()
+        self.proc = spawn(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          self.workdir / "kueue.log",
+                          env={**os.environ, "KUBECONFIG": str(kubeconfig)})
         self._wait_ready()
         return self
 

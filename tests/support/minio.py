@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from .processes import S3ServerProcess, die_with_parent, stop_process
+from .processes import S3ServerProcess, spawn, stop_process
 from .seaweed import S3Bucket
 
 READY_TIMEOUT_S = 60.0
@@ -95,14 +95,11 @@ class MinioServer(S3ServerProcess):
             env.update(MINIO_ROOT_USER=self.access_key, MINIO_ROOT_PASSWORD=self.secret_key,
                        MINIO_BROWSER="off", MINIO_UPDATE="off", GOMEMLIMIT="512MiB",
                        MINIO_CI_CD="1", HOME=str(work))
-            log = (work / "minio.log").open("ab")
-            self._proc = subprocess.Popen(
+            self._proc = spawn(
                 [find_minio(), "server", str(work / "data"), "--quiet",
                  "--address", f"127.0.0.1:{self.port}",
                  "--console-address", f"127.0.0.1:{console}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=die_with_parent)
-            log.close()
+                work / "minio.log", env=env)
             self._started()
             try:
                 self._wait_ready()

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -87,6 +88,16 @@ def die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the thread that started it dies (Linux), so a
     test session killed hard leaves no server or pod process behind."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def spawn(argv: list[str], log: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a test server or pod process with stdout and stderr appended to `log`: in a
+    session of its own (so a stop reaches its children through the group), killed when the
+    thread that started it dies, and reading nothing from the terminal."""
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=die_with_parent, **popen)
 
 
 class S3ServerProcess:

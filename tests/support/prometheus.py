@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .kube import free_port, wait_until
-from .processes import die_with_parent
+from .processes import spawn
 
 
 def find_tool(name: str) -> str:
@@ -52,14 +52,11 @@ class PrometheusServer:
             "scrape_configs": [{"job_name": "meritrun-operator", "scrape_interval": "1s",
                                 "scrape_timeout": "1s",
                                 "static_configs": [{"targets": self.targets}]}]}))
-        log = (self.workdir / "prometheus.log").open("ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [find_prometheus(), f"--config.file={config}",
              f"--storage.tsdb.path={self.workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=die_with_parent)
-        log.close()
+            self.workdir / "prometheus.log")
         wait_until(self._ready, timeout=timeout, what="prometheus /-/ready")
         return self
 

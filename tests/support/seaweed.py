@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from .processes import S3ServerProcess, die_with_parent, stop_process
+from .processes import S3ServerProcess, spawn, stop_process
 
 GRPC_OFFSET = 10000
 READY_TIMEOUT_S = 30.0
@@ -191,17 +191,7 @@ class SeaweedServer(S3ServerProcess):
             "-volume.preStopSeconds=0",  # stops in about 1 s instead of 2
             *self.extra_args,
         ]
-        log = (self.workdir / "weed.log").open("ab")
-        self._proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        log.close()
+        self._proc = spawn(cmd, self.workdir / "weed.log", env=env)
         self._started()
 
     def log_tail(self, chars: int = 3000) -> str:
