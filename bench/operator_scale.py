@@ -23,10 +23,13 @@ What it measures (the operator's histograms count from the release on):
   all at once), then its status write (`meritrun_reconcile_commit_seconds`);
 - the operator's peak resident memory (VmHWM) and its API requests by verb and resource (the
   API server's audit log);
+- timeline_s: when the operator's writes after the release completed, by verb and resource
+  (first, median, last, from the audit log): where the time until all Jobs went;
 - cpu_s_until_all_jobs: CPU seconds each process used from the release to all_jobs_s (the
   operator, the bench with its node stand-in, etcd, kube-apiserver, the controller manager);
-- floor_s: the same ConfigMaps and Jobs created by a plain client (16 threads) in a fresh
-  namespace after the operator stopped: what this API server takes on this machine at best.
+- floor_s: the same partition ConfigMaps and Jobs (the ConfigMaps first) created by a plain
+  client (16 threads) in a fresh namespace after the operator stopped: what this API server
+  takes on this machine at best.
 
 The control plane is the tests' one (etcd, kube-apiserver with RBAC, kube-controller-manager;
 binaries from scripts/kube-bins.sh); the operator authenticates as the chart's ServiceAccount.
@@ -180,18 +183,47 @@ def bare_copy(obj: dict, kind: str) -> dict:
     return {**out, "spec": spec}
 
 
-def apiserver_floor(api: Api, namespace: str, pairs: list[tuple[dict, dict]],
+def apiserver_floor(api: Api, namespace: str, configmaps: list[dict], jobs: list[dict],
                     threads: int = 16) -> float:
-    """Seconds a plain client takes to create these (ConfigMap, Job) pairs, 16 at a time."""
-    def create(pair: tuple[dict, dict]) -> None:
-        configmap, job = pair
-        api.create(f"/api/v1/namespaces/{namespace}/configmaps", configmap)
-        api.create(f"/apis/batch/v1/namespaces/{namespace}/jobs", job)
+    """Seconds a plain client takes to create these ConfigMaps, then these Jobs, 16 at a
+    time."""
+    def create(obj: dict) -> None:
+        plural = "configmaps" if obj["kind"] == "ConfigMap" else "jobs"
+        base = "/api/v1" if plural == "configmaps" else "/apis/batch/v1"
+        api.create(f"{base}/namespaces/{namespace}/{plural}", obj)
 
     start = time.monotonic()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(create, pairs))
+        list(pool.map(create, configmaps))
+        list(pool.map(create, jobs))
     return time.monotonic() - start
+
+
+def timeline(audit_log: Path, user: str, released: float) -> dict[str, list[float]]:
+    """When the operator's writes completed, in seconds after the release, by verb and
+    resource: first, median, last (from the API server's audit log)."""
+    from datetime import datetime
+
+    times: dict[str, list[float]] = {}
+    for line in audit_log.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        ref = event.get("objectRef") or {}
+        if (event.get("stage") != "ResponseComplete" or event["user"].get("username") != user
+                or event.get("verb") not in ("create", "patch", "update", "delete")):
+            continue
+        done = datetime.fromisoformat(event["stageTimestamp"].replace("Z", "+00:00"))
+        kind = f"{event['verb']} {ref.get('resource')}" + (
+            f"/{ref['subresource']}" if ref.get("subresource") else "")
+        times.setdefault(kind, []).append(done.timestamp() - released)
+    out = {}
+    for kind, seen in sorted(times.items()):
+        seen = sorted(t for t in seen if t >= 0)
+        if seen:
+            out[kind] = [round(seen[0], 2), round(seen[len(seen) // 2], 2), round(seen[-1], 2)]
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -252,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             pids = {"operator": operator.proc.pid, "bench+node": os.getpid(),
                     **{name: p.proc.pid for name, p in plane.procs.items()}}
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            released = time.time()
             start = time.monotonic()  # all runs released at once, as many users would
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(lambda n: plane.api.merge_patch(
@@ -309,20 +342,20 @@ def main(argv: list[str] | None = None) -> int:
                 "operator_api_requests": len(requests),
                 "duplicate_jobs": sum(n - 1 for n in cluster.created("jobs").values()),
                 "cpu_s_until_all_jobs": cpu,
+                "timeline_s": timeline(plane.audit_log, cluster.operator_user, released),
             }
             operator.stop()
             print(json.dumps(results), flush=True)  # the operator's figures, come what may
             if not args.no_floor:
                 jobs = plane.api.list(f"/apis/batch/v1/namespaces/{ns}/jobs",
                                       labels="merit.run/stage=train")
-                cms = {c["metadata"]["name"]: c for c in plane.api.list(
-                    f"/api/v1/namespaces/{ns}/configmaps", labels="merit.run/stage=train")}
-                pairs = [(bare_copy(cms[f"{j['metadata']['name']}-params"], "ConfigMap"),
-                          bare_copy(j, "Job"))
-                         for j in jobs]
+                cms = plane.api.list(f"/api/v1/namespaces/{ns}/configmaps",
+                                     labels="merit.run/stage=train")
                 floor_ns = plane.create_namespace("floor")
                 plane.node.configure(floor_ns, NodeOptions(run=False))
-                results["floor_s"] = round(apiserver_floor(plane.api, floor_ns, pairs), 2)
+                results["floor_s"] = round(apiserver_floor(
+                    plane.api, floor_ns, [bare_copy(c, "ConfigMap") for c in cms],
+                    [bare_copy(j, "Job") for j in jobs]), 2)
             results["requests"] = request_breakdown(requests)
         finally:
             operator.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -26,17 +27,17 @@ from .manifests import (
     LABEL_RUN_UID,
     Images,
     RunRef,
-    build_params_configmap,
+    build_params_configmaps,
     build_rendezvous_service,
     build_stage_job,
     job_observation,
-    params_configmap_name,
     pod_waiting_reason,
     run_selector,
 )
 from .remote import RemoteClusters
 
 log = logging.getLogger(__name__)
+STARTED_POD_PHASES = frozenset({"Running", "Succeeded", "Failed"})
 
 
 class JobSource(Protocol):
@@ -44,6 +45,7 @@ class JobSource(Protocol):
 
     def jobs(self, namespace: str, run: str) -> list[dict[str, Any]] | None: ...
     def run_pods(self, namespace: str, run: str) -> list[dict[str, Any]] | None: ...
+    def remember(self, obj: dict[str, Any]) -> None: ...
 
 
 def run_path(namespace: str, name: str | None = None, *, subresource: str | None = None) -> str:
@@ -132,6 +134,20 @@ class KubeBackend:
 
     # --- children ---------------------------------------------------------------------------
 
+    def unstarted(self, run: RunRef, jobs: Mapping[str, JobObservation]) -> set[str]:
+        """This cluster's Active Jobs of the run none of whose pods has started (the pod
+        store's view): their stage cannot have written progress yet. Empty when the store
+        cannot tell (not synced, no store)."""
+        pods = self.jobs.run_pods(run.namespace, run.name) if self.jobs else None
+        if pods is None:
+            return set()
+        started = {labels.get("job-name") for pod in pods
+                   if (labels := (pod.get("metadata") or {}).get("labels") or {})
+                   .get(LABEL_RUN_UID) == run.uid
+                   and (pod.get("status") or {}).get("phase") in STARTED_POD_PHASES}
+        return {name for name, seen in jobs.items()
+                if seen.cluster is None and seen.state == "Active" and name not in started}
+
     def _where(self, run: RunRef, spec: MeritRunSpec | None,
                cluster: str | None) -> tuple[KubeApi, RunRef]:
         if cluster is None:
@@ -209,28 +225,44 @@ class KubeBackend:
         reason, code = termination_reason(pods, culprit=failed_pod(observation.message))
         return replace(observation, message=reason or observation.message, **exit_verdict(code))
 
+    def create_params(self, actions: list[CreateJob], *, run: RunRef,
+                      spec: MeritRunSpec) -> None:
+        """The params ConfigMap(s) of these Jobs (one stage attempt on one cluster), before
+        any of them is created: one write for a round's K partitions. An existing one (an
+        earlier round's, or one it lost a Job of) gets these Jobs' keys added."""
+        api, where = self._where(run, spec, actions[0].cluster)
+        path = core_path(where.namespace, "configmaps")
+        for configmap in build_params_configmaps(actions, run=where,
+                                                 owned=actions[0].cluster is None):
+            if not self._create(api, path, configmap, run):
+                # A merge patch adds keys and keeps the others' (params of the same Job may
+                # differ only if the spec changed).
+                api.merge_patch(f"{path}/{configmap['metadata']['name']}",
+                                {"data": configmap["data"]})
+
     def create_job(self, action: CreateJob, *, run: RunRef, spec: MeritRunSpec) -> bool:
-        """Create the params ConfigMap and the Job; True if the Job is new."""
+        """Create the Job (its params are in place: `create_params`); True if it is new."""
         api, where = self._where(run, spec, action.cluster)
         owned = action.cluster is None
-        configmap = build_params_configmap(action, run=where, owned=owned)
         job = build_stage_job(action, run=where, spec=spec, images=self.images, owned=owned)
-        cm_path = core_path(where.namespace, "configmaps")
-        if not self._create(api, cm_path, configmap, run):
-            # Same name, same run, same attempt: the params may differ only if the spec changed.
-            api.merge_patch(f"{cm_path}/{configmap['metadata']['name']}",
-                            {"data": configmap["data"]})
         service = build_rendezvous_service(action, run=where, spec=spec, images=self.images,
                                            owned=owned)
         if service is not None:  # a multi-node gang: its pods' DNS names, before the pods
             self._create(api, core_path(where.namespace, "services"), service, run)
-        return self._create(api, jobs_path(where.namespace), job, run)
+        new, written = self._created(api, jobs_path(where.namespace), job, run)
+        if action.cluster is None and self.jobs is not None:
+            self.jobs.remember(written)  # the next round sees it, whatever its watch's lag
+        return new
 
     def _create(self, api: KubeApi, path: str, body: dict[str, Any], run: RunRef) -> bool:
+        return self._created(api, path, body, run)[0]
+
+    def _created(self, api: KubeApi, path: str, body: dict[str, Any],
+                 run: RunRef) -> tuple[bool, dict[str, Any]]:
+        """Create, or adopt what an earlier round of this run created: (new?, the object)."""
         name = body["metadata"]["name"]
         try:
-            api.create(path, body)
-            return True
+            return True, api.create(path, body)
         except ApiError as e:
             if e.status == 422:
                 raise SpecError(f"the API server rejected {body['kind']} {name}: {e.message}",
@@ -239,7 +271,7 @@ class KubeBackend:
                 raise
         existing = api.get(f"{path}/{name}")
         if is_ours(existing, run):
-            return False  # adopted: an earlier round (or an earlier operator) created it
+            return False, existing  # adopted: an earlier round (or operator) created it
         log.warning("%s %s belongs to an earlier run named %s; deleting it", body["kind"],
                     name, run.name)
         self._delete(api, f"{path}/{name}")
@@ -259,7 +291,9 @@ class KubeBackend:
                    cluster: str | None = None) -> None:
         api, where = self._where(run, spec, cluster)
         self._delete(api, jobs_path(where.namespace, name))
-        self._delete(api, core_path(where.namespace, "configmaps", params_configmap_name(name)))
+        # A Job's own params ConfigMap, if it had one; a shared one stays until the run goes
+        # (its other Jobs' pods may still start).
+        self._delete(api, core_path(where.namespace, "configmaps", f"{name}-params"))
         if spec is not None and spec.training.nodes > 1:  # the gang's Service: the Job's name
             self._delete(api, core_path(where.namespace, "services", name))
 

@@ -75,9 +75,11 @@ class OperatorContext:
         # A commit mostly waits for its creations, then writes: as many as creations at once.
         self.committer = started(creators, "commit")
         self.readers = started(READ_THREADS, "read")
+        self.background = started(READ_THREADS, "bgread")  # results of running stages
         self.reconciler = Reconciler(KubeBackend(self.api, images=images), settings=settings,
                                      metrics=self.metrics, creator=self.creator,
-                                     committer=self.committer, readers=self.readers)
+                                     committer=self.committer, readers=self.readers,
+                                     background=self.background)
         self.executor = started(workers, "reconcile")
         self._locks: dict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._wakers: dict[Key, asyncio.Event] = defaultdict(asyncio.Event)
@@ -109,6 +111,7 @@ class OperatorContext:
 
         self.job_cache = start_job_watches(self.api, self.settings.namespaces, wake,
                                            self._stopping)
+        self.reconciler.wake = wake  # a result read in the background wakes its run too
         self.reconciler.backend.jobs = self.job_cache  # rounds read their Jobs from it
 
     def close(self) -> None:
@@ -120,6 +123,7 @@ class OperatorContext:
         self.committer.shutdown(wait=False, cancel_futures=True)
         self.creator.shutdown(wait=False, cancel_futures=True)
         self.readers.shutdown(wait=False, cancel_futures=True)
+        self.background.shutdown(wait=False, cancel_futures=True)
 
     async def blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -8,6 +8,7 @@ nowhere else. Credentials never appear in a manifest: a stage gets its S3 keys t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,10 @@ ANNOTATION_PREFIX = API_GROUP
 
 PARAMS_DIR = "/etc/meritrun"
 PARAMS_KEY = "params.json"
+# A Job's params up to this size share its stage attempt's ConfigMap: a stage attempt has at
+# most MAX_PARTITIONS Jobs (64), so a shared ConfigMap stays under 768 KiB (the API's limit
+# is 1 MiB). A train Job's params are about 1 KiB.
+PARAMS_SHARED_BYTES = 12 * 1024
 WORK_DIR = "/work"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CONTAINER_NAME = "stage"
@@ -92,17 +97,40 @@ def _metadata(name: str, job: CreateJob, *, run: RunRef, owned: bool) -> dict[st
     return meta
 
 
-def params_configmap_name(job_name: str) -> str:
-    return f"{job_name}-params"
+def params_key(job_name: str) -> str:
+    """A Job's key in its params ConfigMap (Job names are DNS labels: valid keys)."""
+    return f"{job_name}.json"
 
 
-def build_params_configmap(job: CreateJob, *, run: RunRef, owned: bool = True) -> dict[str, Any]:
-    """The stage's params JSON, mounted read-only at PARAMS_DIR/PARAMS_KEY."""
-    return {
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": _metadata(params_configmap_name(job.name), job, run=run, owned=owned),
-        "data": {PARAMS_KEY: job.params.model_dump_json(indent=2)},
-    }
+def params_json(job: CreateJob) -> str:
+    return job.params.model_dump_json(indent=2)
+
+
+def params_configmap_name(job: CreateJob, *, run: RunRef) -> str:
+    """The ConfigMap holding a Job's params: one per stage attempt, shared by its Jobs (the K
+    partitions of a round: one write, not K), each under its own key; a Job whose params
+    exceed PARAMS_SHARED_BYTES has one of its own. Any choice is safe: a Job is created only
+    after its key is in the ConfigMap it names."""
+    if len(params_json(job).encode()) > PARAMS_SHARED_BYTES:
+        return f"{job.name}-params"
+    return f"{run.name}-{job.stage}-a{job.attempt}-params"
+
+
+def build_params_configmaps(jobs: Sequence[CreateJob], *, run: RunRef,
+                            owned: bool = True) -> list[dict[str, Any]]:
+    """The ConfigMaps holding these Jobs' params (one per name), each Job's under
+    `params_key`; its pod mounts that key alone at PARAMS_DIR/PARAMS_KEY."""
+    grouped: dict[str, list[CreateJob]] = {}
+    for job in jobs:
+        grouped.setdefault(params_configmap_name(job, run=run), []).append(job)
+    out = []
+    for name, members in grouped.items():
+        meta = _metadata(name, members[0], run=run, owned=owned)
+        if name != f"{members[0].name}-params":
+            meta["labels"].pop(LABEL_PARTITION, None)  # shared: no one partition's
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+                    "data": {params_key(job.name): params_json(job) for job in members}})
+    return out
 
 
 def stage_image(stage: str, template: JobTemplate, images: Images) -> str:
@@ -145,7 +173,7 @@ def _work_mount(job: CreateJob, template: JobTemplate) -> dict[str, Any]:
     return mount
 
 
-def _pod_spec(job: CreateJob, spec: MeritRunSpec, images: Images) -> dict[str, Any]:
+def _pod_spec(job: CreateJob, spec: MeritRunSpec, images: Images, run: RunRef) -> dict[str, Any]:
     template = spec.template
     command = [*stage_command(job.stage, f"{PARAMS_DIR}/{PARAMS_KEY}", python=images.python),
                "--workdir", WORK_DIR]
@@ -169,7 +197,9 @@ def _pod_spec(job: CreateJob, spec: MeritRunSpec, images: Images) -> dict[str, A
         "automountServiceAccountToken": False,  # stages talk to storage, never to the API
         "containers": [container],
         "volumes": [
-            {"name": "params", "configMap": {"name": params_configmap_name(job.name)}},
+            {"name": "params", "configMap": {  # its own params only, whoever shares the map
+                "name": params_configmap_name(job, run=run),
+                "items": [{"key": params_key(job.name), "path": PARAMS_KEY}]}},
             _work_volume(template),
         ],
     }
@@ -200,7 +230,7 @@ def build_stage_job(job: CreateJob, *, run: RunRef, spec: MeritRunSpec, images: 
         **DISRUPTION_TOLERANT,
         **gang.gang_job_fields(job, spec),
         "template": {"metadata": {"labels": dict(meta["labels"])},
-                     "spec": _pod_spec(job, spec, images)},
+                     "spec": _pod_spec(job, spec, images, run)},
     }
     if spec.template.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.template.ttl_seconds_after_finished

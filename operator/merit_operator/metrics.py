@@ -99,6 +99,9 @@ class Metrics:
         self.contributions = Counter(
             "meritrun_site_contributions", "Pull-site contributions verified on arrival, by "
             "result.", ["result"], registry=r)
+        self.background_reads = Counter(
+            "meritrun_storage_background_reads", "Results of running stages read off the "
+            "round's path, by result (found, absent, error).", ["result"], registry=r)
         self.grants_issued = Counter(
             "meritrun_site_grants_issued", "Scoped storage grants issued to pull sites.",
             registry=r)
@@ -165,6 +168,9 @@ class Metrics:
             counts[phase] = counts.get(phase, 0) + 1
         for phase, count in counts.items():
             self.runs.labels(phase=phase).set(count)
+
+    def background_read(self, result: str) -> None:
+        self.background_reads.labels(result=result).inc()
 
     def grant_issued(self) -> None:
         self.grants_issued.inc()

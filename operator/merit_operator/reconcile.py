@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
@@ -49,12 +49,19 @@ from meritrun.pipeline import (
 from .backend import KubeBackend
 from .manifests import RunRef
 from .metrics import Metrics
+from .reads import BackgroundReads, running_prefixes
 from .settings import Settings
 from .sources import StorageCache, newest, storage_of
-from .status import merge_patch, next_delay, parse_status, validated_spec
+from .status import mark_seen, merge_patch, next_delay, parse_status, validated_spec
 
 log = logging.getLogger(__name__)
 READ_THREADS = 8
+
+
+def _failed(error: BaseException) -> Future[bool]:
+    future: Future[bool] = Future()
+    future.set_exception(error)
+    return future
 
 
 @dataclass(frozen=True)
@@ -96,8 +103,11 @@ class KubeRound:
         self.storage_spec = spec.storage if spec is not None else storage_of(body)
         self.events: list[Event] = []
         self._grants: Any = None
-        self._creating: list[tuple[CreateJob, Future[bool]]] = []
+        self._pending: list[CreateJob] = []  # decided this round, not handed on yet
+        self._creating: list[tuple[list[CreateJob], Future[list[Future[bool]]]]] = []
         self.created: set[str] = set()  # Jobs new in this round (none can have run yet)
+        self.exists: set[str] = set()  # Jobs this round created or adopted
+        self.jobs: dict[str, Any] = {}  # the Jobs it observed
         self.failures: list[Failure] = []  # creations that failed
         self.status: MeritRunStatus | None = None  # decided; written by `commit`
         self.phases: dict[str, float] = {}  # seconds spent per phase (metrics)
@@ -122,38 +132,70 @@ class KubeRound:
                 now: datetime) -> Observed:
         backend, name = self.rec.backend, self.run.name
         run_id = RunId(name, self.run.uid)  # the status's runUid once it has one (resets)
+        jobs = self.timed("jobs", backend.observe_jobs, self.run, spec)
+        self.jobs = jobs
         found: dict[str, Any] = {}
         if spec is not None and (status is None or status.phase not in TERMINAL_PHASES):
-            found = self.timed("storage", lambda: observe_storage(  # a first client: ~1 s
-                self.rec.storages.for_spec(spec), run_id, status, fetch=self.rec.readers.map))
+            # Results of stages whose Job runs come in the background (`reads`).
+            view = self.rec.reads.view(self.rec.storages.for_spec(spec),  # first: ~1 s
+                                       running_prefixes(status, jobs, run_id), self.wake)
+            results = RunId(name, (status.run_uid if status else None) or self.run.uid)
+            found = self.timed("storage", observe_storage, view, run_id, status,
+                               fetch=view.fetcher(self.rec.readers, results))
         candidates = grant_candidates(spec, status, found.get("plan"))
         held = self.timed("grants", self.grants().held, name, candidates) if candidates else {}
-        jobs = self.timed("jobs", backend.observe_jobs, self.run, spec)
         return Observed(run=run_id, now=now, generation=self.generation, jobs=jobs,
                         grants=held, spec_error=self.spec_error, **found)
 
+    def wake(self) -> None:
+        """A result this round asked for has come: the run's next round takes it."""
+        if self.rec.wake is not None:
+            self.rec.wake(self.run.namespace, self.run.name)
+
     def create_job(self, action: CreateJob) -> None:
-        """Started in the creators' pool; the commit waits for it."""
+        """Collected; `start_creates` hands the round's creations to the pool at its end."""
         assert self.spec is not None  # decide creates nothing for an invalid spec
-        self._creating.append((action, self.rec.creator.submit(
-            self.rec.backend.create_job, action, run=self.run, spec=self.spec)))
+        self._pending.append(action)
+
+    def start_creates(self) -> None:
+        """Per stage attempt and cluster: its params ConfigMap, then its Jobs all at once (in
+        the creators' pool; the commit waits for them)."""
+        groups: dict[tuple[str | None, str, int], list[CreateJob]] = {}
+        for action in self._pending:
+            groups.setdefault((action.cluster, action.stage, action.attempt), []).append(action)
+        self._pending = []
+        for group in groups.values():
+            self._creating.append((group, self.rec.creator.submit(self._create_group, group)))
+
+    def _create_group(self, group: list[CreateJob]) -> list[Future[bool]]:
+        backend = self.rec.backend
+        backend.create_params(group, run=self.run, spec=self.spec)
+        return [self.rec.creator.submit(backend.create_job, action, run=self.run,
+                                        spec=self.spec) for action in group]
 
     def finish_creates(self) -> None:
         """Wait for every creation of this round; an expected error becomes the action's
         failure (the round is retried, as the driver does for its own actions)."""
+        self.start_creates()  # those of a round that ended before handing them on
         creating, self._creating = self._creating, []
-        wait_all([future for _, future in creating])
-        for action, future in creating:
+        for group, started in creating:
             try:
-                new = future.result()
-            except MeritRunError as e:
-                log.warning("run %s: CreateJob %s failed: %s", self.run.name, action.name,
-                            str(e)[:300])
-                self.failures.append(Failure(action, e))
-                continue
-            if new:
-                self.created.add(action.name)
-                self.rec.metrics.job_created(action.stage)
+                futures = started.result()
+            except MeritRunError as e:  # the params: none of the group's Jobs was created
+                futures = [_failed(e)] * len(group)
+            wait_all(futures)
+            for action, future in zip(group, futures, strict=True):
+                try:
+                    new = future.result()
+                except MeritRunError as e:
+                    log.warning("run %s: CreateJob %s failed: %s", self.run.name, action.name,
+                                str(e)[:300])
+                    self.failures.append(Failure(action, e))
+                    continue
+                self.exists.add(action.name)
+                if new:
+                    self.created.add(action.name)
+                    self.rec.metrics.job_created(action.stage)
 
     def delete_job(self, name: str, cluster: str | None) -> None:
         self.rec.backend.delete_job(name, run=self.run, spec=self.spec, cluster=cluster)
@@ -179,11 +221,14 @@ class KubeRound:
         self.finish_creates()
         status = self.status
         if status is not None:
+            mark_seen(status, self.exists)
             if self.spec is not None and status.phase not in TERMINAL_PHASES:
                 # step, total and loss of each training partition, for `kubectl get -o
-                # yaml`; a Job created just now is queued (its pod has not started)
+                # yaml`; a Job whose pod has not started (created just now, or waiting for a
+                # node) is queued, and its progress.json is not read
+                queued = self.created | self.rec.backend.unstarted(self.run, self.jobs)
                 attach_progress(self.rec.storages.for_spec(self.spec), RunId(
-                    self.run.name, self.run.uid), status, queued=frozenset(self.created))
+                    self.run.name, self.run.uid), status, queued=frozenset(queued))
             self.rec.write(self.run, self.stored, status)
         self.rec.metrics.committed(time.perf_counter() - start)
         return self.failures
@@ -192,15 +237,22 @@ class KubeRound:
 class Reconciler:
     def __init__(self, backend: KubeBackend, *, settings: Settings, metrics: Metrics,
                  storages: StorageCache | None = None, creator: Executor | None = None,
-                 committer: Executor | None = None, readers: Executor | None = None) -> None:
+                 committer: Executor | None = None, readers: Executor | None = None,
+                 background: Executor | None = None) -> None:
         self.backend = backend
         self.creator = creator or ThreadPoolExecutor(max(settings.create_threads, 1),
                                                      thread_name_prefix="create")
         self.committer = committer or ThreadPoolExecutor(max(settings.create_threads, 1),
                                                          thread_name_prefix="commit")
-        # A round's storage reads (one per running partition) at once: a partition's result
-        # is one round trip to the store, and a run has up to hundreds of partitions.
+        # A round's storage reads (one per partition whose Job ended) at once: a partition's
+        # result is one round trip to the store, and a run has up to 64 partitions.
         self.readers = readers or ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read")
+        # Results of running stages, read off the round's path (`reads`); a found one wakes
+        # the run through `wake` (the operator's event loop; None: the next round finds it).
+        self.reads = BackgroundReads(
+            background or ThreadPoolExecutor(READ_THREADS, thread_name_prefix="bgread"),
+            reread_seconds=settings.resync_seconds, on_read=metrics.background_read)
+        self.wake: Callable[[str, str], None] | None = None
         self.settings = settings
         self.metrics = metrics
         self.storages = storages or StorageCache()
@@ -242,6 +294,7 @@ class Reconciler:
         except ActionsFailed as e:
             decision, failed = e.decision, e
         finally:  # a round that raised still hands its creations to a commit to wait for
+            kube.start_creates()
             commit = self.committer.submit(kube.commit)
             self.metrics.round_phases(kube.phases, time.perf_counter() - start,
                                       time.thread_time() - cpu)

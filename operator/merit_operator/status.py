@@ -19,6 +19,19 @@ from meritrun.errors import SpecError
 from meritrun.validation import parse_spec, pydantic_errors
 
 
+def mark_seen(status: MeritRunStatus, jobs: set[str]) -> MeritRunStatus:
+    """`jobSeen` for each running stage whose current Job is in `jobs` (created or adopted by
+    this round's commit: the API server has it), in the same write as the rest of the round's
+    status rather than one more write when a later round first observes it. Safe because the
+    Job store remembers our own creations until its watch brings them (`WatchStore.remember`):
+    a later round misses the Job only once it really is gone."""
+    stages = [status.profile, *status.partitions, status.merge]
+    for stage in [*stages, *([status.search] if status.search else [])]:
+        if stage.state == "Running" and stage.job in jobs:
+            stage.job_seen = True
+    return status
+
+
 def validated_spec(body: dict[str, Any]) -> MeritRunSpec:
     """The run's spec as a model, or SpecError naming the first bad field."""
     try:  # child Job names append a stage and an attempt to the run's name

@@ -50,6 +50,12 @@ def name_of(obj: dict[str, Any]) -> str:
     return (obj.get("metadata") or {}).get("name") or ""
 
 
+def _version(obj: dict[str, Any]) -> int | None:
+    """An object's resourceVersion as a number (etcd's revision), None if it is not one."""
+    version = (obj.get("metadata") or {}).get("resourceVersion") or ""
+    return int(version) if version.isdigit() else None
+
+
 class WatchStore:
     """Follow one path's objects until stopped and keep them; subclasses react to changes
     (`changed`, `relisted`)."""
@@ -61,6 +67,8 @@ class WatchStore:
         self._store: dict[Where, dict[str, dict[str, Any]]] = {}  # -> {name: object}
         self._lock = threading.Lock()
         self.synced = threading.Event()  # the first list is in the store
+        self._version = 0  # the newest resourceVersion the list or the stream brought
+        self._ours: dict[tuple[Where, str], dict[str, Any]] = {}  # `remember`ed, not streamed
 
     def objects(self, namespace: str, run: str) -> list[dict[str, Any]] | None:
         """The run's objects as last seen (None before the first list)."""
@@ -68,6 +76,22 @@ class WatchStore:
             return None
         with self._lock:
             return list((self._store.get((namespace, run)) or {}).values())
+
+    def remember(self, obj: dict[str, Any]) -> None:
+        """An object we just wrote (the API server's answer), in the store before its watch
+        event: a round after the write must see it (controller-runtime's expectations serve
+        the same end). Skipped when the stream has passed its version already: the store
+        then holds it, or its deletion, and that is newer. Its event replaces it."""
+        where, version = run_of(obj), _version(obj)
+        if where is None or version is None:
+            return
+        with self._lock:
+            if version <= self._version:
+                return
+            objects = self._store.setdefault(where, {})
+            if (_version(objects.get(name_of(obj)) or {}) or 0) < version:
+                objects[name_of(obj)] = obj
+            self._ours[(where, name_of(obj))] = obj
 
     def changed(self, obj: dict[str, Any], where: Where, *, deleted: bool) -> None:
         """One object changed (in the store already)."""
@@ -81,11 +105,16 @@ class WatchStore:
         items = [obj for obj in listed.get("items") or [] if run_of(obj) is not None]
         for obj in items:
             fresh.setdefault(run_of(obj), {})[name_of(obj)] = obj  # type: ignore[arg-type]
+        version = (listed.get("metadata") or {}).get("resourceVersion") or ""
         with self._lock:
+            self._version = int(version) if version.isdigit() else self._version
+            self._passed()
+            for (where, name), obj in self._ours.items():  # written after the list's version
+                fresh.setdefault(where, {}).setdefault(name, obj)
             self._store = fresh
         self.synced.set()
         self.relisted(items)
-        return (listed.get("metadata") or {}).get("resourceVersion") or ""
+        return version
 
     def _notify(self, obj: dict[str, Any], *, deleted: bool) -> None:
         """One watch event: into the store, then `changed`."""
@@ -93,6 +122,8 @@ class WatchStore:
         if where is None:
             return
         with self._lock:
+            self._version = max(self._version, _version(obj) or 0)
+            self._passed()
             objects = self._store.setdefault(where, {})
             if deleted:
                 objects.pop(name_of(obj), None)
@@ -101,6 +132,12 @@ class WatchStore:
             else:
                 objects[name_of(obj)] = obj
         self.changed(obj, where, deleted=deleted)
+
+    def _passed(self) -> None:
+        """Forget remembered objects the list or stream has reached (under the lock)."""
+        if self._ours:
+            self._ours = {k: o for k, o in self._ours.items()
+                          if (_version(o) or 0) > self._version}
 
     def _follow(self, version: str, stop: threading.Event) -> str | None:
         """Watch from version; the last version seen, or None when the server says 410."""
@@ -149,8 +186,18 @@ class Stores:
         self.stores = stores
         self._by_namespace = dict(zip(namespaces, stores, strict=True)) if namespaces else {}
 
+    def store_for(self, namespace: str) -> WatchStore | None:
+        if self._by_namespace:
+            return self._by_namespace.get(namespace)
+        return self.stores[0] if self.stores else None
+
     def objects(self, namespace: str, run: str) -> list[dict[str, Any]] | None:
         """The run's objects, or None when no synced store covers the namespace."""
-        store = self._by_namespace.get(namespace) if self._by_namespace else (
-            self.stores[0] if self.stores else None)
+        store = self.store_for(namespace)
         return store.objects(namespace, run) if store is not None else None
+
+    def remember(self, obj: dict[str, Any]) -> None:
+        """An object we just wrote, before its watch event (`WatchStore.remember`)."""
+        store = self.store_for((obj.get("metadata") or {}).get("namespace") or "")
+        if store is not None:
+            store.remember(obj)

@@ -16,9 +16,10 @@ from merit_operator.manifests import (
     LABEL_STAGE,
     PARAMS_DIR,
     PARAMS_KEY,
+    PARAMS_SHARED_BYTES,
     Images,
     RunRef,
-    build_params_configmap,
+    build_params_configmaps,
     build_stage_job,
     job_observation,
 )
@@ -90,14 +91,56 @@ def test_command_reads_params_from_the_mounted_configmap():
     assert c["command"][4:6] == ["--params", f"{PARAMS_DIR}/{PARAMS_KEY}"]
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
-    assert volumes[mounts[PARAMS_DIR]]["configMap"]["name"] == "demo-p1-a2-params"
-    cm = build_params_configmap(action, run=RUN)
-    assert cm["metadata"]["name"] == "demo-p1-a2-params"
+    assert volumes[mounts[PARAMS_DIR]]["configMap"] == {
+        "name": "demo-train-a2-params", "items": [{"key": "demo-p1-a2.json", "path": PARAMS_KEY}]}
+    (cm,) = build_params_configmaps([action], run=RUN)
+    assert cm["metadata"]["name"] == "demo-train-a2-params"
     assert cm["metadata"]["ownerReferences"][0]["uid"] == RUN.uid
-    params = json.loads(cm["data"][PARAMS_KEY])
+    params = json.loads(cm["data"]["demo-p1-a2.json"])
     assert params["output"] == "runs/demo/1111-2222/partitions/p1/attempt-2"
     assert (params["run"], params["run_uid"]) == ("demo", "1111-2222")
     assert params["partition"] == "p1" and params["attempt"] == 2
+
+
+def test_a_stage_attempts_jobs_share_one_params_configmap_each_reading_its_own_key():
+    """A round's K partitions cost one ConfigMap write, not K; each pod mounts its own key
+    only, so no stage reads another's params."""
+    spec = make_spec()
+    jobs = [train_job(RUN_ID, spec, PartitionStatus(name=f"p{i}", index=i, sources=[f"s{i}"]),
+                      1) for i in range(3)]
+    (cm,) = build_params_configmaps(jobs, run=RUN)
+    assert cm["metadata"]["name"] == "demo-train-a1-params"
+    assert LABEL_PARTITION not in cm["metadata"]["labels"]
+    assert cm["metadata"]["labels"][LABEL_ATTEMPT] == "1"
+    for i, action in enumerate(jobs):
+        assert json.loads(cm["data"][f"demo-p{i}-a1.json"])["sources"] == [f"s{i}"]
+        pod = build_stage_job(action, run=RUN, spec=spec, images=IMAGES)["spec"]["template"]
+        (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "params"]
+        assert volume["configMap"]["name"] == cm["metadata"]["name"]
+        assert volume["configMap"]["items"] == [{"key": f"demo-p{i}-a1.json",
+                                                 "path": PARAMS_KEY}]
+    # A retry (attempt 2) goes to the next attempt's ConfigMap; the profile to its own.
+    retry = train_job(RUN_ID, spec, PartitionStatus(name="p1", index=1, sources=["s1"]), 2)
+    names = [c["metadata"]["name"] for c in build_params_configmaps(
+        [retry, profile_job(RUN_ID, spec, 1)], run=RUN)]
+    assert names == ["demo-train-a2-params", "demo-profile-a1-params"]
+
+
+def test_a_job_with_large_params_has_its_own_configmap():
+    """64 Jobs of up to PARAMS_SHARED_BYTES each keep a shared ConfigMap under the API's
+    1 MiB; a larger one stands alone."""
+    spec = make_spec()
+    big = train_job(RUN_ID, spec, PartitionStatus(
+        name="p9", index=9, sources=[f"source-{i:04d}-" + "x" * 100
+                                     for i in range(PARAMS_SHARED_BYTES // 100)]), 1)
+    small = train(spec, attempt=1)
+    configmaps = {c["metadata"]["name"]: c for c in build_params_configmaps([small, big],
+                                                                            run=RUN)}
+    assert set(configmaps) == {"demo-train-a1-params", "demo-p9-a1-params"}
+    assert list(configmaps["demo-p9-a1-params"]["data"]) == ["demo-p9-a1.json"]
+    assert configmaps["demo-p9-a1-params"]["metadata"]["labels"][LABEL_PARTITION] == "p9"
+    pod = build_stage_job(big, run=RUN, spec=spec, images=IMAGES)["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["configMap"]["name"] == "demo-p9-a1-params"
 
 
 def test_checkpoints_go_to_storage_unless_a_work_volume_keeps_them():
@@ -128,7 +171,7 @@ def test_credentials_only_by_secret_reference():
         assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "creds",
                                                                          "key": key}}}
     assert env["EXTRA"]["value"] == "1"
-    cm = build_params_configmap(train(spec), run=RUN)
+    (cm,) = build_params_configmaps([train(spec)], run=RUN)
     text = json.dumps([job, cm])
     assert "secretAccessKey" not in text and SECRET_VALUE not in text
     assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False

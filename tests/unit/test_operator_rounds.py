@@ -105,6 +105,15 @@ class SlowCreates:
     def __init__(self) -> None:
         self.in_flight = self.most = 0
         self._lock = threading.Lock()
+        self.params: list[list[str]] = []  # the Jobs of each params ConfigMap write
+
+    def create_params(self, actions: list[CreateJob], *, run: RunRef,
+                      spec: MeritRunSpec) -> None:
+        assert self.in_flight == 0  # before any of their Jobs
+        self.params.append([a.name for a in actions])
+
+    def unstarted(self, run: RunRef, jobs: dict) -> set[str]:
+        return set()  # no pod store
 
     def create_job(self, action: CreateJob, *, run: RunRef, spec: MeritRunSpec) -> bool:
         with self._lock:
@@ -144,11 +153,14 @@ def test_a_rounds_jobs_are_created_at_once_and_the_status_waits_for_them():
     elapsed = time.monotonic() - start
     assert backend.most == 8 and elapsed < 0.2 * 8 / 2
     assert written[0][0] == 0  # the status went out after every creation had ended
+    assert backend.params == [names]  # one params write for the round's Jobs
     assert kube.created == set(names[:7])
     assert [f.action.name for f in failures] == ["demo-bad-a1"]
     progress = {p.job: p.progress for p in written[0][1].partitions}
     assert all(progress[n] is not None and progress[n].queued for n in names[:7])
     assert progress["demo-bad-a1"] is None  # not created: nothing claimed about it
+    seen = {p.job: p.job_seen for p in written[0][1].partitions}  # in the same write
+    assert all(seen[n] for n in names[:7]) and seen["demo-bad-a1"] is None
     assert rec.metrics.registry.get_sample_value(
         "meritrun_jobs_created_total", {"stage": "train"}) == 7
 
