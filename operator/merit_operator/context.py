@@ -88,6 +88,7 @@ class OperatorContext:
         self._covered: dict[Key, int] = {}  # requests the latest round (at its start) covers
         self._last: dict[Key, tuple[float, RoundOutcome]] = {}  # its outcome, and when
         self._commits: dict[Key, Future[Any]] = {}  # the latest round's commit, per run
+        self._generations: dict[Key, Any] = {}  # the latest spec generation seen, per run
         self._metrics_server: Any = None
         self._stopping = threading.Event()
         self.job_cache: JobCache | None = None
@@ -148,6 +149,13 @@ class OperatorContext:
             self.request(namespace, name)
             waker.set()
 
+    def new_generation(self, namespace: str, name: str, generation: Any) -> bool:
+        """Whether the run's spec changed since the last call (its first: False)."""
+        key = (namespace, name)
+        last = self._generations.get(key)
+        self._generations[key] = generation
+        return last is not None and last != generation
+
     def replan(self, namespace: str, name: str) -> None:
         """A fast path ran a round: the daemon re-plans its sleep from that round's outcome
         (its request is covered, so it runs no round of its own)."""
@@ -157,7 +165,7 @@ class OperatorContext:
 
     def forget(self, namespace: str, name: str) -> None:
         for table in (self._wakers, self._locks, self._error_delay, self._requested,
-                      self._covered, self._last, self._commits):
+                      self._covered, self._last, self._commits, self._generations):
             table.pop((namespace, name), None)
 
     async def reconcile(self, handler: str, namespace: str, name: str,

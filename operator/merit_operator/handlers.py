@@ -1,15 +1,18 @@
 """kopf handlers: thin entry points onto OperatorContext.reconcile.
 
 Every round reads the run from `body`, kopf's live view of it (kept fresh by kopf's watch),
-not with a GET. The daemon per MeritRun is the level-based loop: a round, then sleep until
-the next resync, a backoff's end, or a wake-up. Create/update/resume are fast paths (a round
-at once; the daemon then re-plans its sleep without a round of its own); Job events
-(`jobwatch`, filtered by the API server) wake the owning run's daemon, which waits
-`wake_debounce_seconds` for the burst to settle and then runs one round for all of it. Only
-here are our errors translated into kopf's: an invalid spec is a PermanentError (kopf will
-not retry the handler until the spec changes), an expected failure of the round a
-TemporaryError with our backoff as its delay (a failure in its commit, after the handler
-returned, wakes the run again after the backoff: `OperatorContext._committed`).
+not with a GET. The daemon per MeritRun is the level-based loop: a round (its first as soon
+as kopf sees the run: a new run, or every run after a restart), then sleep until the next
+resync, a backoff's end, or a wake-up. A spec edit (a new generation) runs a round at once
+(`meritrun_changed`; the daemon then re-plans its sleep without a round of its own); Job
+events (`jobwatch`, filtered by the API server) wake the owning run's daemon, which waits
+`wake_debounce_seconds` for the burst to settle and then runs one round for all of it.
+kopf's own change detection is off (`NoDiffBase`): it would write an annotation per
+creation and per edit. Errors never reach kopf from a round: an invalid spec is a status
+the pipeline writes, an expected failure a backoff the daemon sleeps (a failure in a commit,
+after the round, wakes the run again after the backoff: `OperatorContext._committed`); only
+the finalizer's handler raises kopf's TemporaryError, to keep the finalizer until cleanup
+succeeds.
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 
 @kopf.on.startup()
 async def operator_started(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Progress and diff-base in annotations: the CRD's structural schema would prune kopf's
-    # default `status.kopf` bookkeeping (and its handler results) on every write.
+    # Progress (of the finalizer's handler) in annotations: the CRD's structural schema would
+    # prune kopf's default `status.kopf` bookkeeping on every write. No diff-base: nothing
+    # here needs kopf's change detection (`NoDiffBase`).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.persistence.finalizer = FINALIZER
     # Our own events say what happened; kopf's "handler succeeded" chatter stays in the log.
     settings.posting.level = logging.WARNING
@@ -100,35 +103,38 @@ def _post(outcome: RoundOutcome) -> None:
         kopf.event(outcome.ref, type=event.type, reason=event.reason, message=event.message)
 
 
-async def _fast_path(handler: str, memo: kopf.Memo, namespace: str, name: str,
-                     body: kopf.Body) -> None:
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf's change detection, off: no create/update/resume handler needs it (the daemon's
+    first round serves a new run and every run after a restart; `meritrun_changed` compares
+    generations itself), so kopf stores no last-handled configuration (an annotation patch
+    per creation and per spec edit, each a write to the API server) and copies no body per
+    event to compare. Every event is then "no change" to kopf, but a deletion, which the
+    finalizer handler still serves."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return {}
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
+
+@kopf.on.event(*RESOURCE)
+async def meritrun_changed(memo: kopf.Memo, event: dict[str, Any], namespace: str, name: str,
+                           body: kopf.Body, **_: Any) -> None:
+    """A spec edit (a new generation; our status writes make none) runs a round at once; the
+    daemon then re-plans its sleep from it, a failed round's backoff included. A new run
+    needs none: its daemon starts with a round."""
     ctx: OperatorContext = memo.ctx
-    outcome = await ctx.reconcile(handler, namespace, name, ctx.request(namespace, name),
+    generation = (body.get("metadata") or {}).get("generation")
+    if event.get("type") == "DELETED" or not ctx.new_generation(namespace, name, generation):
+        return
+    outcome = await ctx.reconcile("update", namespace, name, ctx.request(namespace, name),
                                   body=body)
     _post(outcome)
-    ctx.replan(namespace, name)  # the daemon re-plans its sleep around the new status
-    if outcome.invalid:
-        raise kopf.PermanentError(outcome.invalid)
-    if outcome.error is not None:
-        raise kopf.TemporaryError(str(outcome.error)[:300], delay=outcome.delay_seconds or 1.0)
-
-
-@kopf.on.create(*RESOURCE)
-async def meritrun_created(memo: kopf.Memo, namespace: str, name: str,
-                           body: kopf.Body, **_: Any) -> None:
-    await _fast_path("create", memo, namespace, name, body)
-
-
-@kopf.on.update(*RESOURCE, field="spec")
-async def meritrun_updated(memo: kopf.Memo, namespace: str, name: str,
-                           body: kopf.Body, **_: Any) -> None:
-    await _fast_path("update", memo, namespace, name, body)
-
-
-@kopf.on.resume(*RESOURCE)
-async def meritrun_resumed(memo: kopf.Memo, namespace: str, name: str,
-                           body: kopf.Body, **_: Any) -> None:
-    await _fast_path("resume", memo, namespace, name, body)
+    ctx.replan(namespace, name)
 
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
