@@ -10,14 +10,13 @@ handlers run these methods in worker threads.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
 from meritrun import API_GROUP, API_VERSION
 from meritrun.api import PLURAL, MeritRunSpec
-from meritrun.errors import SpecError, TransientError, find_error_line, most_decisive
+from meritrun.errors import SpecError, TransientError
 from meritrun.jobs import CreateJob
 from meritrun.pipeline import JobObservation, exit_verdict
 
@@ -34,10 +33,10 @@ from .manifests import (
     pod_waiting_reason,
     run_selector,
 )
+from .pods import failed_pod, started_jobs, termination_reason
 from .remote import RemoteClusters
 
 log = logging.getLogger(__name__)
-STARTED_POD_PHASES = frozenset({"Running", "Succeeded", "Failed"})
 
 
 class JobSource(Protocol):
@@ -67,38 +66,6 @@ def is_ours(obj: dict[str, Any], run: RunRef) -> bool:
     """A child of this incarnation of the run (not of a deleted run with the same name)."""
     labels = (obj.get("metadata") or {}).get("labels") or {}
     return labels.get(LABEL_RUN) == run.name and labels.get(LABEL_RUN_UID) in (None, run.uid)
-
-
-def failed_pod(job_message: str | None) -> str | None:
-    """The pod a Job's Failed condition names ("... for pod <ns>/<name> failed with exit code
-    137 matching FailJob rule ..."), or None."""
-    found = _FAILED_POD.search(job_message or "")
-    return found.group(1) if found else None
-
-
-_FAILED_POD = re.compile(r"\bpod [a-z0-9][-a-z0-9]*/([a-z0-9][-.a-z0-9]*[a-z0-9])\b")
-
-
-def termination_reason(pods: list[dict[str, Any]], *, culprit: str | None = None
-                       ) -> tuple[str | None, int | None]:
-    """The stage's own one-line reason, from its pod's termination message (the log tail),
-    and the exit code that decides a retry (of a gang's pods, the most decisive one).
-
-    The reason of a multi-node gang is the pod's that failed the Job (`culprit`, named by the
-    Job controller), when it is among `pods`: the others died of losing it, and their last
-    words (a peer's connection reset) would hide the cause.
-    """
-    speakers = [p for p in pods if (p.get("metadata") or {}).get("name") == culprit] or pods
-    reason, code = None, None
-    for pod in pods:
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            ended = (cs.get("state") or {}).get("terminated") or {}
-            code = most_decisive([code, ended.get("exitCode")])
-            if pod in speakers:
-                reason = find_error_line((ended.get("message") or "").splitlines(),
-                                         limit=300) or reason
-    return reason, code
-
 
 
 class KubeBackend:
@@ -141,10 +108,7 @@ class KubeBackend:
         pods = self.jobs.run_pods(run.namespace, run.name) if self.jobs else None
         if pods is None:
             return set()
-        started = {labels.get("job-name") for pod in pods
-                   if (labels := (pod.get("metadata") or {}).get("labels") or {})
-                   .get(LABEL_RUN_UID) == run.uid
-                   and (pod.get("status") or {}).get("phase") in STARTED_POD_PHASES}
+        started = started_jobs(pods, run_uid=run.uid)
         return {name for name, seen in jobs.items()
                 if seen.cluster is None and seen.state == "Active" and name not in started}
 
