@@ -38,6 +38,7 @@ import torch
 
 from meritrun.errors import StageFailed
 
+from . import fusedmerge
 from .blocks import Block, BlockLoader, Buffers, Item, block_rows
 from .io import ModelReader, copy_model_files, read_header
 from .methods import MergeInputs, MergeMethod, TensorStats, get_method, normalized
@@ -67,6 +68,7 @@ class MergeResult:
     bytes_written: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] | None = None
+    kernel: str = "torch"  # the merge pass: "fused" (fusedmerge) or "torch"
     tensor_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -225,39 +227,28 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
         result.seconds["prepass"] = round(time.monotonic() - started, 3)
     outputs = [OutputTensor(m.name, dtype if dtype and m.dtype.is_floating_point else m.dtype,
                             m.shape) for m in metas]
+    why_not = fusedmerge.unsupported(impl.key, base, [e.model for e in inputs.experts],
+                                     device=device.type, observing=observe is not None,
+                                     output_dtype=dtype)
+    result.kernel = "fused" if why_not is None else "torch"
+    log.info("merge pass: %s", "fused kernels (numba)" if why_not is None
+             else f"torch ({why_not})")
     writer = ShardedWriter(out_dir, outputs, shard_size_bytes=shard_size_bytes)
     out_dtypes = {o.name: o.dtype for o in outputs}
-    total = sum(o.nbytes for o in outputs)
     merge_started = time.monotonic()
     stats: dict[str, TensorStats] = {}
-    work, ring = Buffers(torch.float32), Buffers(torch.uint8)  # main thread only
     try:
-        for i, block in enumerate(inputs.blocks(items, device)):
-            if observe is not None:
-                observe(block)
-            if block.raw is not None:
-                out = block.raw
-            else:
-                shape = block.experts[0].shape
-                buf = work.get("merged", shape.numel()).view(shape)
-                args = MergeInputs(block.name, block.base, block.experts, weights,
-                                   block.moments, per_tensor.get(block.name, model_wide),
-                                   stats.setdefault(block.name, TensorStats()),
-                                   out=buf if device.type == "cpu" else None)
-                # the writer holds `depth` blocks: slot i is free again at i + depth + 1
-                slot = i % (writer.depth + 1)
-                if runner.threads > 1:
-                    out = _slot(ring, slot, out_dtypes[block.name], shape)
-                    finite = runner.run(lambda a: impl.merge(a, p), args, out)
-                else:
-                    out = _cast(impl.merge(args, p), out_dtypes[block.name], ring, slot)
-                    finite = all_finite(out)
-                if not finite:  # after the cast: an fp16 output overflows too
-                    raise MergeOutputError(f"merged {block.name} has NaN/Inf values "
-                                           f"({impl.key} with {_params_dict(p)})")
-            writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
-            if progress is not None:
-                progress(writer.bytes_written, total)
+        if why_not is None:
+            fusedmerge.merge_pass(
+                impl.key, p, base=base, experts=[e.model for e in inputs.experts],
+                weights=weights, writer=writer, out_dtypes=out_dtypes,
+                threads=len(os.sched_getaffinity(0)), progress=progress,
+                on_non_finite=lambda name: _non_finite(name, impl, p))
+            stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}
+        else:
+            _torch_pass(impl, p, inputs, runner, writer, stats, out_dtypes=out_dtypes,
+                        items=items, thresholds=(per_tensor, model_wide), weights=weights,
+                        device=device, progress=progress, observe=observe)
         result.files = writer.close()
     except BaseException:
         writer.abort()
@@ -272,6 +263,48 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
     result.seconds["merge"] = round(time.monotonic() - merge_started, 3)
     result.bytes_written = writer.bytes_written
     result.tensor_stats = _tensor_stats(stats, base, len(result.partitions), result.partitions)
+
+
+def _torch_pass(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
+                writer: ShardedWriter, stats: dict[str, TensorStats], *,
+                out_dtypes: Mapping[str, torch.dtype], items: Sequence[Item],
+                thresholds: tuple[dict[str, list[float]], list[float] | None],
+                weights: list[float], device: torch.device, progress: Progress | None,
+                observe: Callable[[Block], None] | None) -> None:
+    """The merge pass block by block with torch ops (every method; see the module
+    docstring), each block handed to the writer."""
+    per_tensor, model_wide = thresholds
+    work, ring = Buffers(torch.float32), Buffers(torch.uint8)  # main thread only
+    for i, block in enumerate(inputs.blocks(items, device)):
+        if observe is not None:
+            observe(block)
+        if block.raw is not None:
+            out = block.raw
+        else:
+            shape = block.experts[0].shape
+            buf = work.get("merged", shape.numel()).view(shape)
+            args = MergeInputs(block.name, block.base, block.experts, weights,
+                               block.moments, per_tensor.get(block.name, model_wide),
+                               stats.setdefault(block.name, TensorStats()),
+                               out=buf if device.type == "cpu" else None)
+            # the writer holds `depth` blocks: slot i is free again at i + depth + 1
+            slot = i % (writer.depth + 1)
+            if runner.threads > 1:
+                out = _slot(ring, slot, out_dtypes[block.name], shape)
+                finite = runner.run(lambda a: impl.merge(a, p), args, out)
+            else:
+                out = _cast(impl.merge(args, p), out_dtypes[block.name], ring, slot)
+                finite = all_finite(out)
+            if not finite:  # after the cast: an fp16 output overflows too
+                raise _non_finite(block.name, impl, p)
+        writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
+        if progress is not None:
+            progress(writer.bytes_written, writer.total_bytes)
+
+
+def _non_finite(name: str, impl: MergeMethod, p: Any) -> MergeOutputError:
+    return MergeOutputError(f"merged {name} has NaN/Inf values ({impl.key} with "
+                            f"{_params_dict(p)})")
 
 
 def _slot(ring: Buffers, slot: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections import deque
@@ -98,6 +99,7 @@ class ShardedWriter:
         self.weight_map = {t.name: fname for shard, fname in zip(shards, self.names, strict=True)
                            for t in shard}
         self.bytes_written = 0
+        self.total_bytes = sum(t.nbytes for t in tensors)
         self.depth = depth
         # the blocks ride along with their futures, so the caller's thread drops them
         self._pending: deque[tuple[Future, torch.Tensor]] = deque()
@@ -120,6 +122,20 @@ class ShardedWriter:
         self.bytes_written += len(data)
         while len(self._pending) > self.depth:
             self._pending.popleft()[0].result()
+
+    def mapped(self) -> dict[str, tuple[mmap.mmap, int, int]]:
+        """Each output tensor's place in a shared writable mapping of its shard: name ->
+        (mapping, offset, nbytes). Whoever fills a tensor through it calls `filled`; the
+        caller closes the mappings before `close` (no copy through a buffer, see `fusedmerge`)."""
+        maps = {fd: mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE) for fd in self._fds}
+        return {name: (maps[fd], offset, nbytes)
+                for name, (fd, offset, nbytes) in self._where.items()}
+
+    def filled(self, name: str) -> None:
+        """Output `name` was written whole through `mapped`."""
+        self.bytes_written += self._left[name]
+        self._left[name] = 0
 
     def _drain(self) -> None:
         while self._pending:

@@ -194,6 +194,7 @@ MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import torch
+    from merit_merger import fused
     from merit_merger.engine import merge_models
     from merit_merger.sources import PartitionSource
 
@@ -204,6 +205,7 @@ MEMORY_PROBE = textwrap.dedent("""
     root, method = Path(sys.argv[1]), sys.argv[2]
     parts = [PartitionSource(f"p{i}", root / f"p{i}", 1000 * (i + 1)) for i in range(2)]
     torch.ones(8).add_(1)  # touch the allocator and kernels before the baseline
+    fused.warm()  # and load the fused kernels (LLVM's ~30 MB, once per process)
     before = status()
     result = merge_models(base_dir=root / "base", partitions=parts, method=method,
                           out_dir=root / f"out-{method}", shard_size_bytes=5_000_000)
