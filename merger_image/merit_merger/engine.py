@@ -39,13 +39,14 @@ import torch
 from meritrun.errors import StageFailed
 
 from . import fusedmerge
-from .blocks import Block, BlockLoader, Buffers, Item, block_rows
+from .blocks import Block, BlockLoader, Item, block_rows
 from .io import ModelReader, copy_model_files, read_header
-from .methods import MergeInputs, MergeMethod, TensorStats, get_method, normalized
-from .pieces import PieceRunner, all_finite
+from .methods import MergeMethod, TensorStats, get_method, normalized
+from .pieces import PieceRunner
 from .selection import KthLargest, keep_count
 from .sources import ExpertReader, PartitionSource, open_moments
 from .thresholds import tensor_thresholds
+from .torchpass import torch_pass
 from .writer import OutputTensor, ShardedWriter
 
 log = logging.getLogger(__name__)
@@ -242,13 +243,15 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
             fusedmerge.merge_pass(
                 impl.key, p, base=base, experts=[e.model for e in inputs.experts],
                 weights=weights, writer=writer, out_dtypes=out_dtypes,
-                threads=len(os.sched_getaffinity(0)), progress=progress,
+                threads=len(os.sched_getaffinity(0)), unit_elements=chunk_elements,
+                progress=progress,
                 on_non_finite=lambda name: _non_finite(name, impl, p))
             stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}
         else:
-            _torch_pass(impl, p, inputs, runner, writer, stats, out_dtypes=out_dtypes,
-                        items=items, thresholds=(per_tensor, model_wide), weights=weights,
-                        device=device, progress=progress, observe=observe)
+            torch_pass(impl, p, inputs, runner, writer, stats, out_dtypes=out_dtypes,
+                       items=items, thresholds=(per_tensor, model_wide), weights=weights,
+                       device=device, progress=progress, observe=observe,
+                       on_non_finite=lambda name: _non_finite(name, impl, p))
         result.files = writer.close()
     except BaseException:
         writer.abort()
@@ -265,58 +268,9 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
     result.tensor_stats = _tensor_stats(stats, base, len(result.partitions), result.partitions)
 
 
-def _torch_pass(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
-                writer: ShardedWriter, stats: dict[str, TensorStats], *,
-                out_dtypes: Mapping[str, torch.dtype], items: Sequence[Item],
-                thresholds: tuple[dict[str, list[float]], list[float] | None],
-                weights: list[float], device: torch.device, progress: Progress | None,
-                observe: Callable[[Block], None] | None) -> None:
-    """The merge pass block by block with torch ops (every method; see the module
-    docstring), each block handed to the writer."""
-    per_tensor, model_wide = thresholds
-    work, ring = Buffers(torch.float32), Buffers(torch.uint8)  # main thread only
-    for i, block in enumerate(inputs.blocks(items, device)):
-        if observe is not None:
-            observe(block)
-        if block.raw is not None:
-            out = block.raw
-        else:
-            shape = block.experts[0].shape
-            buf = work.get("merged", shape.numel()).view(shape)
-            args = MergeInputs(block.name, block.base, block.experts, weights,
-                               block.moments, per_tensor.get(block.name, model_wide),
-                               stats.setdefault(block.name, TensorStats()),
-                               out=buf if device.type == "cpu" else None)
-            # the writer holds `depth` blocks: slot i is free again at i + depth + 1
-            slot = i % (writer.depth + 1)
-            if runner.threads > 1:
-                out = _slot(ring, slot, out_dtypes[block.name], shape)
-                finite = runner.run(lambda a: impl.merge(a, p), args, out)
-            else:
-                out = _cast(impl.merge(args, p), out_dtypes[block.name], ring, slot)
-                finite = all_finite(out)
-            if not finite:  # after the cast: an fp16 output overflows too
-                raise _non_finite(block.name, impl, p)
-        writer.write(block.name, out, row_start=block.rows[0] if block.rows else 0)
-        if progress is not None:
-            progress(writer.bytes_written, writer.total_bytes)
-
-
 def _non_finite(name: str, impl: MergeMethod, p: Any) -> MergeOutputError:
     return MergeOutputError(f"merged {name} has NaN/Inf values ({impl.key} with "
                             f"{_params_dict(p)})")
-
-
-def _slot(ring: Buffers, slot: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    """Ring slot `slot` as an empty tensor of the output dtype and the block's shape."""
-    return ring.get(slot, shape.numel() * dtype.itemsize).view(dtype).view(shape)
-
-
-def _cast(merged: torch.Tensor, dtype: torch.dtype, ring: Buffers, slot: int) -> torch.Tensor:
-    """merged in the output dtype, on the CPU, in ring slot `slot` (a CPU result) or fresh."""
-    if merged.device.type != "cpu":
-        return merged.to(dtype).cpu()
-    return _slot(ring, slot, dtype, merged.shape).copy_(merged)
 
 
 def _params_dict(params: Any) -> dict[str, Any]:

@@ -1,28 +1,31 @@
 """The merge pass of the linear methods through the fused kernels (`fused`), no torch math.
 
 Token-weighted, uniform and task arithmetic are sums over the inputs of each element. The
-torch path (`engine`) maps a block, runs one torch op per input, casts, checks and copies
-the result into the page cache with `pwrite`. This path maps every input file and every
-output shard once (the outputs shared and writable), and cuts each tensor into units of
-`UNIT_ELEMENTS` elements merged by one thread per core: a unit's thread faults its input
-pages and output pages in with one `madvise` each, runs the kernel from the inputs' pages
-straight into the output's, and drops the pages from the process again (`MADV_DONTNEED`:
-the data stays in the page cache, the resident set stays a few units). Measured on the
-1B-parameter benchmark it removes the conversions, the output copy and the per-block
-mappings that took most of the torch path's time (docs/merging.md, "The fused path").
+torch pass (`engine`) runs one torch op per input and block (a conversion pass, a multiply-
+add pass, the cast back, a finiteness pass, each over memory). This pass cuts each tensor
+into units of at most `UNIT_ELEMENTS` elements (or the engine's smaller block size), merged
+by one thread per core: the unit's thread `pread`s its elements of every input into its own
+buffers (reused unit after unit, so they stay in the core's cache), runs the kernel from
+them into an output buffer and `pwrite`s it to its place in the output shard.
 
-Same bits as the torch path (the kernels follow its arithmetic, tested bit for bit), the
+Why copies and not mappings: mapping the inputs (and the output, shared) cost more kernel
+time than copying them. Measured on the 1B-parameter benchmark (K = 4, bf16, page cache):
+7.6 s of system time mapping, populating and dropping 10 GB of pages (a page-table entry
+per 4 KiB page, and a TLB shootdown on the other core for every range dropped), against
+about 1.5 s for `pread`/`pwrite` of the same bytes; and the kernel maps a large page-cache
+folio (up to 2 MiB) whole, so mapped ranges grew the resident set by 2 MiB per input and
+thread whatever the range.
+
+Same bits as the torch pass (the kernels follow its arithmetic, tested bit for bit), the
 same refusal of a non-finite output, the same output files. `unsupported` says why a merge
-takes the torch path instead: another method, a GPU, LoRA partitions, inputs read from
+takes the torch pass instead: another method, a GPU, LoRA partitions, inputs read from
 storage, a dtype the kernels do not take, or a merge pass that also scans the update norms.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import mmap
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,17 +42,15 @@ from .methods import normalized
 from .remote import remote_file
 from .writer import ShardedWriter
 
-try:  # the merger's extra installs numba; without it every merge takes the torch path
+try:  # the merger's extra installs numba; without it every merge takes the torch pass
     from . import fused
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     fused = None  # type: ignore[assignment]
 
-UNIT_ELEMENTS = 1 << 20  # per unit of work: 2 MiB of bf16 per input
 PROGRAMS = {"token-weighted", "uniform", "task-arithmetic"}
-_POPULATE_READ, _POPULATE_WRITE, _DONTNEED = 22, 23, 4  # madvise(2); POPULATE: Linux >= 5.14
-_PAGE = mmap.PAGESIZE
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+# elements per unit at most: 512 KiB per bf16 input, so a unit's buffers stay near the core
+# (1B parameters, K = 4: 1.9 s of system time at 2^18 against 4-6 s at 2^20, load 4-5)
+UNIT_ELEMENTS = 1 << 18
 
 
 def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | None], *,
@@ -88,61 +89,54 @@ class _Unit:
     program: int
     lo: int
     hi: int
-    addresses: np.ndarray  # experts, base, output: where element 0 of the tensor lies
+    # experts, base, output: (fd, file offset of the tensor's element 0, itemsize); the
+    # base's itemsize is 0 where the program does not read it
+    places: tuple[tuple[int, int, int], ...]
+    paths: tuple[Path, ...]  # of the inputs, for errors
     codes: np.ndarray  # their dtypes (fused.CODES)
-    itemsizes: tuple[int, ...]  # of the same arrays
     weights: np.ndarray  # fp32, one per expert
     scale: np.float32
     coefficient: np.float32
     last: bool = False  # the tensor's last unit
 
 
-class _Mapped:
-    """Files mapped read-only, shared, once each; their addresses for the kernels."""
+class _Files:
+    """Input files opened once each (no symlink followed, regular files only)."""
 
     def __init__(self) -> None:
-        self.maps: dict[Path, tuple[mmap.mmap, np.ndarray]] = {}
+        self.fds: dict[Path, int] = {}
 
-    def address(self, meta: TensorMeta) -> int:
-        found = self.maps.get(meta.path)
-        if found is None:
-            fd = open_regular(meta.path)
-            try:
-                size = os.fstat(fd).st_size
-                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-            found = self.maps[meta.path] = (mapping, np.frombuffer(mapping, np.uint8))
-        if len(found[1]) < meta.offset + meta.nbytes:  # reading past the end: SIGBUS
-            raise StorageError(f"{meta.path}: truncated, {meta.name} lies past its end")
-        return found[1].ctypes.data + meta.offset
+    def place(self, meta: TensorMeta) -> tuple[int, int, int]:
+        fd = self.fds.get(meta.path)
+        if fd is None:
+            fd = self.fds[meta.path] = open_regular(meta.path)
+        return fd, meta.offset, meta.dtype.itemsize
 
     def close(self) -> None:
-        mappings = [m for m, _ in self.maps.values()]
-        self.maps.clear()  # drops the arrays: their exports must end before the mappings close
-        for mapping in mappings:
-            mapping.close()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 def merge_pass(method: str, params: Any, *, base: ModelReader,
                experts: Sequence[ModelReader], weights: Sequence[float], writer: ShardedWriter,
-               out_dtypes: dict[str, Any], threads: int,
+               out_dtypes: dict[str, Any], threads: int, unit_elements: int,
                on_non_finite: Callable[[str], Exception],
                progress: Callable[[int, int], None] | None = None) -> None:
-    """Fill every output of `writer` through its mappings (the readers count the bytes
-    read). A non-finite output raises on_non_finite(tensor name); the caller aborts the
-    writer."""
-    inputs, places = _Mapped(), writer.mapped()
-    outputs = {m: np.frombuffer(m, np.uint8) for m, _, _ in places.values()}
+    """Write every output of `writer` at its place (the readers count the bytes read). A
+    non-finite output raises on_non_finite(tensor name); the caller aborts the writer."""
+    files = _Files()
     pending: deque[tuple[_Unit, Future]] = deque()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused")
-    units = _units(method, params, base, experts, weights, inputs, places, outputs, out_dtypes)
+    buffers = threading.local()  # each pool thread's own, reused unit after unit
+    units = _units(method, params, base, experts, weights, files, writer, out_dtypes,
+                   min(unit_elements, UNIT_ELEMENTS))
     try:
         for unit in units:
             if isinstance(unit, str):  # done without the kernel
                 writer.filled(unit)
                 continue
-            pending.append((unit, pool.submit(_run, unit)))
+            pending.append((unit, pool.submit(_run, unit, buffers)))
             while len(pending) > 2 * threads:
                 _finish(*pending.popleft(), writer, on_non_finite)
                 if progress is not None:
@@ -152,17 +146,13 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
     finally:
         for _, job in pending:
             job.cancel()
-        pool.shutdown(wait=True)  # no kernel may write into a mapping being closed
-        units.close()
-        inputs.close()
-        outputs.clear()
-        for mapping in {m for m, _, _ in places.values()}:
-            mapping.close()
+        pool.shutdown(wait=True)  # no unit may write into a file being removed
+        files.close()
 
 
 def _units(method: str, params: Any, base: ModelReader, experts: Sequence[ModelReader],
-           weights: Sequence[float], inputs: _Mapped, places: dict, outputs: dict,
-           out_dtypes: dict[str, Any]) -> Iterator[_Unit | str]:
+           weights: Sequence[float], files: _Files, writer: ShardedWriter,
+           out_dtypes: dict[str, Any], unit_elements: int) -> Iterator[_Unit | str]:
     """The units of work in tensor order; a tensor done without one (not a float: copied
     as stored here; empty) comes as its name."""
     k = len(experts)
@@ -173,10 +163,13 @@ def _units(method: str, params: Any, base: ModelReader, experts: Sequence[ModelR
     coefficient = 1.0 - k * scale
     for name in base.names:
         meta = base.meta(name)
-        mapping, offset, nbytes = places[name]
-        out = outputs[mapping]
-        if not meta.dtype.is_floating_point or meta.numel == 0:
-            out[offset:offset + nbytes] = np.frombuffer(base.read(name).numpy(), np.uint8)
+        out_fd, out_offset, nbytes = writer.place(name)
+        if not meta.dtype.is_floating_point or meta.numel == 0:  # copied as stored
+            raw = np.empty(nbytes, np.uint8)
+            fd, offset, _ = files.place(meta)
+            _pread_all(fd, raw, offset, meta.path)
+            base.bytes_read += nbytes
+            _pwrite_all(out_fd, raw, out_offset)
             yield name
             continue
         metas = [e.meta(name) for e in experts]
@@ -184,48 +177,62 @@ def _units(method: str, params: Any, base: ModelReader, experts: Sequence[ModelR
         if method == "task-arithmetic":
             small = all(m.dtype.itemsize <= 2 for m in (meta, *metas))
             program = fused.TASK16 if small else fused.TASK32
-        arrays = [*metas, meta]  # the base's slot is not read by token-weighted
-        addresses = [inputs.address(m) for m in metas]
-        addresses.append(inputs.address(meta) if program != fused.TOKEN_WEIGHTED
-                         else addresses[0])
-        readers = [*experts, base] if program != fused.TOKEN_WEIGHTED else experts
-        for reader, m in zip(readers, arrays, strict=False):  # as the torch pass counts
+        reads_base = program != fused.TOKEN_WEIGHTED
+        for reader, m in zip([*experts, base] if reads_base else experts, [*metas, meta],
+                             strict=False):  # counted as the torch pass counts
             reader.bytes_read += m.nbytes
-        addresses.append(out.ctypes.data + offset)
-        dtypes = [m.dtype for m in arrays] + [out_dtypes[name]]
+        base_place = files.place(meta)
+        places = (*(files.place(m) for m in metas),
+                  base_place if reads_base else (base_place[0], base_place[1], 0),
+                  (out_fd, out_offset, nbytes // meta.numel))
+        dtypes = [m.dtype for m in metas] + [meta.dtype, out_dtypes[name]]
         common = dict(
-            program=program, addresses=np.asarray(addresses, np.int64),
+            program=program, places=places, paths=tuple(m.path for m in (*metas, meta)),
             codes=np.asarray([fused.CODES[DTYPE_NAMES[d]] for d in dtypes], np.int64),
-            itemsizes=tuple(d.itemsize for d in dtypes), weights=w,
-            scale=np.float32(scale), coefficient=np.float32(coefficient))
-        if program == fused.TOKEN_WEIGHTED:  # mark the base's slot unread (no page faults)
-            common["itemsizes"] = (*common["itemsizes"][:k], 0, common["itemsizes"][-1])
-        for lo in range(0, meta.numel, UNIT_ELEMENTS):
-            hi = min(lo + UNIT_ELEMENTS, meta.numel)
+            weights=w, scale=np.float32(scale), coefficient=np.float32(coefficient))
+        for lo in range(0, meta.numel, unit_elements):
+            hi = min(lo + unit_elements, meta.numel)
             yield _Unit(name, lo=lo, hi=hi, last=hi == meta.numel, **common)
 
 
-def _run(unit: _Unit) -> bool:
-    """One unit on a pool thread: fault its pages in, merge, drop them; True if an output
-    is not finite."""
+def _run(unit: _Unit, buffers: threading.local) -> bool:
+    """One unit on a pool thread: read its rows, merge, write; True if an output is not
+    finite (nothing is written then)."""
     count = unit.hi - unit.lo
-    spans = [(int(a) + unit.lo * size, count * size)
-             for a, size in zip(unit.addresses, unit.itemsizes, strict=True) if size]
-    for begin, size in spans[:-1]:
-        _advise(begin, size, _POPULATE_READ)
-    _advise(*spans[-1], _POPULATE_WRITE)
-    bad = fused.merge_range(unit.program, unit.addresses, unit.codes, unit.weights,
-                            unit.scale, unit.coefficient, unit.lo, unit.hi)
-    for begin, size in spans:
-        _advise(begin, size, _DONTNEED)
+    if not hasattr(buffers, "arrays"):
+        buffers.arrays = []
+    while len(buffers.arrays) < len(unit.places):
+        buffers.arrays.append(np.empty(0, np.uint8))
+    addresses = np.empty(len(unit.places), np.int64)
+    for i, (fd, offset, size) in enumerate(unit.places):
+        if buffers.arrays[i].size < count * size:
+            buffers.arrays[i] = np.empty(count * size, np.uint8)
+        buf = buffers.arrays[i][:count * size]
+        if size and i < len(unit.places) - 1:
+            _pread_all(fd, buf, offset + unit.lo * size, unit.paths[i])
+        # the kernel indexes elements [lo, hi) from the tensor's element 0
+        addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
+    bad = fused.merge_range(unit.program, addresses, unit.codes, unit.weights, unit.scale,
+                            unit.coefficient, unit.lo, unit.hi)
+    if not bad:
+        fd, offset, size = unit.places[-1]
+        _pwrite_all(fd, buffers.arrays[-1][:count * size], offset + unit.lo * size)
     return bool(bad)
 
 
-def _advise(begin: int, size: int, advice: int) -> None:
-    """madvise over the pages holding [begin, begin + size). Best effort: a kernel without
-    MADV_POPULATE_* faults the pages in where the kernel first touches them."""
-    start = begin - begin % _PAGE
-    _LIBC.madvise(start, begin + size - start, advice)
+def _pread_all(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
+    view, done = memoryview(buf), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise StorageError(f"{path}: truncated, shorter than its header says")
+        done += got
+
+
+def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
+    view, done = memoryview(buf), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _finish(unit: _Unit, job: Future, writer: ShardedWriter,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 from collections import deque
@@ -123,17 +122,13 @@ class ShardedWriter:
         while len(self._pending) > self.depth:
             self._pending.popleft()[0].result()
 
-    def mapped(self) -> dict[str, tuple[mmap.mmap, int, int]]:
-        """Each output tensor's place in a shared writable mapping of its shard: name ->
-        (mapping, offset, nbytes). Whoever fills a tensor through it calls `filled`; the
-        caller closes the mappings before `close` (no copy through a buffer, see `fusedmerge`)."""
-        maps = {fd: mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE) for fd in self._fds}
-        return {name: (maps[fd], offset, nbytes)
-                for name, (fd, offset, nbytes) in self._where.items()}
+    def place(self, name: str) -> tuple[int, int, int]:
+        """Where output `name` goes: (fd, offset, nbytes). Whoever writes it there directly
+        (see `fusedmerge`) calls `filled` when it is whole."""
+        return self._where[name]
 
     def filled(self, name: str) -> None:
-        """Output `name` was written whole through `mapped`."""
+        """Output `name` was written whole at its `place`."""
         self.bytes_written += self._left[name]
         self._left[name] = 0
 

@@ -45,11 +45,11 @@ def write_models(root: Path, dtypes: list[torch.dtype], *, nan_in: int | None = 
 def run(base: Path, parts, out: Path, method: str, *, torch_pass: bool, monkeypatch,
         **kwargs):
     with monkeypatch.context() as m:
-        m.setattr(fusedmerge, "UNIT_ELEMENTS", 1000)  # tensors cut into units, with tails
         if torch_pass:
             m.setattr(fusedmerge, "unsupported", lambda *a, **k: "forced by the test")
+        # blocks (the fused pass's units) of 1000 elements: tensors cut, with tails
         return merge_models(base_dir=base, partitions=parts, method=method, out_dir=out,
-                            shard_size_bytes=kwargs.pop("shard_size_bytes", 60_000), **kwargs)
+                            shard_size_bytes=60_000, chunk_elements=1000, **kwargs)
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
