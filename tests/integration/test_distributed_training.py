@@ -50,7 +50,7 @@ def torchrun(tmp: Path, params: TrainParams, *args: str, check: bool = True,
              shard_bytes: int | None = None) -> subprocess.CompletedProcess:
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "params.json").write_text(params.model_dump_json())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     if shard_bytes:
         env["MERITRUN_MAX_SHARD_BYTES"] = str(shard_bytes)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from merit_trainer import training
+from merit_trainer.stage import exit_process
 from meritrun.stages import TrainParams
 
 
@@ -51,4 +52,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # as the stage's ranks end

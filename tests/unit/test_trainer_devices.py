@@ -1,7 +1,11 @@
 """Bad input the train stage refuses before training: GPUs on a CPU image, a gang without a
-shared work directory."""
+shared work directory; how a rank of a gang exits."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,3 +32,23 @@ def test_a_gang_without_a_work_directory_is_refused(tmp_path, monkeypatch, capfd
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--params", str(tmp_path / "p.json")]) != 0
     assert "--workdir" in capfd.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("world, code, teardown", [("2", 0, False), ("2", 3, True),
+                                                   ("1", 0, True)])
+def test_a_gang_rank_that_succeeded_exits_with_flushed_logs_but_no_teardown(world, code,
+                                                                           teardown):
+    """A rank that is done skips Python's teardown (where gloo's threads once aborted a
+    finished gang); a failed rank and a single process still run it. Either way the code and
+    the last log line come out."""
+    program = ("import atexit, logging, sys\n"
+               "from merit_trainer.stage import exit_process\n"
+               "logging.basicConfig(stream=sys.stderr)\n"
+               "atexit.register(lambda: print('teardown ran', file=sys.stderr))\n"
+               "logging.getLogger('t').warning('published')\n"
+               f"exit_process({code})\n")
+    done = subprocess.run([sys.executable, "-c", program], env={**os.environ, "WORLD_SIZE": world},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == code
+    assert "published" in done.stderr
+    assert ("teardown ran" in done.stderr) is teardown

@@ -11,12 +11,14 @@ data, a missing file: the pipeline does not retry), 2 another MeritRunError (sto
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import BaseModel, ValidationError
 
@@ -109,11 +111,13 @@ def _fail(reason: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
+    if in_gang():
+        faulthandler.enable()  # a fatal signal in a rank prints every thread's Python stack
     workdir = args.workdir or os.environ.get("MERITRUN_WORKDIR")
     try:
         if workdir:
             STAGES[args.stage](args.params, Path(workdir))
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would get its own tmp
+        elif in_gang():  # each rank would get its own tmp
             raise SpecError("the ranks of a torchrun gang need one shared work directory",
                             path="--workdir")
         else:
@@ -129,5 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def in_gang() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with `code`; a rank of a torchrun gang that succeeded skips the interpreter's
+    teardown.
+
+    By then the rank has left its process group and has nothing left to do, but Python's
+    teardown still destroys torch's C++ objects while gloo's threads may see a peer that has
+    already gone: once in a CI run, rank 1 died there with SIGABRT ("terminate called without
+    an active exception") after rank 0 had published, and torchrun failed a gang whose work
+    was done. Logs are flushed first; nothing else is left to write. A failed rank ends as
+    any process does: it fails either way, and its later exit keeps the peer that died first
+    the one the Job controller names.
+    """
+    if code != 0 or not in_gang():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
