@@ -18,6 +18,7 @@ succeeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime, timezone
 from typing import Any
@@ -63,6 +64,8 @@ async def operator_started(settings: kopf.OperatorSettings, memo: kopf.Memo, **_
 
 @kopf.on.cleanup()
 async def operator_stopping(memo: kopf.Memo, **_: Any) -> None:
+    for task in list(_posting):  # events of commits still running: the next operator's
+        task.cancel()  # rounds post their own
     if getattr(memo, "ctx", None) is not None:
         memo.ctx.close()
 
@@ -96,9 +99,24 @@ def merged_events(events: tuple[Event, ...]) -> list[Event]:
     return out
 
 
+_posting: set[asyncio.Future[None]] = set()  # posts waiting for their round's commit
+
+
 def _post(outcome: RoundOutcome) -> None:
-    if outcome.ref is None:
+    """The round's events, once its commit has ended: a `JobCreated` is posted when its Job
+    exists (or its creation failed and the next round tries again), and a round's Events
+    do not compete with its own Job creations for the API server."""
+    if outcome.ref is None or not outcome.events:
         return
+    task = asyncio.ensure_future(_post_after(outcome))  # in this context: kopf's settings
+    _posting.add(task)
+    task.add_done_callback(_posting.discard)
+
+
+async def _post_after(outcome: RoundOutcome) -> None:
+    if outcome.commit is not None:
+        with contextlib.suppress(Exception):  # a failed commit is reported by the context
+            await asyncio.wrap_future(outcome.commit)
     for event in merged_events(outcome.events):
         kopf.event(outcome.ref, type=event.type, reason=event.reason, message=event.message)
 
