@@ -30,6 +30,7 @@ from typing import Any
 from meritrun.errors import MeritRunError
 
 from .backend import KubeBackend
+from .fairpool import FairPool
 from .jobwatch import JobCache, start_job_watches
 from .kubeapi import ApiConfig, KubeApi
 from .manifests import Images
@@ -71,11 +72,11 @@ class OperatorContext:
                            token_reread_seconds=settings.token_reread_seconds)
         images = Images(trainer=settings.trainer_image, merger=settings.merger_image,
                         python=settings.job_python, rendezvous_port=settings.rendezvous_port)
-        self.creator = started(creators, "create")
+        self.creator = FairPool(creators, name="create")  # each run in turn
         # A commit mostly waits for its creations, then writes: as many as creations at once.
         self.committer = started(creators, "commit")
         self.readers = started(READ_THREADS, "read")
-        self.background = started(READ_THREADS, "bgread")  # results of running stages
+        self.background = FairPool(READ_THREADS, name="bgread")  # results of running stages
         self.reconciler = Reconciler(KubeBackend(self.api, images=images), settings=settings,
                                      metrics=self.metrics, creator=self.creator,
                                      committer=self.committer, readers=self.readers,
@@ -122,9 +123,9 @@ class OperatorContext:
             self._metrics_server.server_close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.committer.shutdown(wait=False, cancel_futures=True)
-        self.creator.shutdown(wait=False, cancel_futures=True)
+        self.creator.shutdown(cancel_futures=True)
         self.readers.shutdown(wait=False, cancel_futures=True)
-        self.background.shutdown(wait=False, cancel_futures=True)
+        self.background.shutdown(cancel_futures=True)
 
     async def blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -3,10 +3,10 @@
 It observes (the run's Jobs from the watch's store, its storage through `reads`, its sites'
 grants), carries out the pipeline's actions and keeps the decided status for the commit. A
 round ends at its decision: its Job creations go to the creators' pool (per stage attempt
-and cluster: the params ConfigMap, then its Jobs at once) and `commit` (in its own pool)
-waits for them, then writes the status, with `jobSeen` for the Jobs it created and each
-running partition's progress. The round costs no API write and, with the storage reads of
-running stages in the background, no wait on the store.
+and cluster: the params ConfigMap, then its Jobs at once; each run in turn, `fairpool`),
+and `commit` (in its own pool) waits for them, then writes the status, with `jobSeen` for
+the Jobs it created and each running partition's progress. The round costs no API write
+and, with the storage reads of running stages in the background, no wait on the store.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class KubeRound:
                  stored: MeritRunStatus | None, body: dict[str, Any],
                  spec_error: str | None) -> None:
         self.rec, self.run, self.spec, self.stored = rec, run, spec, stored
+        self.key = (run.namespace, run.name)  # the run's turn in the creators' pool
         self.generation = body["metadata"].get("generation")
         self.spec_error = spec_error
         self.storage_spec = spec.storage if spec is not None else storage_of(body)
@@ -89,7 +90,8 @@ class KubeRound:
         if spec is not None and (status is None or status.phase not in TERMINAL_PHASES):
             # Results of stages whose Job runs come in the background (`reads`).
             view = self.rec.reads.view(self.rec.storages.for_spec(spec),  # first: ~1 s
-                                       running_prefixes(status, jobs, run_id), self.wake)
+                                       running_prefixes(status, jobs, run_id), self.wake,
+                                       owner=self.key)
             results = RunId(name, (status.run_uid if status else None) or self.run.uid)
             found = self.timed("storage", observe_storage, view, run_id, status,
                                fetch=view.fetcher(self.rec.readers, results))
@@ -116,12 +118,13 @@ class KubeRound:
             groups.setdefault((action.cluster, action.stage, action.attempt), []).append(action)
         self._pending = []
         for group in groups.values():
-            self._creating.append((group, self.rec.creator.submit(self._create_group, group)))
+            self._creating.append((group, self.rec.creator.submit(
+                self.key, self._create_group, group)))
 
     def _create_group(self, group: list[CreateJob]) -> list[Future[bool]]:
         backend = self.rec.backend
         backend.create_params(group, run=self.run, spec=self.spec)
-        return [self.rec.creator.submit(backend.create_job, action, run=self.run,
+        return [self.rec.creator.submit(self.key, backend.create_job, action, run=self.run,
                                         spec=self.spec) for action in group]
 
     def finish_creates(self) -> None:

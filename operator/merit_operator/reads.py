@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
@@ -32,6 +32,8 @@ from meritrun.api import MeritRunStatus, StageStatus
 from meritrun.artifacts import RunId
 from meritrun.errors import MeritRunError, ObjectNotFound
 from meritrun.pipeline import JobObservation
+
+from .fairpool import FairPool
 
 log = logging.getLogger(__name__)
 KEPT_RESULTS = 1024  # found results kept (a few KiB each); a round uses one once
@@ -66,7 +68,7 @@ def running_prefixes(status: MeritRunStatus | None, jobs: Mapping[str, JobObserv
 class BackgroundReads:
     """Results found in the background, by URI, and when each key was last asked for."""
 
-    def __init__(self, pool: Executor, *, reread_seconds: float,
+    def __init__(self, pool: FairPool, *, reread_seconds: float,
                  on_read: Callable[[str], None] | None = None) -> None:
         self.pool, self.reread_seconds = pool, reread_seconds
         self.on_read = on_read or (lambda result: None)  # "found", "absent", "error"
@@ -74,10 +76,13 @@ class BackgroundReads:
         self._asked: OrderedDict[str, float] = OrderedDict()  # uri -> last read started
         self._lock = threading.Lock()
 
-    def view(self, storage: Any, prefixes: Iterable[str], wake: Wake | None) -> StorageView:
-        return StorageView(storage, self, frozenset(prefixes), wake)
+    def view(self, storage: Any, prefixes: Iterable[str], wake: Wake | None, *,
+             owner: Hashable = None) -> StorageView:
+        """The storage as one run's round reads it; `owner` (the run) takes its turn in the
+        pool, so a run's one read does not wait behind another run's many."""
+        return StorageView(storage, self, frozenset(prefixes), wake, owner)
 
-    def get(self, storage: Any, key: str, wake: Wake | None) -> bytes:
+    def get(self, storage: Any, key: str, wake: Wake | None, owner: Hashable = None) -> bytes:
         """The result if found already; else ObjectNotFound, and a read goes out if due."""
         uri = storage.uri_for(key)
         now = time.monotonic()
@@ -93,7 +98,7 @@ class BackgroundReads:
                 while len(self._asked) > 8 * KEPT_RESULTS:
                     self._asked.popitem(last=False)
         if due:
-            self.pool.submit(self._read, storage, key, uri, wake)
+            self.pool.submit(owner, self._read, storage, key, uri, wake)
         raise ObjectNotFound(f"{uri}: not read yet (read in the background)")
 
     def _read(self, storage: Any, key: str, uri: str, wake: Wake | None) -> None:
@@ -120,15 +125,16 @@ class StorageView:
     come from the background reads, every other key from the store itself."""
 
     def __init__(self, storage: Any, reads: BackgroundReads, prefixes: frozenset[str],
-                 wake: Wake | None) -> None:
+                 wake: Wake | None, owner: Hashable = None) -> None:
         self.storage, self.reads, self.prefixes, self.wake = storage, reads, prefixes, wake
+        self.owner = owner
 
     def deferred(self, key: str) -> bool:
         return any(key.startswith(f"{prefix}/") for prefix in self.prefixes)
 
     def get_bytes(self, key: str) -> bytes:
         if self.deferred(key):
-            return self.reads.get(self.storage, key, self.wake)
+            return self.reads.get(self.storage, key, self.wake, self.owner)
         return self.storage.get_bytes(key)
 
     def fetcher(self, pool: Executor, run: RunId) -> Callable[..., Iterable[Any]]:

@@ -43,6 +43,7 @@ from meritrun.pipeline import (
 )
 
 from .backend import KubeBackend
+from .fairpool import FairPool
 from .kuberound import KubeRound
 from .manifests import RunRef
 from .metrics import Metrics
@@ -84,12 +85,11 @@ def event_ref(body: dict[str, Any]) -> dict[str, Any]:
 
 class Reconciler:
     def __init__(self, backend: KubeBackend, *, settings: Settings, metrics: Metrics,
-                 storages: StorageCache | None = None, creator: Executor | None = None,
+                 storages: StorageCache | None = None, creator: FairPool | None = None,
                  committer: Executor | None = None, readers: Executor | None = None,
-                 background: Executor | None = None) -> None:
+                 background: FairPool | None = None) -> None:
         self.backend = backend
-        self.creator = creator or ThreadPoolExecutor(max(settings.create_threads, 1),
-                                                     thread_name_prefix="create")
+        self.creator = creator or FairPool(settings.create_threads, name="create")
         self.committer = committer or ThreadPoolExecutor(max(settings.create_threads, 1),
                                                          thread_name_prefix="commit")
         # A round's storage reads (one per partition whose Job ended) at once: a partition's
@@ -98,7 +98,7 @@ class Reconciler:
         # Results of running stages, read off the round's path (`reads`); a found one wakes
         # the run through `wake` (the operator's event loop; None: the next round finds it).
         self.reads = BackgroundReads(
-            background or ThreadPoolExecutor(READ_THREADS, thread_name_prefix="bgread"),
+            background or FairPool(READ_THREADS, name="bgread"),
             reread_seconds=settings.resync_seconds, on_read=metrics.background_read)
         self.wake: Callable[[str, str], None] | None = None
         self.settings = settings

@@ -4,10 +4,10 @@ found one wakes the run and is never read again, and a Job that ended is read in
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from merit_operator.fairpool import FairPool
 from merit_operator.reads import BackgroundReads, running_prefixes
 from meritrun.api import MeritRunStatus, PartitionStatus, StageStatus
 from meritrun.artifacts import RunId, partition_prefix, plan_prefix
@@ -36,6 +36,14 @@ class CountingStore:
         return self.objects[key]
 
 
+def drain(pool: FairPool) -> None:
+    """Wait until the pool ran everything submitted so far (it serves one key in turn)."""
+    pool.submit("drain", lambda: None).result(timeout=5)
+    pool.shutdown()
+    for thread in pool._threads:
+        thread.join(timeout=5)
+
+
 def status() -> MeritRunStatus:
     return MeritRunStatus(phase="Training", run_uid="u-1", profile=StageStatus(
         state="Running", attempt=1, job="demo-profile-a1"), partitions=[
@@ -53,25 +61,25 @@ def test_only_stages_whose_job_is_active_are_read_in_the_background():
 
 def test_a_running_stages_result_is_read_once_in_the_background_then_kept():
     store, woken = CountingStore(), threading.Event()
-    pool = ThreadPoolExecutor(2)
+    pool = FairPool(2)
     reads = BackgroundReads(pool, reread_seconds=30.0)
     key = f"{partition_prefix(RUN, 'p0', 1)}/manifest.json"
     view = reads.view(store, [partition_prefix(RUN, "p0", 1)], woken.set)
     with pytest.raises(ObjectNotFound):
         view.get_bytes(key)  # not known: the round goes on, a read goes out
-    pool.shutdown(wait=True)
+    drain(pool)
     assert store.reads == {key: 1} and not woken.is_set()
     with pytest.raises(ObjectNotFound):
         view.get_bytes(key)  # asked again within reread_seconds: no second read
     assert store.reads == {key: 1}
 
     store.objects[key] = b'{"done": true}'
-    pool = ThreadPoolExecutor(2)
+    pool = FairPool(2)
     reads = BackgroundReads(pool, reread_seconds=0.0)
     view = reads.view(store, [partition_prefix(RUN, "p0", 1)], woken.set)
     with pytest.raises(ObjectNotFound):
         view.get_bytes(key)
-    pool.shutdown(wait=True)
+    drain(pool)
     assert woken.is_set()  # found: the run's next round takes it
     for _ in range(3):
         assert view.get_bytes(key) == b'{"done": true}'
@@ -83,7 +91,7 @@ def test_other_keys_are_read_in_the_round():
     store = CountingStore()
     key = f"{partition_prefix(RUN, 'p1', 1)}/manifest.json"
     store.objects[key] = b"{}"
-    reads = BackgroundReads(ThreadPoolExecutor(1), reread_seconds=30.0)
+    reads = BackgroundReads(FairPool(1), reread_seconds=30.0)
     view = reads.view(store, [partition_prefix(RUN, "p10", 1)], None)  # not p1's prefix
     assert view.get_bytes(key) == b"{}" and view.get_bytes(key) == b"{}"
     assert store.reads == {key: 2}

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from merit_operator.fairpool import FairPool
 from merit_operator.manifests import RunRef
 from merit_operator.metrics import Metrics
 from merit_operator.reconcile import KubeRound, RoundOutcome
@@ -135,7 +136,7 @@ class NoProgress:
 def test_a_rounds_jobs_are_created_at_once_and_the_status_waits_for_them():
     backend, written = SlowCreates(), []
     rec = SimpleNamespace(
-        backend=backend, creator=ThreadPoolExecutor(16), metrics=Metrics(),
+        backend=backend, creator=FairPool(16), metrics=Metrics(),
         storages=SimpleNamespace(for_spec=lambda spec: NoProgress()),
         write=lambda run, stored, status: written.append((backend.in_flight, status)))
     kube = KubeRound(rec, RUN, _spec(), stored=None, body={"metadata": {}}, spec_error=None)

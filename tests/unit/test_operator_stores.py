@@ -57,3 +57,22 @@ def test_a_relist_older_than_our_write_keeps_it():
     store.api = ListingApi([job("demo-p1-a1", 15)], 15)
     store._list()  # a list past our write: the server's word alone
     assert names(store) == ["demo-p1-a1"]
+
+
+def test_the_creators_pool_serves_runs_in_turn():
+    """A run's one creation waits for one task of each other run, not for their backlog."""
+    import threading
+
+    from merit_operator.fairpool import FairPool
+
+    pool, gate, order = FairPool(1), threading.Event(), []
+    pool.submit("busy", gate.wait)  # holds the one thread while the queues fill
+    done = [pool.submit("a", order.append, f"a{i}") for i in range(5)]
+    done.append(pool.submit("b", order.append, "b0"))
+    gate.set()
+    for future in done:
+        future.result(timeout=5)
+    assert order == ["a0", "b0", "a1", "a2", "a3", "a4"]
+    failing = pool.submit("c", lambda: 1 / 0)
+    assert isinstance(failing.exception(timeout=5), ZeroDivisionError)
+    pool.shutdown(cancel_futures=True)
