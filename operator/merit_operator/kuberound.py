@@ -12,8 +12,10 @@ and, with the storage reads of running stages in the background, no wait on the 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from concurrent.futures import wait as wait_all
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _copy(source: Future[Any], target: Future[Any]) -> None:
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
+
+
 def _failed(error: BaseException) -> Future[bool]:
     future: Future[bool] = Future()
     future.set_exception(error)
@@ -56,6 +67,9 @@ class KubeRound:
         self.events: list[Event] = []
         self._grants: Any = None
         self._pending: list[CreateJob] = []  # decided this round, not handed on yet
+        self._lock = threading.Lock()
+        self._outstanding = 1  # creations not ended, plus the round's own hold
+        self._when_created: Callable[[], None] | None = None
         self._creating: list[tuple[list[CreateJob], Future[list[Future[bool]]]]] = []
         self.created: set[str] = set()  # Jobs new in this round (none can have run yet)
         self.exists: set[str] = set()  # Jobs this round created or adopted
@@ -118,14 +132,54 @@ class KubeRound:
             groups.setdefault((action.cluster, action.stage, action.attempt), []).append(action)
         self._pending = []
         for group in groups.values():
-            self._creating.append((group, self.rec.creator.submit(
-                self.key, self._create_group, group)))
+            self._hold()
+            started = self.rec.creator.submit(self.key, self._create_group, group)
+            self._creating.append((group, started))
+            started.add_done_callback(self._group_started)
 
     def _create_group(self, group: list[CreateJob]) -> list[Future[bool]]:
         backend = self.rec.backend
         backend.create_params(group, run=self.run, spec=self.spec)
         return [self.rec.creator.submit(self.key, backend.create_job, action, run=self.run,
                                         spec=self.spec) for action in group]
+
+    def commit_when_created(self, pool: Executor) -> Future[list[Failure]]:
+        """The commit, handed to `pool` once every creation of the round has ended: no
+        thread of the pool waits for creations (blocked commits of other runs would hold
+        them all, and a run whose commit is only its status write would queue behind)."""
+        outcome: Future[list[Failure]] = Future()
+
+        def run_commit() -> None:
+            try:
+                inner = pool.submit(self.commit)
+            except RuntimeError as e:  # the pool is shut down: the operator is stopping
+                outcome.set_exception(e)
+                return
+            inner.add_done_callback(lambda done: _copy(done, outcome))
+
+        self._when_created = run_commit
+        self._release()  # the round's own hold: its creations are all handed on
+        return outcome
+
+    def _group_started(self, started: Future[list[Future[bool]]]) -> None:
+        if not started.cancelled() and started.exception() is None:
+            for future in started.result():
+                self._hold()
+                future.add_done_callback(lambda _: self._release())
+        self._release()
+
+    def _hold(self) -> None:
+        with self._lock:
+            self._outstanding += 1
+
+    def _release(self) -> None:
+        then = None
+        with self._lock:
+            self._outstanding -= 1
+            if self._outstanding == 0:  # the round's own hold is released last but once
+                then, self._when_created = self._when_created, None
+        if then is not None:
+            then()
 
     def finish_creates(self) -> None:
         """Wait for every creation of this round; an expected error becomes the action's

@@ -143,7 +143,7 @@ class Reconciler:
             decision, failed = e.decision, e
         finally:  # a round that raised still hands its creations to a commit to wait for
             kube.start_creates()
-            commit = self.committer.submit(kube.commit)
+            commit = kube.commit_when_created(self.committer)
             self.metrics.round_phases(kube.phases, time.perf_counter() - start,
                                       time.thread_time() - cpu)
         status = decision.status

@@ -331,3 +331,29 @@ def test_a_rounds_partition_results_are_read_at_once():
     with ThreadPoolExecutor(8) as pool:
         found = observe_storage(SlowStore(), RunId("demo", "u-1"), status, fetch=pool.map)
     assert found["partition_results"] == {} and time.monotonic() - start < 0.2 * 8 / 2
+
+
+def test_a_commit_holds_no_thread_while_its_creations_run():
+    """Commits waiting for slow creations must not keep a commit that is only a status
+    write from its pool's threads: it goes to the pool once its own creations ended."""
+    backend, written = SlowCreates(), []
+    rec = SimpleNamespace(
+        backend=backend, creator=FairPool(16), metrics=Metrics(),
+        storages=SimpleNamespace(for_spec=lambda spec: NoProgress()),
+        write=lambda run, stored, status: written.append(run.name))
+    committer = ThreadPoolExecutor(1)
+    slow = KubeRound(rec, RUN, _spec(), stored=None, body={"metadata": {}}, spec_error=None)
+    for i in range(3):
+        slow.create_job(CreateJob(stage="train", name=f"demo-p{i}-a1", attempt=1, params=None,
+                                  partition=f"p{i}"))
+    slow.write_status(MeritRunStatus(phase="Training"))
+    slow.start_creates()
+    slow_done = slow.commit_when_created(committer)
+    other = KubeRound(rec, replace(RUN, name="other"), _spec(), stored=None,
+                      body={"metadata": {}}, spec_error=None)
+    other.write_status(MeritRunStatus(phase="Training"))
+    other.start_creates()
+    assert other.commit_when_created(committer).result(timeout=0.15) == []
+    assert written == ["other"] and not slow_done.done()  # its creations take 0.2 s
+    assert slow_done.result(timeout=5) == [] and written == ["other", "demo"]
+    assert slow.created == {"demo-p0-a1", "demo-p1-a1", "demo-p2-a1"}
