@@ -128,7 +128,7 @@ class TrainingSpec(SpecModel):
         "linear", description="Learning-rate decay after the linear warm-up.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Compute precision: auto is bf16 (fp32 master weights) on GPUs, "
-        "fp32 on CPUs.")
+        "fp32 on CPUs; fp32 is IEEE fp32 on GPUs too (no TF32 matmuls).")
     nodes: int = Field(
         1, ge=1, le=lim.MAX_NODES,
         description="Nodes (pods) per partition; each runs one process per GPU.")

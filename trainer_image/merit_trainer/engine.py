@@ -46,10 +46,12 @@ def choose_precision(setting: str, device: torch.device) -> Precision:
     return Precision(torch.float32)
 
 
-def enable_tf32(device: torch.device) -> None:
+def set_tf32(device: torch.device, precision: Precision) -> None:
+    """TF32 matmuls on GPUs for mixed precision only: `precision: fp32` asks for IEEE fp32
+    (TF32 keeps 10 mantissa bits), and gets the same arithmetic as on a CPU."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = precision.mixed
+        torch.backends.cudnn.allow_tf32 = precision.mixed
 
 
 def layer_classes(model: torch.nn.Module) -> set[type]:

@@ -43,7 +43,7 @@ from .checkpoint import (
 )
 from .checkpoint_mirror import open_mirror
 from .dist import Dist, all_gather, node_leader_first, start, stop
-from .engine import choose_precision, enable_tf32, make_optimizer, prepare_model, train_step
+from .engine import choose_precision, make_optimizer, prepare_model, set_tf32, train_step
 from .export import base_dtype, max_shard_bytes
 from .publishing import ProgressFile, publish_artifact, write_artifact
 from .shares import build_catalogue, encode_share, micro_batches, step_rows
@@ -184,7 +184,7 @@ def _train(params: TrainParams, *, dist: Dist, workdir: Path, progress: Progress
     random.seed(seed)
     torch.manual_seed(seed)
     precision = choose_precision(spec.precision, dist.device)
-    enable_tf32(dist.device)
+    set_tf32(dist.device, precision)
     model = prepare_model(build_model(base_dir, params, seed=seed), spec=spec, dist=dist,
                           precision=precision)
     model.train()
