@@ -34,7 +34,9 @@ from meritrun.api.status import Phase
 from meritrun.conditions import from_rfc3339
 
 PHASES: tuple[str, ...] = get_args(Phase)
-HANDLERS = ("create", "update", "resume", "daemon", "delete")
+# Who asks for rounds: the daemon per run (a new run's first round, resyncs, wake-ups), a
+# spec edit (`meritrun_changed`), the finalizer.
+HANDLERS = ("update", "daemon", "delete")
 # Where a round's time goes: reading the run, its Jobs, its storage and grants, and the rest
 # (deciding, the actions carried out in the round, handing creations to the pool).
 ROUND_PHASES = ("run", "jobs", "storage", "grants", "decide")

@@ -76,14 +76,14 @@ def test_wakeups_during_a_round_cost_one_more_round(ctx):
 
 
 def test_requests_waiting_for_the_lock_share_the_round_that_starts_next(ctx):
-    """The fast path and the daemon ask at once (a new run): one round serves both."""
+    """A spec edit's handler and the daemon ask at once: one round serves both."""
     ctx.reconciler = rounds = CountingRounds()
 
     async def scenario() -> tuple[RoundOutcome, RoundOutcome, RoundOutcome]:
         busy = asyncio.ensure_future(ctx.reconcile("daemon", "ml", "demo"))  # no ticket
         await asyncio.sleep(0.05)
         fast, daemon = ctx.request("ml", "demo"), ctx.request("ml", "demo")
-        a, b = await asyncio.gather(ctx.reconcile("create", "ml", "demo", fast),
+        a, b = await asyncio.gather(ctx.reconcile("update", "ml", "demo", fast),
                                     ctx.reconcile("daemon", "ml", "demo", daemon))
         return await busy, a, b
 
@@ -357,3 +357,15 @@ def test_a_commit_holds_no_thread_while_its_creations_run():
     assert written == ["other"] and not slow_done.done()  # its creations take 0.2 s
     assert slow_done.result(timeout=5) == [] and written == ["other", "demo"]
     assert slow.created == {"demo-p0-a1", "demo-p1-a1", "demo-p2-a1"}
+
+
+def test_only_a_new_spec_generation_asks_for_a_round(ctx):
+    """kopf's change detection is off; our status writes make no new generation, an edit
+    does (a new run's first event asks nothing: its daemon starts with a round)."""
+    from merit_operator.handlers import NoDiffBase
+
+    assert [ctx.new_generation("ml", "demo", g) for g in (1, 1, 1, 2, 2)] == [
+        False, False, False, True, False]
+    storage = NoDiffBase()
+    body = {"spec": {"suspend": True}, "status": {"phase": "Suspended"}}
+    assert storage.fetch(body=body) == storage.build(body=body) == {}  # never a change
