@@ -37,10 +37,12 @@ The control plane is the tests' one (etcd, kube-apiserver with RBAC, kube-contro
 binaries from scripts/kube-bins.sh); the operator authenticates as the chart's ServiceAccount.
 The node runs nothing (the Job controller's pods stay pending), and the profile stage is
 short-circuited: the bench writes each run's plan.json into S3 (SeaweedFS) first, so after
-the release a run's first round creates its profile Job and its next one (woken by that Job's
-watch event) finds the plan and creates its K partition Jobs.
+the release a run's first round creates its profile Job, its next one (woken by that Job's
+watch event) asks for the plan (in the background: the Job is running), and the read that
+finds it wakes the run, whose next round creates its K partition Jobs.
 
     python bench/operator_scale.py [--runs 50] [--partitions 8] [--workers 4] [--create-threads 16]
+                                   [--no-floor] [--keep-audit FILE]
 """
 
 from __future__ import annotations

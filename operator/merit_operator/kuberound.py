@@ -138,6 +138,8 @@ class KubeRound:
             started.add_done_callback(self._group_started)
 
     def _create_group(self, group: list[CreateJob]) -> list[Future[bool]]:
+        """In a creator's thread: the params, then each Job back to the pool (in the run's
+        turn again), not waited for here."""
         backend = self.rec.backend
         backend.create_params(group, run=self.run, spec=self.spec)
         return [self.rec.creator.submit(self.key, backend.create_job, action, run=self.run,
@@ -176,7 +178,7 @@ class KubeRound:
         then = None
         with self._lock:
             self._outstanding -= 1
-            if self._outstanding == 0:  # the round's own hold is released last but once
+            if self._outstanding == 0:  # every creation ended, and the round handed on
                 then, self._when_created = self._when_created, None
         if then is not None:
             then()

@@ -98,7 +98,10 @@ class BackgroundReads:
                 while len(self._asked) > 8 * KEPT_RESULTS:
                     self._asked.popitem(last=False)
         if due:
-            self.pool.submit(owner, self._read, storage, key, uri, wake)
+            try:
+                self.pool.submit(owner, self._read, storage, key, uri, wake)
+            except RuntimeError:  # the pool is shut down: the operator is stopping
+                pass
         raise ObjectNotFound(f"{uri}: not read yet (read in the background)")
 
     def _read(self, storage: Any, key: str, uri: str, wake: Wake | None) -> None:
@@ -107,8 +110,10 @@ class BackgroundReads:
         except ObjectNotFound:
             self.on_read("absent")
             return
-        except MeritRunError as e:  # the next round (or resync) asks again
+        except MeritRunError as e:  # the next round asks again, not a resync later
             log.debug("background read of %s failed: %s", uri, str(e)[:300])
+            with self._lock:
+                self._asked.pop(uri, None)
             self.on_read("error")
             return
         with self._lock:

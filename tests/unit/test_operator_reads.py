@@ -96,3 +96,28 @@ def test_other_keys_are_read_in_the_round():
     assert view.get_bytes(key) == b"{}" and view.get_bytes(key) == b"{}"
     assert store.reads == {key: 2}
     assert view.uri_for(key) == f"s3://bkt/{key}"
+
+
+def test_a_failed_background_read_is_asked_again_by_the_next_round():
+    from meritrun.errors import StorageError
+
+    class Flaky(CountingStore):
+        failed = False
+
+        def get_bytes(self, key: str) -> bytes:
+            if not self.failed:
+                self.failed = True
+                raise StorageError("HTTP 503: slow down")
+            return super().get_bytes(key)
+
+    store, woken = Flaky(), threading.Event()
+    reads = BackgroundReads(FairPool(1), reread_seconds=30.0)
+    key = f"{partition_prefix(RUN, 'p0', 1)}/manifest.json"
+    store.objects[key] = b"{}"
+    view = reads.view(store, [partition_prefix(RUN, "p0", 1)], woken.set)
+    with pytest.raises(ObjectNotFound):
+        view.get_bytes(key)  # fails in the background
+    reads.pool.submit("x", lambda: None).result(timeout=5)
+    with pytest.raises(ObjectNotFound):
+        view.get_bytes(key)  # not 30 s later: now
+    assert woken.wait(timeout=5) and view.get_bytes(key) == b"{}"
