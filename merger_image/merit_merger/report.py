@@ -143,7 +143,8 @@ def _io(result: MergeResult | None) -> dict[str, Any]:
     seconds = result.seconds.get("total") or math.nan
     return {"bytes_read": result.bytes_read, "bytes_written": result.bytes_written,
             "read_gb_per_s": result.bytes_read / 1e9 / seconds,
-            "output_dtype": result.output_dtype, "files": [f.name for f in result.files]}
+            "output_dtype": result.output_dtype, "kernel": result.kernel,
+            "files": [f.name for f in result.files]}
 
 
 def _json_safe(value: Any) -> Any:
