@@ -19,10 +19,32 @@ merger image runs it at build time). It knows no files: `fusedmerge` maps them.
 
 from __future__ import annotations
 
-import numpy as np
-from numba import carray, njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def _writable_cache() -> None:
+    """numba uses an on-disk cache only where it can write (it tries a file there first). The
+    merger image bakes the compiled kernels into NUMBA_CACHE_DIR at build time; under a
+    read-only root filesystem they are copied, once per pod, to the temp dir (the Job's
+    work volume), so the first merge loads them instead of compiling for 8 s. Must run
+    before numba is imported: numba reads its settings then."""
+    baked = os.environ.get("NUMBA_CACHE_DIR")
+    if not baked or not os.path.isdir(baked) or os.access(baked, os.W_OK):
+        return
+    target = Path(tempfile.gettempdir()) / "meritrun-numba-cache"
+    shutil.copytree(baked, target, dirs_exist_ok=True)
+    os.environ["NUMBA_CACHE_DIR"] = str(target)
+
+
+_writable_cache()
+
+import numpy as np  # noqa: E402
+from numba import carray, njit, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 BF16, F16, F32 = 0, 1, 2
 CODES = {"BF16": BF16, "F16": F16, "F32": F32}  # safetensors dtype names the kernels take

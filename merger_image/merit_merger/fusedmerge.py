@@ -44,8 +44,11 @@ from .writer import ShardedWriter
 
 try:  # the merger's extra installs numba; without it every merge takes the torch pass
     from . import fused
-except ImportError:  # pragma: no cover - exercised only where numba is missing
+
+    _NO_KERNELS = ""
+except Exception as e:  # noqa: BLE001 - numba missing, or no cache dir it can write
     fused = None  # type: ignore[assignment]
+    _NO_KERNELS = f"the fused kernels are unavailable ({type(e).__name__}: {str(e)[:120]})"
 
 PROGRAMS = {"token-weighted", "uniform", "task-arithmetic"}
 # elements per unit at most: 512 KiB per bf16 input, so a unit's buffers stay near the core
@@ -57,7 +60,7 @@ def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | 
                 device: str, observing: bool, output_dtype: Any) -> str | None:
     """Why this merge cannot take the fused path, or None when it can."""
     if fused is None:
-        return "numba is not installed"
+        return _NO_KERNELS
     if method not in PROGRAMS:
         return f"{method} has no fused kernel"
     if device != "cpu":
