@@ -243,7 +243,7 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
             fusedmerge.merge_pass(
                 impl.key, p, base=base, experts=[e.model for e in inputs.experts],
                 weights=weights, writer=writer, out_dtypes=out_dtypes,
-                threads=len(os.sched_getaffinity(0)), unit_elements=chunk_elements,
+                threads=runner.threads, unit_elements=chunk_elements,
                 progress=progress,
                 on_non_finite=lambda name: _non_finite(name, impl, p))
             stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}

@@ -35,12 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from meritrun.errors import StorageError
-
-from .io import DTYPE_NAMES, ModelReader, TensorMeta, open_regular
+from .io import DTYPE_NAMES, ModelReader, TensorMeta, open_regular, pread_into
 from .methods import normalized
 from .remote import remote_file
-from .writer import ShardedWriter
+from .writer import ShardedWriter, pwrite_all
 
 try:  # the merger's extra installs numba; without it every merge takes the torch pass
     from . import fused
@@ -170,9 +168,9 @@ def _units(method: str, params: Any, base: ModelReader, experts: Sequence[ModelR
         if not meta.dtype.is_floating_point or meta.numel == 0:  # copied as stored
             raw = np.empty(nbytes, np.uint8)
             fd, offset, _ = files.place(meta)
-            _pread_all(fd, raw, offset, meta.path)
+            pread_into(fd, memoryview(raw), offset, path=meta.path, name=name)
             base.bytes_read += nbytes
-            _pwrite_all(out_fd, raw, out_offset)
+            pwrite_all(out_fd, memoryview(raw), out_offset)
             yield name
             continue
         metas = [e.meta(name) for e in experts]
@@ -212,30 +210,16 @@ def _run(unit: _Unit, buffers: threading.local) -> bool:
             buffers.arrays[i] = np.empty(count * size, np.uint8)
         buf = buffers.arrays[i][:count * size]
         if size and i < len(unit.places) - 1:
-            _pread_all(fd, buf, offset + unit.lo * size, unit.paths[i])
+            pread_into(fd, memoryview(buf), offset + unit.lo * size, path=unit.paths[i],
+                       name=unit.name)
         # the kernel indexes elements [lo, hi) from the tensor's element 0
         addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
     bad = fused.merge_range(unit.program, addresses, unit.codes, unit.weights, unit.scale,
                             unit.coefficient, unit.lo, unit.hi)
     if not bad:
         fd, offset, size = unit.places[-1]
-        _pwrite_all(fd, buffers.arrays[-1][:count * size], offset + unit.lo * size)
+        pwrite_all(fd, memoryview(buffers.arrays[-1][:count * size]), offset + unit.lo * size)
     return bool(bad)
-
-
-def _pread_all(fd: int, buf: np.ndarray, offset: int, path: Path) -> None:
-    view, done = memoryview(buf), 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise StorageError(f"{path}: truncated, shorter than its header says")
-        done += got
-
-
-def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
-    view, done = memoryview(buf), 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _finish(unit: _Unit, job: Future, writer: ShardedWriter,

@@ -102,6 +102,17 @@ def _unique_object(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
+def pread_into(fd: int, view: memoryview, offset: int, *, path: Path, name: str) -> None:
+    """Fill `view` from `fd` at `offset`; a file that ends first is a StorageError naming
+    the file and the tensor being read."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise StorageError(f"{path}: truncated while reading {name}")
+        done += got
+
+
 def _read_exact(fd: int, size: int, offset: int) -> bytes:
     chunks, done = [], 0
     while done < size:
@@ -325,14 +336,9 @@ class ModelReader:
             remote.read_into(offset, memoryview(buf.numpy()))
             self.bytes_read += buf.numel()
             return
-        fd = self._fd(meta.path)
-        view, done, nbytes = memoryview(buf.numpy()), 0, buf.numel()
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise StorageError(f"{meta.path}: truncated while reading {meta.name}")
-            done += got
-        self.bytes_read += nbytes
+        pread_into(self._fd(meta.path), memoryview(buf.numpy()), offset, path=meta.path,
+                   name=meta.name)
+        self.bytes_read += buf.numel()
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -88,7 +88,7 @@ class ShardedWriter:
             fd = os.open(self._partial(fname), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
             header = _header_bytes(shard)
-            _pwrite_all(fd, header, 0)
+            pwrite_all(fd, header, 0)
             offset = len(header)
             for t in shard:
                 self._where[t.name] = (fd, offset, t.nbytes)
@@ -115,7 +115,7 @@ class ShardedWriter:
         data = block.reshape(-1).view(torch.uint8).numpy()
         rows = block.shape[0] if block.ndim else 1
         row_bytes = len(data) // rows if rows else 0
-        job = self._pool.submit(_pwrite_all, fd, memoryview(data), offset + row_start * row_bytes)
+        job = self._pool.submit(pwrite_all, fd, memoryview(data), offset + row_start * row_bytes)
         self._pending.append((job, block))
         self._left[name] -= len(data)
         self.bytes_written += len(data)
@@ -174,7 +174,7 @@ class ShardedWriter:
             self._partial(fname).unlink(missing_ok=True)
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view, done = memoryview(data).cast("B"), 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
