@@ -30,6 +30,7 @@ from .manifests import (
     build_rendezvous_service,
     build_stage_job,
     job_observation,
+    own_params_configmap_name,
     pod_waiting_reason,
     run_selector,
 )
@@ -257,7 +258,7 @@ class KubeBackend:
         self._delete(api, jobs_path(where.namespace, name))
         # A Job's own params ConfigMap, if it had one; a shared one stays until the run goes
         # (its other Jobs' pods may still start).
-        self._delete(api, core_path(where.namespace, "configmaps", f"{name}-params"))
+        self._delete(api, core_path(where.namespace, "configmaps", own_params_configmap_name(name)))
         if spec is not None and spec.training.nodes > 1:  # the gang's Service: the Job's name
             self._delete(api, core_path(where.namespace, "services", name))
 

@@ -106,13 +106,18 @@ def params_json(job: CreateJob) -> str:
     return job.params.model_dump_json(indent=2)
 
 
+def own_params_configmap_name(job_name: str) -> str:
+    """The ConfigMap of a Job whose params are too large to share one."""
+    return f"{job_name}-params"
+
+
 def params_configmap_name(job: CreateJob, *, run: RunRef) -> str:
     """The ConfigMap holding a Job's params: one per stage attempt, shared by its Jobs (the K
     partitions of a round: one write, not K), each under its own key; a Job whose params
     exceed PARAMS_SHARED_BYTES has one of its own. Any choice is safe: a Job is created only
     after its key is in the ConfigMap it names."""
     if len(params_json(job).encode()) > PARAMS_SHARED_BYTES:
-        return f"{job.name}-params"
+        return own_params_configmap_name(job.name)
     return f"{run.name}-{job.stage}-a{job.attempt}-params"
 
 
@@ -126,7 +131,7 @@ def build_params_configmaps(jobs: Sequence[CreateJob], *, run: RunRef,
     out = []
     for name, members in grouped.items():
         meta = _metadata(name, members[0], run=run, owned=owned)
-        if name != f"{members[0].name}-params":
+        if name != own_params_configmap_name(members[0].name):
             meta["labels"].pop(LABEL_PARTITION, None)  # shared: no one partition's
         out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
                     "data": {params_key(job.name): params_json(job) for job in members}})
