@@ -94,10 +94,9 @@ def whole_rows(root: Path, k: int, rounds: int, args: argparse.Namespace) -> lis
     for key in ("token-weighted", "ota"):
         files = input_files(root, k, base=True, moments=key == "ota")
         size = sum(f.stat().st_size for f in files)
-        cmds = {}
-        for device in ("cuda", "cpu"):
-            args.device = device
-            cmds[device] = command(key, root, k, args)
+        cmds = {device: command(key, root, k, argparse.Namespace(**{**vars(args),
+                                                                    "device": device}))
+                for device in ("cuda", "cpu")}
         runs: dict[str, list[float]] = {"cuda": [], "cpu": []}
         for _ in range(rounds):
             for device in ("cuda", "cpu"):
