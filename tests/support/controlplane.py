@@ -292,7 +292,7 @@ class ControlPlane:
     def audit(self, **match: Any) -> list[dict[str, Any]]:
         """Audit events (ResponseComplete, or ResponseStarted of a watch) whose flattened
         fields equal `match`: keys are user, verb, resource, subresource, namespace, name,
-        code."""
+        code; each also has its `uri` and when the server answered (`done`, RFC 3339)."""
         out = []
         if not self.audit_log.exists():
             return out
@@ -311,7 +311,8 @@ class ControlPlane:
                     "namespace": ref.get("namespace"), "name": ref.get("name"),
                     "code": (event.get("responseStatus") or {}).get("code")}
             if all(flat.get(k) == v for k, v in match.items()):
-                out.append({**flat, "uri": event.get("requestURI", "")})
+                out.append({**flat, "uri": event.get("requestURI", ""),
+                            "done": event.get("stageTimestamp", "")})
         return out
 
     def created(self, resource: str, namespace: str) -> dict[str, int]:
