@@ -230,7 +230,8 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
                             m.shape) for m in metas]
     why_not = fusedmerge.unsupported(impl.key, base, [e.model for e in inputs.experts],
                                      device=device.type, observing=observe is not None,
-                                     output_dtype=dtype)
+                                     output_dtype=dtype, params=p,
+                                     moments=inputs.moments)
     result.kernel = "fused" if why_not is None else "torch"
     log.info("merge pass: %s", "fused kernels (numba)" if why_not is None
              else f"torch ({why_not})")
@@ -244,7 +245,7 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
                 impl.key, p, base=base, experts=[e.model for e in inputs.experts],
                 weights=weights, writer=writer, out_dtypes=out_dtypes,
                 threads=runner.threads, unit_elements=chunk_elements,
-                progress=progress,
+                progress=progress, moments=inputs.moments,
                 on_non_finite=lambda name: _non_finite(name, impl, p))
             stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}
         else:

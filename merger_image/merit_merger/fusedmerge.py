@@ -20,6 +20,12 @@ Same bits as the torch pass (the kernels follow its arithmetic, tested bit for b
 same refusal of a non-finite output, the same output files. `unsupported` says why a merge
 takes the torch pass instead: another method, a GPU, LoRA partitions, inputs read from
 storage, a dtype the kernels do not take, or a merge pass that also scans the update norms.
+
+Each method with kernels has a `FusedMethod` in `METHODS`: once per merge its `prepare`
+takes the `Merge` and returns what makes each tensor's `Plan` (the kernel as a callable
+over a unit's addresses, whether the unit reads the base, and any further input streamed
+like the experts); per-tensor arrays a kernel needs (factors, thresholds) live in its
+closure. This module does the units, the files and the threads, and knows no arithmetic.
 """
 
 from __future__ import annotations
@@ -48,19 +54,124 @@ except Exception as e:  # noqa: BLE001 - numba missing, or no cache dir it can w
     fused = None  # type: ignore[assignment]
     _NO_KERNELS = f"the fused kernels are unavailable ({type(e).__name__}: {str(e)[:120]})"
 
-PROGRAMS = {"token-weighted", "uniform", "task-arithmetic"}
 # elements per unit at most: 512 KiB per bf16 input, so a unit's buffers stay near the core
 # (1B parameters, K = 4: 1.9 s of system time at 2^18 against 4-6 s at 2^20, load 4-5)
 UNIT_ELEMENTS = 1 << 18
 
+Kernel = Callable[[np.ndarray, int, int], bool]
+"""(addresses, lo, hi) -> True when an output of elements [lo, hi) is not finite. addresses:
+where element 0 of each array would lie: the experts, the base (a dummy when the plan does
+not read it), the plan's further inputs, then the output."""
+
+
+class _Files:
+    """Input files opened once each (no symlink followed, regular files only)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[Path, int] = {}
+
+    def place(self, meta: TensorMeta) -> tuple[int, int, int]:
+        fd = self.fds.get(meta.path)
+        if fd is None:
+            fd = self.fds[meta.path] = open_regular(meta.path)
+        return fd, meta.offset, meta.dtype.itemsize
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+@dataclass(frozen=True)
+class Merge:
+    """What a method's kernels are prepared from, once per merge."""
+
+    method: str
+    params: Any
+    weights: Sequence[float]  # the token weights, renormalised over the experts
+    k: int
+    files: _Files  # fds of the inputs, closed after the pass
+    moments: Sequence[Any] | None = None  # the experts' MomentReaders, when the method has them
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One floating-point tensor to merge: its inputs as stored and its output's dtype."""
+
+    name: str
+    base: TensorMeta
+    experts: tuple[TensorMeta, ...]
+    out_dtype: Any
+
+    def codes(self, *metas: TensorMeta) -> np.ndarray:
+        """The kernels' dtype codes of the experts, the base, `metas`, then the output."""
+        dtypes = [m.dtype for m in (*self.experts, self.base, *metas)] + [self.out_dtype]
+        return np.asarray([fused.CODES[DTYPE_NAMES[d]] for d in dtypes], np.int64)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one tensor's units are merged."""
+
+    kernel: Kernel
+    reads_base: bool
+    # further stored inputs of the tensor's shape, read unit by unit after the base (each
+    # counted in `counters`, the reader whose bytes_read it adds to)
+    extra: tuple[TensorMeta, ...] = ()
+    counters: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class FusedMethod:
+    """A method's fused kernels: `prepare(merge)` -> the per-tensor plan maker; `unsupported`
+    (params, moment readers or None) -> why this merge takes the torch pass, or None."""
+
+    prepare: Callable[[Merge], Callable[[Tensor], Plan]]
+    unsupported: Callable[[Any, Sequence[Any] | None], str | None] = lambda p, m: None
+
+
+def _linear(merge: Merge) -> Callable[[Tensor], Plan]:
+    """Token-weighted, uniform and task arithmetic through `fused.merge_range`."""
+    method, k = merge.method, merge.k
+    # as token_weighted() and task_arithmetic() compute them: weights renormalised again
+    # (uniform: equal), lambda, 1 - K lambda; all rounded to fp32 as torch's scalars are
+    w = np.asarray(normalized([1.0] * k if method == "uniform" else merge.weights), np.float32)
+    scale = float(getattr(merge.params, "scale", 1.0))
+    scale32, coefficient = np.float32(scale), np.float32(1.0 - k * scale)
+
+    def plan(t: Tensor) -> Plan:
+        program = fused.TOKEN_WEIGHTED
+        if method == "task-arithmetic":
+            small = all(m.dtype.itemsize <= 2 for m in (t.base, *t.experts))
+            program = fused.TASK16 if small else fused.TASK32
+        codes = t.codes()
+
+        def kernel(addresses: np.ndarray, lo: int, hi: int) -> bool:
+            return fused.merge_range(program, addresses, codes, w, scale32, coefficient, lo, hi)
+
+        return Plan(kernel, reads_base=program != fused.TOKEN_WEIGHTED)
+
+    return plan
+
+
+def _methods() -> dict[str, FusedMethod]:
+    """The methods with kernels (imported here: their modules import this one)."""
+    linear = FusedMethod(_linear)
+    return {"token-weighted": linear, "uniform": linear, "task-arithmetic": linear}
+
 
 def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | None], *,
-                device: str, observing: bool, output_dtype: Any) -> str | None:
+                device: str, observing: bool, output_dtype: Any,
+                params: Any = None, moments: Sequence[Any] | None = None) -> str | None:
     """Why this merge cannot take the fused path, or None when it can."""
     if fused is None:
         return _NO_KERNELS
-    if method not in PROGRAMS:
+    entry = _methods().get(method)
+    if entry is None:
         return f"{method} has no fused kernel"
+    why = entry.unsupported(params, moments)
+    if why is not None:
+        return why
     if device != "cpu":
         return f"the merge runs on {device}"
     if observing:
@@ -84,55 +195,36 @@ def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | 
 
 @dataclass(frozen=True)
 class _Unit:
-    """Elements [lo, hi) of one tensor, and everything the kernel needs for them."""
+    """Elements [lo, hi) of one tensor, and the kernel that merges them."""
 
     name: str
-    program: int
+    kernel: Kernel
     lo: int
     hi: int
-    # experts, base, output: (fd, file offset of the tensor's element 0, itemsize); the
-    # base's itemsize is 0 where the program does not read it
+    # the inputs (see Kernel), then the output: (fd, file offset of the tensor's element 0,
+    # itemsize); itemsize 0 for an input not read (the base, where the plan does not read it)
     places: tuple[tuple[int, int, int], ...]
     paths: tuple[Path, ...]  # of the inputs, for errors
-    codes: np.ndarray  # their dtypes (fused.CODES)
-    weights: np.ndarray  # fp32, one per expert
-    scale: np.float32
-    coefficient: np.float32
     last: bool = False  # the tensor's last unit
-
-
-class _Files:
-    """Input files opened once each (no symlink followed, regular files only)."""
-
-    def __init__(self) -> None:
-        self.fds: dict[Path, int] = {}
-
-    def place(self, meta: TensorMeta) -> tuple[int, int, int]:
-        fd = self.fds.get(meta.path)
-        if fd is None:
-            fd = self.fds[meta.path] = open_regular(meta.path)
-        return fd, meta.offset, meta.dtype.itemsize
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
 
 
 def merge_pass(method: str, params: Any, *, base: ModelReader,
                experts: Sequence[ModelReader], weights: Sequence[float], writer: ShardedWriter,
                out_dtypes: dict[str, Any], threads: int, unit_elements: int,
                on_non_finite: Callable[[str], Exception],
-               progress: Callable[[int, int], None] | None = None) -> None:
+               progress: Callable[[int, int], None] | None = None,
+               moments: Sequence[Any] | None = None) -> None:
     """Write every output of `writer` at its place (the readers count the bytes read). A
     non-finite output raises on_non_finite(tensor name); the caller aborts the writer."""
     files = _Files()
     pending: deque[tuple[_Unit, Future]] = deque()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused")
     buffers = threading.local()  # each pool thread's own, reused unit after unit
-    units = _units(method, params, base, experts, weights, files, writer, out_dtypes,
-                   min(unit_elements, UNIT_ELEMENTS))
     try:
+        merge = Merge(method, params, weights, len(experts), files, moments)
+        plan = _methods()[method].prepare(merge)
+        units = _units(plan, base, experts, files, writer, out_dtypes,
+                       min(unit_elements, UNIT_ELEMENTS))
         for unit in units:
             if isinstance(unit, str):  # done without the kernel
                 writer.filled(unit)
@@ -151,17 +243,11 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
         files.close()
 
 
-def _units(method: str, params: Any, base: ModelReader, experts: Sequence[ModelReader],
-           weights: Sequence[float], files: _Files, writer: ShardedWriter,
-           out_dtypes: dict[str, Any], unit_elements: int) -> Iterator[_Unit | str]:
+def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequence[ModelReader],
+           files: _Files, writer: ShardedWriter, out_dtypes: dict[str, Any],
+           unit_elements: int) -> Iterator[_Unit | str]:
     """The units of work in tensor order; a tensor done without one (not a float: copied
     as stored here; empty) comes as its name."""
-    k = len(experts)
-    # as token_weighted() and task_arithmetic() compute them: weights renormalised again
-    # (uniform: equal), lambda, 1 - K lambda; all rounded to fp32 as torch's scalars are
-    w = np.asarray(normalized([1.0] * k if method == "uniform" else weights), np.float32)
-    scale = float(getattr(params, "scale", 1.0))
-    coefficient = 1.0 - k * scale
     for name in base.names:
         meta = base.meta(name)
         out_fd, out_offset, nbytes = writer.place(name)
@@ -173,27 +259,23 @@ def _units(method: str, params: Any, base: ModelReader, experts: Sequence[ModelR
             pwrite_all(out_fd, memoryview(raw), out_offset)
             yield name
             continue
-        metas = [e.meta(name) for e in experts]
-        program = fused.TOKEN_WEIGHTED
-        if method == "task-arithmetic":
-            small = all(m.dtype.itemsize <= 2 for m in (meta, *metas))
-            program = fused.TASK16 if small else fused.TASK32
-        reads_base = program != fused.TOKEN_WEIGHTED
-        for reader, m in zip([*experts, base] if reads_base else experts, [*metas, meta],
-                             strict=False):  # counted as the torch pass counts
+        metas = tuple(e.meta(name) for e in experts)
+        plan = plan_of(Tensor(name, meta, metas, out_dtypes[name]))
+        read = [*zip(experts, metas, strict=True), *zip(plan.counters, plan.extra, strict=True)]
+        if plan.reads_base:
+            read.append((base, meta))
+        for reader, m in read:  # counted as the torch pass counts
             reader.bytes_read += m.nbytes
         base_place = files.place(meta)
         places = (*(files.place(m) for m in metas),
-                  base_place if reads_base else (base_place[0], base_place[1], 0),
+                  base_place if plan.reads_base else (base_place[0], base_place[1], 0),
+                  *(files.place(m) for m in plan.extra),
                   (out_fd, out_offset, nbytes // meta.numel))
-        dtypes = [m.dtype for m in metas] + [meta.dtype, out_dtypes[name]]
-        common = dict(
-            program=program, places=places, paths=tuple(m.path for m in (*metas, meta)),
-            codes=np.asarray([fused.CODES[DTYPE_NAMES[d]] for d in dtypes], np.int64),
-            weights=w, scale=np.float32(scale), coefficient=np.float32(coefficient))
+        paths = tuple(m.path for m in (*metas, meta, *plan.extra))
         for lo in range(0, meta.numel, unit_elements):
             hi = min(lo + unit_elements, meta.numel)
-            yield _Unit(name, lo=lo, hi=hi, last=hi == meta.numel, **common)
+            yield _Unit(name, plan.kernel, lo=lo, hi=hi, places=places, paths=paths,
+                        last=hi == meta.numel)
 
 
 def _run(unit: _Unit, buffers: threading.local) -> bool:
@@ -214,8 +296,7 @@ def _run(unit: _Unit, buffers: threading.local) -> bool:
                        name=unit.name)
         # the kernel indexes elements [lo, hi) from the tensor's element 0
         addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
-    bad = fused.merge_range(unit.program, addresses, unit.codes, unit.weights, unit.scale,
-                            unit.coefficient, unit.lo, unit.hi)
+    bad = unit.kernel(addresses, unit.lo, unit.hi)
     if not bad:
         fd, offset, size = unit.places[-1]
         pwrite_all(fd, memoryview(buffers.arrays[-1][:count * size]), offset + unit.lo * size)
