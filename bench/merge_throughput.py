@@ -142,20 +142,19 @@ def measure(cmd: list[str], env: dict) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    """One MeritRun merge in this process (the A side of a pair)."""
-    import torch
-
+    """One MeritRun merge in this process (the A side of a pair). No torch here: a merge that
+    takes the fused pass never imports it (the engine does for the torch pass)."""
     from merit_merger.engine import merge_models
     from merit_merger.sources import PartitionSource
 
-    torch.set_num_threads(args.threads)
     root = Path(args.root)
     parts = [PartitionSource(f"e{i}", root / f"e{i}", 1000 * (i + 1),
                              moments=root / f"e{i}_v.safetensors") for i in range(args.k)]
     params = {"density": 0.2} if args.method == "ties" else {}
     result = merge_models(base_dir=root / "base", partitions=parts, method=args.method,
                           params=params, out_dir=Path(args.out),
-                          shard_size_bytes=args.shard_mb * 1_000_000, device=args.device)
+                          shard_size_bytes=args.shard_mb * 1_000_000, device=args.device,
+                          threads=args.threads)
     shutil.rmtree(args.out, ignore_errors=True)
     print(json.dumps({"bytes_read": result.bytes_read, "seconds": result.seconds}),
           file=sys.stderr)

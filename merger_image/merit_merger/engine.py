@@ -11,11 +11,16 @@ thread in reused buffers (the method's fp32 result, a ring of output blocks). Pe
 a few blocks per input (for whole-tensor methods, a few copies of the largest tensor per
 input) plus the method's temporaries, never the model or an output shard.
 
-Threads: element-wise methods on the CPU cut each block into pieces of rows merged by one
-thread per core, each with one torch intra-op thread (see `pieces`: no OpenMP barrier per
-op); the reader and writer threads spend little CPU (mapping pages already in the page cache,
-copying the output into it). Whole-tensor methods keep torch's setting (their ops are large
-enough to be worth splitting).
+The engine decides the pass first: the fused kernels (`fusedmerge`) where they cover the
+merge, else the torch pass (`torchpass`: every method, the threshold pre-passes, a GPU). It
+imports torch only for the torch pass, so a fused merge never loads it (importing torch is
+about 3 s of a 6 s merge of a 1B model); hence dtypes as `dtypes.Dtype`, not torch's.
+
+Threads (`threads`, default one per core this process may run on): the fused pass and the
+torch pass's element-wise methods on the CPU run one unit or piece of rows per thread (see
+`pieces`: one torch intra-op thread each, no OpenMP barrier per op); the reader and writer
+threads spend little CPU. Whole-tensor methods get `threads` as torch's intra-op threads
+(torch's own setting when not given: their ops are large enough to be worth splitting).
 
 It does not verify contributions (see `verification`) and does not write the report (see
 `report`): it merges what it is given and says what it did in a MergeResult.
@@ -24,6 +29,7 @@ It does not verify contributions (see `verification`) and does not write the rep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -32,27 +38,26 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from meritrun.errors import StageFailed
 
 from . import fusedmerge
-from .blocks import Block, BlockLoader, Item, block_rows
+from .dtypes import Dtype, parse_dtype
 from .io import ModelReader, copy_model_files, read_header
 from .methods import MergeMethod, TensorStats, get_method, normalized
-from .pieces import PieceRunner
-from .selection import KthLargest, keep_count
+from .moments import MomentReader
 from .sources import ExpertReader, PartitionSource, open_moments
-from .thresholds import tensor_thresholds
-from .torchpass import torch_pass
 from .writer import OutputTensor, ShardedWriter
+
+if TYPE_CHECKING:
+    import torch
+
+    from .blocks import Block
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 20  # 1M elements: 4 MiB per fp32 buffer, K + 1 of them per slot
-HOLD_BLOCKS = 5  # TIES's pre-pass keeps the |tau| of a tensor of up to 5 blocks per expert
 Progress = Callable[[int, int], None]
 
 
@@ -78,10 +83,28 @@ class MergeOutputError(StageFailed):
     off): nothing is published."""
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The readers of one merge: the base, each partition's weights, their second moments
+    (for the methods that read them)."""
+
+    base: ModelReader
+    experts: list[ExpertReader]
+    moments: list[MomentReader] | None
+
+    def bytes_read(self) -> int:
+        readers = [self.base, *self.experts, *(self.moments or [])]
+        return sum(r.bytes_read for r in readers)
+
+    def close(self) -> None:
+        for reader in [self.base, *self.experts, *(self.moments or [])]:
+            reader.close()
+
+
 def check_output(files: Sequence[Path], planned: Sequence[OutputTensor]) -> None:
     """The written shards hold exactly the planned tensors, names, dtypes and shapes (their
     headers re-read and validated like any input's)."""
-    found: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    found: dict[str, tuple[Dtype, tuple[int, ...]]] = {}
     for path in files:
         if path.name.endswith(".safetensors"):
             metas, _ = read_header(path)
@@ -92,22 +115,9 @@ def check_output(files: Sequence[Path], planned: Sequence[OutputTensor]) -> None
         raise MergeOutputError(f"merged model does not match its plan at {diff[:3]}")
 
 
-def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
-    dtype = getattr(torch, aliases.get(value, value), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"unknown floating dtype {value!r}")
-    return dtype
-
-
-def math_threads(method: MergeMethod, device: torch.device) -> int:
-    """Threads merging pieces of a block (see `pieces`): one per core for element-wise
-    methods on the CPU, none for the others (they run in the main thread)."""
-    if device.type != "cpu" or not method.elementwise:
-        return 1
-    return len(os.sched_getaffinity(0))
+def device_type(device: str | torch.device) -> str:
+    """`cpu`, `cuda`, ... of a device given by name or as a torch device (torch not asked)."""
+    return str(device).split(":")[0]
 
 
 @contextmanager
@@ -125,34 +135,6 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-@contextmanager
-def intra_op_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def ffg_thresholds(method: MergeMethod, params: Any, inputs: BlockLoader,
-                   items: Sequence[Item], *, density: float,
-                   device: torch.device) -> list[float]:
-    """Pre-pass: each expert's global FFG threshold t_i (two streaming passes, exact)."""
-    floats = [it for it in items if inputs.base.meta(it[0]).dtype.is_floating_point]
-    numel = sum(inputs.base.meta(n).numel for n in dict.fromkeys(n for n, _ in floats))
-    selectors = [KthLargest(keep_count(numel, density)) for _ in inputs.experts]
-    for first in (True, False):
-        for block in inputs.blocks(floats, device):
-            for i, sel in enumerate(selectors):
-                s = method.saliency(block.base, block.experts[i], block.moments[i], params)
-                (sel.add_first if first else sel.add_second)(s)
-        if first:
-            for sel in selectors:
-                sel.end_first()
-    return [sel.result() for sel in selectors]
-
-
 def merge_models(
     *,
     base_dir: Path,
@@ -161,42 +143,39 @@ def merge_models(
     params: Mapping[str, Any] | None = None,
     out_dir: Path,
     shard_size_bytes: int,
-    output_dtype: torch.dtype | str | None = None,
+    output_dtype: Dtype | torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     observe: Callable[[Block], None] | None = None,
+    threads: int | None = None,
 ) -> MergeResult:
     """Merge the partitions into an HF model dir at out_dir; see the module docstring.
 
     `observe` sees every block (with the base) before it is merged: a streamed merge judges
-    the update norms in this pass instead of in a pass of its own; what it raises aborts."""
+    the update norms in this pass instead of in a pass of its own; what it raises aborts.
+    `threads`: CPU threads of the math (default: one per core this process may run on)."""
     if not partitions:
         raise ValueError("nothing to merge: no partitions")
-    started, dev = time.monotonic(), torch.device(device)
+    started = time.monotonic()
     impl = get_method(method)
     p = impl.parse_params(dict(params or {}))
     dtype = parse_dtype(output_dtype)
     weights = normalized([s.tokens for s in partitions])
     base = ModelReader(base_dir)
-    experts = [ExpertReader(s, base) for s in partitions]
-    moments = open_moments(list(partitions)) if impl.needs_moments else None
-    inputs = BlockLoader(base, experts, moments, need_base=impl.uses_base(p) or bool(observe),
-                         convert=not impl.stored_dtype_ok)
+    inputs = Inputs(base, [ExpertReader(s, base) for s in partitions],
+                    open_moments(list(partitions)) if impl.needs_moments else None)
     floats = [base.meta(n).dtype for n in base.names if base.meta(n).dtype.is_floating_point]
     result = MergeResult(Path(out_dir), impl.key, _params_dict(p), [s.name for s in partitions],
                          dict(zip([s.name for s in partitions], weights, strict=True)),
                          str(dtype or (floats[0] if floats else "none")).removeprefix("torch."))
-    threads = math_threads(impl, dev)
-    runner = PieceRunner(threads)
     try:
-        with intra_op_threads(1 if threads > 1 else torch.get_num_threads()), gc_paused():
-            _merge(impl, p, inputs, runner, result, out_dir=Path(out_dir), base_dir=Path(base_dir),
-                   dtype=dtype, weights=weights, device=dev, chunk_elements=chunk_elements,
-                   shard_size_bytes=shard_size_bytes, progress=progress, observe=observe,
-                   started=started)
+        with gc_paused():
+            _merge(impl, p, inputs, result, out_dir=Path(out_dir), base_dir=Path(base_dir),
+                   dtype=dtype, weights=weights, device=device, threads=threads,
+                   chunk_elements=chunk_elements, shard_size_bytes=shard_size_bytes,
+                   progress=progress, observe=observe, started=started)
     finally:
-        runner.close()
         result.bytes_read = inputs.bytes_read()
         inputs.close()
     result.seconds["total"] = round(time.monotonic() - started, 3)
@@ -206,53 +185,61 @@ def merge_models(
     return result
 
 
-def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
-           result: MergeResult, *, out_dir: Path, base_dir: Path, dtype: torch.dtype | None,
-           weights: list[float], device: torch.device, chunk_elements: int,
+def _merge(impl: MergeMethod, p: Any, inputs: Inputs, result: MergeResult, *, out_dir: Path,
+           base_dir: Path, dtype: Dtype | None, weights: list[float],
+           device: str | torch.device, threads: int | None, chunk_elements: int,
            shard_size_bytes: int, progress: Progress | None,
            observe: Callable[[Block], None] | None, started: float) -> None:
-    """The pre-passes (thresholds), then the merge pass into planned shards; fills result."""
+    """Choose the pass, run it (the torch pass after its pre-passes) into planned shards;
+    fills result."""
     base = inputs.base
     metas = [base.meta(n) for n in base.names]
-    items = [(m.name, rows) for m in metas
-             for rows in block_rows(m, chunk_elements, elementwise=impl.elementwise)]
-    model_wide: list[float] | None = None  # FFG: one threshold per expert
-    per_tensor: dict[str, list[float]] = {}  # TIES: one per expert and tensor
-    if impl.needs_thresholds(p):
-        model_wide = ffg_thresholds(impl, p, inputs, items, density=p.density, device=device)
-        result.thresholds = dict(zip(result.partitions, model_wide, strict=True))
-    elif impl.needs_tensor_thresholds(p):
-        per_tensor = tensor_thresholds(impl, p, inputs, items, device=device, map_fn=runner.map,
-                                       hold_elements=HOLD_BLOCKS * chunk_elements)
-    if impl.needs_thresholds(p) or impl.needs_tensor_thresholds(p):
-        result.seconds["prepass"] = round(time.monotonic() - started, 3)
     outputs = [OutputTensor(m.name, dtype if dtype and m.dtype.is_floating_point else m.dtype,
                             m.shape) for m in metas]
+    out_dtypes = {o.name: o.dtype for o in outputs}
     why_not = fusedmerge.unsupported(impl.key, base, [e.model for e in inputs.experts],
-                                     device=device.type, observing=observe is not None,
-                                     output_dtype=dtype, params=p,
-                                     moments=inputs.moments)
+                                     device=device_type(device), observing=observe is not None,
+                                     output_dtype=dtype, params=p, moments=inputs.moments)
     result.kernel = "fused" if why_not is None else "torch"
     log.info("merge pass: %s", "fused kernels (numba)" if why_not is None
              else f"torch ({why_not})")
-    writer = ShardedWriter(out_dir, outputs, shard_size_bytes=shard_size_bytes)
-    out_dtypes = {o.name: o.dtype for o in outputs}
-    merge_started = time.monotonic()
+    write = dict(result=result, outputs=outputs, out_dir=out_dir, base_dir=base_dir,
+                 dtype=dtype, shard_size_bytes=shard_size_bytes)
     stats: dict[str, TensorStats] = {}
+    on_non_finite = functools.partial(_non_finite, impl=impl, p=p)
+    if why_not is None:
+        _write(lambda writer: fusedmerge.merge_pass(
+            impl.key, p, base=base, experts=[e.model for e in inputs.experts],
+            weights=weights, writer=writer, out_dtypes=out_dtypes,
+            threads=threads or len(os.sched_getaffinity(0)), unit_elements=chunk_elements,
+            progress=progress, moments=inputs.moments, on_non_finite=on_non_finite), **write)
+        stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}
+    else:
+        from .torchpass import TorchPass  # imports torch: only here
+
+        with TorchPass(impl, p, inputs.base, inputs.experts, inputs.moments, device=device,
+                       threads=threads, chunk_elements=chunk_elements,
+                       observing=observe is not None) as torch_pass:
+            thresholds = torch_pass.thresholds()
+            if thresholds.model_wide is not None:
+                result.thresholds = dict(zip(result.partitions, thresholds.model_wide,
+                                             strict=True))
+            if thresholds.ran:
+                result.seconds["prepass"] = round(time.monotonic() - started, 3)
+            _write(lambda writer: torch_pass.run(
+                writer, stats, out_dtypes=out_dtypes, thresholds=thresholds, weights=weights,
+                progress=progress, observe=observe, on_non_finite=on_non_finite), **write)
+    result.tensor_stats = _tensor_stats(stats, base, len(result.partitions), result.partitions)
+
+
+def _write(run: Callable[[ShardedWriter], None], *, result: MergeResult,
+           outputs: Sequence[OutputTensor], out_dir: Path, base_dir: Path,
+           dtype: Dtype | None, shard_size_bytes: int) -> None:
+    """The merge pass `run` into planned shards, checked, then the base's other files."""
+    merge_started = time.monotonic()
+    writer = ShardedWriter(out_dir, outputs, shard_size_bytes=shard_size_bytes)
     try:
-        if why_not is None:
-            fusedmerge.merge_pass(
-                impl.key, p, base=base, experts=[e.model for e in inputs.experts],
-                weights=weights, writer=writer, out_dtypes=out_dtypes,
-                threads=runner.threads, unit_elements=chunk_elements,
-                progress=progress, moments=inputs.moments,
-                on_non_finite=lambda name: _non_finite(name, impl, p))
-            stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}
-        else:
-            torch_pass(impl, p, inputs, runner, writer, stats, out_dtypes=out_dtypes,
-                       items=items, thresholds=(per_tensor, model_wide), weights=weights,
-                       device=device, progress=progress, observe=observe,
-                       on_non_finite=lambda name: _non_finite(name, impl, p))
+        run(writer)
         result.files = writer.close()
     except BaseException:
         writer.abort()
@@ -266,7 +253,6 @@ def _merge(impl: MergeMethod, p: Any, inputs: BlockLoader, runner: PieceRunner,
     result.files += copy_model_files(base_dir, out_dir, dtype=dtype)
     result.seconds["merge"] = round(time.monotonic() - merge_started, 3)
     result.bytes_written = writer.bytes_written
-    result.tensor_stats = _tensor_stats(stats, base, len(result.partitions), result.partitions)
 
 
 def _non_finite(name: str, impl: MergeMethod, p: Any) -> MergeOutputError:

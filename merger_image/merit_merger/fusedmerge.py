@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import DTYPE_NAMES, ModelReader, TensorMeta, open_regular, pread_into
+from .io import ModelReader, TensorMeta, open_regular, pread_into
 from .methods import normalized
 from .remote import remote_file
 from .writer import ShardedWriter, pwrite_all
@@ -106,7 +106,7 @@ class Tensor:
     def codes(self, *metas: TensorMeta) -> np.ndarray:
         """The kernels' dtype codes of the experts, the base, `metas`, then the output."""
         dtypes = [m.dtype for m in (*self.experts, self.base, *metas)] + [self.out_dtype]
-        return np.asarray([fused.CODES[DTYPE_NAMES[d]] for d in dtypes], np.int64)
+        return np.asarray([fused.CODES[d.name] for d in dtypes], np.int64)
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | 
         if not meta.dtype.is_floating_point:
             continue
         dtypes = [m.dtype for m in metas] + [output_dtype or meta.dtype]
-        if any(DTYPE_NAMES.get(d) not in fused.CODES for d in dtypes):
+        if any(d.name not in fused.CODES for d in dtypes):
             return f"tensor {name}: a dtype the fused kernels do not take"
     return None
 

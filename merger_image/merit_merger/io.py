@@ -22,24 +22,22 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from meritrun.errors import StorageError
 
+from .dtypes import DTYPES, Dtype
 from .remote import RemoteFile, mounted_in, remote_file
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 _MAX_HEADER = 100 << 20
 
@@ -49,7 +47,7 @@ class TensorMeta:
     """Where one tensor lies in a safetensors file, and what it is."""
 
     name: str
-    dtype: torch.dtype
+    dtype: Dtype  # torch-free (see `dtypes`); .torch for the torch pass
     shape: tuple[int, ...]
     path: Path
     offset: int  # absolute byte offset of the data in the file
@@ -164,7 +162,7 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> tuple[dict[str, Tens
     return metas, metadata
 
 
-def _entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+def _entry(path: Path, name: str, entry: object) -> tuple[Dtype, tuple[int, ...], int, int]:
     """(dtype, shape, begin, end) of one header entry, checked."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
@@ -287,13 +285,23 @@ class ModelReader:
              out: torch.Tensor | None = None) -> torch.Tensor:
         """The whole tensor, or rows [start, stop) of dim 0, as stored; read into `out` (a
         uint8 buffer at least that large, reused by the caller) or into a fresh buffer."""
+        import torch  # the torch pass's reads (see `dtypes`)
+
         meta = self._metas[name]
         start, stop = rows if rows is not None else (0, meta.rows)
         shape = ((stop - start, *meta.shape[1:]) if meta.shape else ())
         nbytes = (stop - start) * meta.row_bytes
         buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
-        self._pread(meta, meta.offset + start * meta.row_bytes, buf)
-        return buf.view(meta.dtype).reshape(shape)
+        self._pread(meta, meta.offset + start * meta.row_bytes, buf.numpy())
+        return buf.view(meta.dtype.torch).reshape(shape)
+
+    def read_array(self, name: str) -> np.ndarray:
+        """The stored bytes of tensor `name`, whole, as a fresh uint8 array (no torch; see
+        `dtypes.to_float32`)."""
+        meta = self._metas[name]
+        buf = np.empty(meta.nbytes, np.uint8)
+        self._pread(meta, meta.offset, buf)
+        return buf
 
     def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Zero-copy `read`: the tensor or its rows as stored, a view of a private mapping of
@@ -304,12 +312,14 @@ class ModelReader:
         to the view never reaches the file. A file shorter than its header says is a
         StorageError here (reading past the end of a mapping would be a SIGBUS). A mounted
         file (see `remote`) is read into a fresh buffer instead."""
+        import torch  # the torch pass's reads (see `dtypes`)
+
         meta = self._metas[name]
         start, stop = rows if rows is not None else (0, meta.rows)
         shape = ((stop - start, *meta.shape[1:]) if meta.shape else ())
         nbytes = (stop - start) * meta.row_bytes
         if nbytes == 0:
-            return torch.empty(shape, dtype=meta.dtype)
+            return torch.empty(shape, dtype=meta.dtype.torch)
         if remote_file(meta.path) is not None:  # in storage: a ranged GET, nothing to map
             return self.read(name, rows)
         fd = self._fd(meta.path)
@@ -322,7 +332,7 @@ class ModelReader:
         _populate_read(mapping)
         self.bytes_read += nbytes
         raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=lead)
-        return raw.view(meta.dtype).reshape(shape)
+        return raw.view(meta.dtype.torch).reshape(shape)
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -330,15 +340,14 @@ class ModelReader:
             fd = self._fds[path] = open_regular(path)
         return fd
 
-    def _pread(self, meta: TensorMeta, offset: int, buf: torch.Tensor) -> None:
+    def _pread(self, meta: TensorMeta, offset: int, buf: np.ndarray) -> None:
         remote = remote_file(meta.path)
         if remote is not None:  # a ranged GET straight into the buffer
-            remote.read_into(offset, memoryview(buf.numpy()))
-            self.bytes_read += buf.numel()
-            return
-        pread_into(self._fd(meta.path), memoryview(buf.numpy()), offset, path=meta.path,
-                   name=meta.name)
-        self.bytes_read += buf.numel()
+            remote.read_into(offset, memoryview(buf))
+        else:
+            pread_into(self._fd(meta.path), memoryview(buf), offset, path=meta.path,
+                       name=meta.name)
+        self.bytes_read += buf.size
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -365,7 +374,7 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
 
 
-def copy_model_files(src_dir: Path, out_dir: Path, *, dtype: torch.dtype | None = None,
+def copy_model_files(src_dir: Path, out_dir: Path, *, dtype: Dtype | None = None,
                      skip: Iterable[str] = ()) -> list[Path]:
     """Copy config, generation config and tokenizer files (everything but weights) from the
     base; with `dtype`, config.json records the output dtype instead of the base's."""

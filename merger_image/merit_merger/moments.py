@@ -7,6 +7,9 @@ ndim >= 2, NAME::row [shape[0]], NAME::col [prod(shape[1:])], NAME::total (scala
 v_hat = outer(row, col) / total; 1-D parameters: NAME exact. A block of rows of a rank-1
 v_hat is handed out as its factors (the matching slice of `row`, all of `col`), so a full v is
 never materialised beyond the block being merged, and often not at all (v^p factorises).
+
+The factors are read and checked with numpy (`factor_arrays`: no torch, for the fused
+kernels); `factors` hands them to the torch pass as tensors sharing the arrays' memory.
 """
 
 from __future__ import annotations
@@ -14,11 +17,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
+from .dtypes import to_float32
 from .io import HeaderError, ModelReader, read_header
 from .methods import Rank1Moment
+
+if TYPE_CHECKING:
+    import torch
 
 SEP = "::"
 FACTORS = ("row", "col", "total")
@@ -30,8 +38,10 @@ class MomentsFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Rank1:
-    row: torch.Tensor
-    col: torch.Tensor
+    """The rank-1 factors of one tensor's v_hat = outer(row, col) / total, fp32 arrays."""
+
+    row: np.ndarray
+    col: np.ndarray
     total: float
 
 
@@ -73,24 +83,31 @@ class MomentReader:
         missing = [f for f in FACTORS if f"{name}{SEP}{f}" not in self.keys]
         if missing:
             raise MomentsFormatError(f"{name}: rank-1 factor(s) {missing} missing")
-        factors = self._factors(name)
-        if factors.row.numel() != shape[0] or factors.col.numel() != math.prod(shape[1:]):
+        factors = self.factor_arrays(name)
+        if factors.row.size != shape[0] or factors.col.size != math.prod(shape[1:]):
             raise MomentsFormatError(
-                f"{name}: rank-1 factors ({factors.row.numel()}, {factors.col.numel()}) do not "
+                f"{name}: rank-1 factors ({factors.row.size}, {factors.col.size}) do not "
                 f"fit weight shape {tuple(shape)}")
-        values = torch.cat([factors.row, factors.col, torch.tensor([factors.total])])
-        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        values = np.concatenate([factors.row, factors.col, [np.float32(factors.total)]])
+        if not bool(np.isfinite(values).all()) or bool((values < 0).any()):
             raise MomentsFormatError(f"{name}: rank-1 factors are negative or not finite")
 
-    def _factors(self, name: str) -> Rank1:
+    def factor_arrays(self, name: str) -> Rank1:
+        """The rank-1 factors of the whole of `name`, fp32 numpy arrays (no torch), read
+        once and kept until `drop_cache`."""
         cached = self._rank1.get(name)
         if cached is None:
-            row, col, total = (self._reader.read(f"{name}{SEP}{f}").float().reshape(-1)
-                               for f in FACTORS)
-            if total.numel() != 1:
+            row, col, total = (self._float32(f"{name}{SEP}{f}") for f in FACTORS)
+            if total.size != 1:
                 raise MomentsFormatError(f"{name}: rank-1 total must be a scalar")
             cached = self._rank1[name] = Rank1(row, col, float(total[0]))
         return cached
+
+    def _float32(self, key: str) -> np.ndarray:
+        try:
+            return to_float32(self._reader.read_array(key), self._reader.meta(key).dtype)
+        except ValueError as e:
+            raise MomentsFormatError(f"{key}: {e}") from e
 
     def factored(self, name: str, shape: tuple[int, ...]) -> bool:
         """True when v of `name` is stored as rank-1 factors (see `factors`), not whole."""
@@ -108,9 +125,11 @@ class MomentReader:
     def factors(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None
                 ) -> Rank1Moment:
         """The rank-1 factors of rows [start, stop) of `name` (v_hat = outer(row, col) / total)."""
+        import torch  # the torch pass's factors (`factor_arrays` has them without torch)
+
         start, stop = rows if rows is not None else (0, shape[0])
-        f = self._factors(name)
-        return Rank1Moment(f.row[start:stop], f.col, f.total)
+        f = self.factor_arrays(name)
+        return Rank1Moment(torch.from_numpy(f.row[start:stop]), torch.from_numpy(f.col), f.total)
 
     def read(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None
              ) -> torch.Tensor:

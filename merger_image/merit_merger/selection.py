@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from .methods import keep_count  # noqa: F401 - its home was here
+
 HI_BINS = 1 << 15  # sign bit is 0 for non-negative values
 LO_BINS = 1 << 16
-
-
-def keep_count(numel: int, density: float) -> int:
-    """How many of numel magnitudes a density keeps (before ties): max(1, floor(density *
-    numel)); FFG counts over the whole model, TIES's trim over one tensor."""
-    return max(1, min(numel, int(density * numel)))
 
 
 def _bits(values: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:

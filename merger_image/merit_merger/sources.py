@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, read_manifest
 
 from .io import ModelReader
 from .lora import LoraAdapter
 from .moments import MomentReader
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

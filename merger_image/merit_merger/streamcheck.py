@@ -66,7 +66,7 @@ def stream_file(path: Path, *, moments: bool = False, chunk: int | None = None
             for meta in metas.values():
                 for piece in _pieces(reader, meta.nbytes, meta.dtype.itemsize):
                     if problem is None and meta.dtype.is_floating_point:
-                        t = torch.frombuffer(piece, dtype=meta.dtype) if len(piece) else None
+                        t = torch.frombuffer(piece, dtype=meta.dtype.torch) if len(piece) else None
                         if t is not None:
                             problem = value_problem(meta.name, t, moments=moments)
         return reader.drain(), problem

@@ -1,4 +1,6 @@
-"""Per-tensor thresholds for every expert, streamed: TIES's trim, without whole tensors.
+"""The torch pass's threshold pre-passes: FFG's one per expert over the whole model
+(`ffg_thresholds`), and per-tensor ones for every expert, streamed: TIES's trim, without
+whole tensors (`tensor_thresholds`).
 
 TIES keeps, per expert and per tensor, the magnitudes |tau_k| at or above the k-th largest
 of that tensor. Ranking a whole tensor (`topk`) needs the tensor and topk's scratch in
@@ -21,9 +23,27 @@ import torch
 
 from .blocks import Block, BlockLoader, Item
 from .methods import MergeMethod
-from .selection import KthLargest
+from .selection import KthLargest, keep_count
 
 MapFn = Callable[[Callable[[int], None], Iterable[int]], Any]
+
+
+def ffg_thresholds(method: MergeMethod, params: Any, inputs: BlockLoader,
+                   items: Sequence[Item], *, density: float,
+                   device: torch.device) -> list[float]:
+    """Pre-pass: each expert's global FFG threshold t_i (two streaming passes, exact)."""
+    floats = [it for it in items if inputs.base.meta(it[0]).dtype.is_floating_point]
+    numel = sum(inputs.base.meta(n).numel for n in dict.fromkeys(n for n, _ in floats))
+    selectors = [KthLargest(keep_count(numel, density)) for _ in inputs.experts]
+    for first in (True, False):
+        for block in inputs.blocks(floats, device):
+            for i, sel in enumerate(selectors):
+                s = method.saliency(block.base, block.experts[i], block.moments[i], params)
+                (sel.add_first if first else sel.add_second)(s)
+        if first:
+            for sel in selectors:
+                sel.end_first()
+    return [sel.result() for sel in selectors]
 
 
 def tensor_thresholds(method: MergeMethod, params: Any, inputs: BlockLoader,

@@ -22,23 +22,26 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from meritrun.errors import StorageError
 
-from .io import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
+from .dtypes import Dtype
+from .io import INDEX_NAME, SINGLE_NAME
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class OutputTensor:
     name: str
-    dtype: torch.dtype
+    dtype: Dtype
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def plan_shards(tensors: Sequence[OutputTensor], shard_size_bytes: int) -> list[list[OutputTensor]]:
@@ -64,7 +67,7 @@ def _header_bytes(shard: Sequence[OutputTensor]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in shard:
-        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+        header[t.name] = {"dtype": t.dtype.name, "shape": list(t.shape),
                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -110,6 +113,8 @@ class ShardedWriter:
     def write(self, name: str, block: torch.Tensor, *, row_start: int = 0) -> None:
         """Queue a CPU tensor holding rows [row_start, row_start + len) of output `name`
         (written by the writer thread; see the module docstring for when it may be reused)."""
+        import torch  # the torch pass's blocks (the fused pass writes at `place` itself)
+
         fd, offset, nbytes = self._where[name]
         block = block.contiguous()
         data = block.reshape(-1).view(torch.uint8).numpy()

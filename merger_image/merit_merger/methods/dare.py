@@ -13,10 +13,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import MergeInputs, MergeMethod, check_density, check_finite, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,16 @@ def dare_seed(seed: int, name: str, index: int) -> int:
 
 def keep_mask(shape: torch.Size, *, density: float, seed: int) -> torch.Tensor:
     """Bernoulli(density) keep mask, drawn on the CPU so every device gets the same draw."""
+    import torch  # only where a merge takes the torch pass (see `methods`)
+
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=generator) < density
 
 
 def dare(base: torch.Tensor, experts: Sequence[torch.Tensor], *, name: str, density: float,
          scale: float, seed: int) -> torch.Tensor:
+    import torch  # only where a merge takes the torch pass (see `methods`)
+
     base = base.float()  # the engine hands the stored dtype (stored_dtype_ok)
     total = torch.zeros_like(base, dtype=torch.float32)
     for k, theta in enumerate(experts):

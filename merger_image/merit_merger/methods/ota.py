@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from . import (
     MergeInputs,
@@ -33,6 +34,11 @@ from . import (
     dense_moment,
     register,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+FP32_TINY = float(np.finfo(np.float32).tiny)  # torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ def ota(base: torch.Tensor | None, experts: Sequence[torch.Tensor], moments: Seq
     """theta0 + sum w_i tau_i / sum w_i, computed as sum w_i theta_i / sum w_i (the same value,
     one pass less per expert); theta0 where sum w_i = 0. `base` may be None only without
     masks and with epsilon > 0 (then sum w_i > 0 everywhere)."""
+    import torch  # only where a merge takes the torch pass (see `methods`)
+
     if stats is not None and thresholds is not None and stats.kept is None:
         stats.kept = [0] * len(experts)
     num = den = None
@@ -105,7 +113,7 @@ class OtaMerge(MergeMethod):
 
     def uses_base(self, params: OtaParams) -> bool:
         # without masks and with an epsilon fp32 can hold, every sum of weights is > 0
-        return params.density is not None or params.epsilon < torch.finfo(torch.float32).tiny
+        return params.density is not None or params.epsilon < FP32_TINY
 
     def saliency(self, base: torch.Tensor, expert: torch.Tensor, moment: Moment,
                  params: OtaParams) -> torch.Tensor:

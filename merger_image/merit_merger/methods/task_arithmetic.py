@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import MergeInputs, MergeMethod, check_finite, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], *, scal
     weight is known to 2^-9 of itself, the rounding here to about 2^-21). fp32 inputs keep
     theta0 + lambda * sum_k (theta_k - theta0), 2K + 3 passes: each tau_k is exact there,
     and an fp32 model's update would otherwise lose bits to the cancellation."""
+    import torch  # only where a merge takes the torch pass (see `methods`)
+
     total = torch.empty_like(base, dtype=torch.float32) if out is None else out
     if all(t.dtype.itemsize <= 2 for t in (base, *experts)):
         total.copy_(experts[0])

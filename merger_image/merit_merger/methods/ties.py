@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from . import MergeInputs, MergeMethod, check_density, check_finite, keep_count, register
 
-from ..selection import keep_count
-from . import MergeInputs, MergeMethod, check_density, check_finite, register
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ def magnitude(base: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 def trim_thresholds(base: torch.Tensor, experts: Sequence[torch.Tensor],
                     density: float) -> list[float] | None:
     """Each expert's k-th largest |tau| over this whole tensor (None: density 1 keeps all)."""
+    import torch  # only where a merge takes the torch pass (see `methods`)
+
     if density >= 1 or base.numel() == 0:
         return None
     k = keep_count(base.numel(), density)
@@ -58,6 +61,8 @@ def ties_elementwise(base: torch.Tensor, experts: Sequence[torch.Tensor],
     """TIES given the trim thresholds, element by element, in fp32 (into `out` when given).
     The disjoint sum is taken as s * sum_k max(s tau'_k, 0): multiplying by s = +-1 and
     clamping are exact, so it is the same sum of the agreeing tau'_k in the same order."""
+    import torch  # only where a merge takes the torch pass (see `methods`)
+
     base = base.float()
     trimmed, total = [], torch.zeros_like(base)
     for k, theta in enumerate(experts):

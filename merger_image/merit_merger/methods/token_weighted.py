@@ -9,10 +9,12 @@ Parameters: none. It never reads the base (a weighted average of full models nee
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import MergeInputs, MergeMethod, normalized, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def token_weighted(experts: Sequence[torch.Tensor], weights: Sequence[float], *,
@@ -20,6 +22,8 @@ def token_weighted(experts: Sequence[torch.Tensor], weights: Sequence[float], *,
     """sum_k w_k theta_k with w renormalised to sum to 1, in fp32 whatever the experts' float
     dtype (the in-place adds into the fp32 sum convert as they go: no fp32 copy per expert);
     into `out` (fp32, the experts' shape) when given."""
+    import torch  # only where a merge takes the torch pass (see `methods`)
+
     w = normalized(weights)
     if out is None:
         out = experts[0].to(torch.float32, copy=True)

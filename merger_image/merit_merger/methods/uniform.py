@@ -7,11 +7,13 @@ data each partition saw; it never reads the base.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import MergeInputs, MergeMethod, register
 from .token_weighted import token_weighted
+
+if TYPE_CHECKING:
+    import torch
 
 
 def uniform(experts: Sequence[torch.Tensor], *, out: torch.Tensor | None = None) -> torch.Tensor:
