@@ -298,8 +298,9 @@ def _run(unit: _Unit, buffers: threading.local) -> bool:
         addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
     bad = unit.kernel(addresses, unit.lo, unit.hi)
     if not bad:
-        fd, offset, size = unit.places[-1]
-        pwrite_all(fd, memoryview(buffers.arrays[-1][:count * size]), offset + unit.lo * size)
+        out = len(unit.places) - 1  # the thread may hold more buffers (another plan's)
+        fd, offset, size = unit.places[out]
+        pwrite_all(fd, memoryview(buffers.arrays[out][:count * size]), offset + unit.lo * size)
     return bool(bad)
 
 
