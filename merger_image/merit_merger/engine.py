@@ -207,12 +207,13 @@ def _merge(impl: MergeMethod, p: Any, inputs: Inputs, result: MergeResult, *, ou
                  dtype=dtype, shard_size_bytes=shard_size_bytes)
     stats: dict[str, TensorStats] = {}
     on_non_finite = functools.partial(_non_finite, impl=impl, p=p)
-    if why_not is None:
-        _write(lambda writer: fusedmerge.merge_pass(
+    if why_not is None:  # its scans (TIES's thresholds) are its "prepass" seconds
+        _write(lambda writer: result.seconds.update(fusedmerge.merge_pass(
             impl.key, p, base=base, experts=[e.model for e in inputs.experts],
             weights=weights, writer=writer, out_dtypes=out_dtypes,
             threads=threads or len(os.sched_getaffinity(0)), unit_elements=chunk_elements,
-            progress=progress, moments=inputs.moments, on_non_finite=on_non_finite), **write)
+            progress=progress, moments=inputs.moments, on_non_finite=on_non_finite)),
+               **write)
         stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}
     else:
         from .torchpass import TorchPass  # imports torch: only here

@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,13 @@ class Merge:
     k: int
     files: _Files  # fds of the inputs, closed after the pass
     moments: Sequence[Any] | None = None  # the experts' MomentReaders, when the method has them
+    # a tensor of at most this many elements is one unit (its kernel sees all of it at once)
+    unit_elements: int = UNIT_ELEMENTS
+    # scan(tensor, kernel): a pass over the tensor's experts and base before its units are
+    # merged (TIES counts its thresholds so), unit by unit on the pool's threads, the kernel
+    # accumulating what it counts itself; returns when every unit is done
+    scan: Callable[[Tensor, Kernel], None] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # the scans' wall time, "prepass"
 
 
 @dataclass(frozen=True)
@@ -156,8 +164,11 @@ def _linear(merge: Merge) -> Callable[[Tensor], Plan]:
 
 def _methods() -> dict[str, FusedMethod]:
     """The methods with kernels (imported here: their modules import this one)."""
+    from . import fusedties
+
     linear = FusedMethod(_linear)
-    return {"token-weighted": linear, "uniform": linear, "task-arithmetic": linear}
+    return {"token-weighted": linear, "uniform": linear, "task-arithmetic": linear,
+            "ties": FusedMethod(fusedties.prepare)}
 
 
 def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | None], *,
@@ -206,6 +217,7 @@ class _Unit:
     places: tuple[tuple[int, int, int], ...]
     paths: tuple[Path, ...]  # of the inputs, for errors
     last: bool = False  # the tensor's last unit
+    writes: bool = True  # False: a scan's unit (no output; the kernel counts)
 
 
 def merge_pass(method: str, params: Any, *, base: ModelReader,
@@ -213,18 +225,25 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
                out_dtypes: dict[str, Any], threads: int, unit_elements: int,
                on_non_finite: Callable[[str], Exception],
                progress: Callable[[int, int], None] | None = None,
-               moments: Sequence[Any] | None = None) -> None:
+               moments: Sequence[Any] | None = None) -> dict[str, float]:
     """Write every output of `writer` at its place (the readers count the bytes read). A
-    non-finite output raises on_non_finite(tensor name); the caller aborts the writer."""
+    non-finite output raises on_non_finite(tensor name); the caller aborts the writer.
+    Returns the seconds of the method's scans ({"prepass": s}, TIES's thresholds) or {}."""
     files = _Files()
     pending: deque[tuple[_Unit, Future]] = deque()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused")
     buffers = threading.local()  # each pool thread's own, reused unit after unit
     try:
-        merge = Merge(method, params, weights, len(experts), files, moments)
+        unit_elements = min(unit_elements, UNIT_ELEMENTS)
+
+        def scan(t: Tensor, kernel: Kernel) -> None:
+            _scan(pool, buffers, t, kernel, files, [*experts, base], unit_elements,
+                  merge.seconds)
+
+        merge = Merge(method, params, weights, len(experts), files, moments,
+                      unit_elements=unit_elements, scan=scan)
         plan = _methods()[method].prepare(merge)
-        units = _units(plan, base, experts, files, writer, out_dtypes,
-                       min(unit_elements, UNIT_ELEMENTS))
+        units = _units(plan, base, experts, files, writer, out_dtypes, unit_elements)
         for unit in units:
             if isinstance(unit, str):  # done without the kernel
                 writer.filled(unit)
@@ -236,6 +255,7 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
                     progress(writer.bytes_written, writer.total_bytes)
         while pending:
             _finish(*pending.popleft(), writer, on_non_finite)
+        return {key: round(value, 3) for key, value in merge.seconds.items()}
     finally:
         for _, job in pending:
             job.cancel()
@@ -278,6 +298,29 @@ def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequen
                         last=hi == meta.numel)
 
 
+def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel: Kernel,
+          files: _Files, readers: Sequence[ModelReader], unit_elements: int,
+          seconds: dict[str, float]) -> None:
+    """Merge.scan: the tensor's experts and base (read by `readers`), unit by unit on the
+    pool (after the units already queued), waited for; its wall time adds to "prepass"."""
+    started = time.monotonic()
+    metas = (*t.experts, t.base)
+    for reader, m in zip(readers, metas, strict=True):
+        reader.bytes_read += m.nbytes
+    places = (*(files.place(m) for m in metas), (-1, 0, 0))  # no output
+    paths = tuple(m.path for m in metas)
+    jobs = [pool.submit(_run, _Unit(t.name, kernel, lo, min(lo + unit_elements, t.base.numel),
+                                    places, paths, writes=False), buffers)
+            for lo in range(0, t.base.numel, unit_elements)]
+    try:
+        for job in jobs:
+            job.result()
+    finally:
+        for job in jobs:
+            job.cancel()
+    seconds["prepass"] = seconds.get("prepass", 0.0) + time.monotonic() - started
+
+
 def _run(unit: _Unit, buffers: threading.local) -> bool:
     """One unit on a pool thread: read its rows, merge, write; True if an output is not
     finite (nothing is written then)."""
@@ -297,7 +340,7 @@ def _run(unit: _Unit, buffers: threading.local) -> bool:
         # the kernel indexes elements [lo, hi) from the tensor's element 0
         addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
     bad = unit.kernel(addresses, unit.lo, unit.hi)
-    if not bad:
+    if not bad and unit.writes:
         out = len(unit.places) - 1  # the thread may hold more buffers (another plan's)
         fd, offset, size = unit.places[out]
         pwrite_all(fd, memoryview(buffers.arrays[out][:count * size]), offset + unit.lo * size)

@@ -103,8 +103,8 @@ def test_a_non_finite_output_is_refused_by_both_passes(tmp_path, monkeypatch, dt
 
 def test_the_torch_pass_is_kept_for_what_the_kernels_do_not_cover(tmp_path):
     base, parts = write_models(tmp_path, [BF16] * 3)
-    result = merge_models(base_dir=base, partitions=parts, method="ties",
-                          params={"density": 0.5}, out_dir=tmp_path / "ties",
+    result = merge_models(base_dir=base, partitions=parts, method="dare",
+                          params={"density": 0.5}, out_dir=tmp_path / "dare",
                           shard_size_bytes=10**9)
     assert result.kernel == "torch"
     from merit_merger.io import ModelReader
