@@ -73,6 +73,7 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("method,params,dtype", [
     ("token-weighted", {}, torch.bfloat16), ("task-arithmetic", {"scale": 0.4}, torch.float32),
+    ("ties", {"density": 0.3}, torch.bfloat16),
 ])
 def test_a_fused_merge_never_imports_torch_and_equals_the_torch_pass(tmp_path, method, params,
                                                                      dtype):
