@@ -36,7 +36,7 @@ if [ "$dev" = 1 ]; then
 else
   .venv/bin/pip install -q -c constraints.txt -e ".[train,merge]"
 fi
-# Compile the fused merge kernels (numba: merit_merger.fused, .fusedties) into their on-disk
-# cache now, not in the first merge (about 8 s of CPU each).
-.venv/bin/python -c "from merit_merger import fused, fusedties; fused.warm(); fusedties.warm()"
+# Compile the fused merge kernels (numba: merit_merger.fused, fusedota, fusedties) into their
+# on-disk cache now, not in the first merge (about 8 s of CPU each).
+.venv/bin/python -c "from merit_merger import fusedmerge; fusedmerge.warm()"
 echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

@@ -132,10 +132,12 @@ class Plan:
 @dataclass(frozen=True)
 class FusedMethod:
     """A method's fused kernels: `prepare(merge)` -> the per-tensor plan maker; `unsupported`
-    (params, moment readers or None) -> why this merge takes the torch pass, or None."""
+    (params, moment readers or None) -> why this merge takes the torch pass, or None; `warm`
+    compiles the kernels (see `warm` below)."""
 
     prepare: Callable[[Merge], Callable[[Tensor], Plan]]
     unsupported: Callable[[Any, Sequence[Any] | None], str | None] = lambda p, m: None
+    warm: Callable[[], None] = lambda: None
 
 
 def _linear(merge: Merge) -> Callable[[Tensor], Plan]:
@@ -164,11 +166,18 @@ def _linear(merge: Merge) -> Callable[[Tensor], Plan]:
 
 def _methods() -> dict[str, FusedMethod]:
     """The methods with kernels (imported here: their modules import this one)."""
-    from . import fusedties
+    from . import fusedota, fusedties
 
-    linear = FusedMethod(_linear)
+    linear = FusedMethod(_linear, warm=fused.warm)
     return {"token-weighted": linear, "uniform": linear, "task-arithmetic": linear,
-            "ties": FusedMethod(fusedties.prepare)}
+            "ota": fusedota.METHOD, "ties": FusedMethod(fusedties.prepare, warm=fusedties.warm)}
+
+
+def warm() -> None:
+    """Compile (or load from numba's on-disk cache) every method's kernels, so no merge pays
+    for it: scripts/setup.sh and the merger image's build run this."""
+    for compile_kernels in dict.fromkeys(m.warm for m in _methods().values()):
+        compile_kernels()
 
 
 def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | None], *,

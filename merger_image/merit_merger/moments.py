@@ -70,6 +70,12 @@ class MomentReader:
     def bytes_read(self) -> int:
         return self._reader.bytes_read
 
+    @property
+    def file(self) -> ModelReader:
+        """The file's reader: where its tensors lie and the bytes read (the fused pass reads
+        stored moments unit by unit itself and counts them here)."""
+        return self._reader
+
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise MomentsFormatError unless `name` has well-formed moments for `shape`."""
         if self.kind == "full" or len(shape) < 2:

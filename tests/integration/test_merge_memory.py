@@ -42,7 +42,7 @@ import torch; torch.ones(1).add_(1)  # first-use allocations belong to the basel
 from merit_merger.selection import KthLargest  # and so do the radix select's kernels' pages
 s = KthLargest(1); s.add_first(torch.ones(4)); s.end_first(); s.add_second(torch.ones(4))
 s.result()
-from merit_merger import fused; fused.warm()  # the fused kernels' LLVM (~30 MB, once)
+from merit_merger import fusedmerge; fusedmerge.warm()  # the fused kernels' LLVM (~30 MB, once)
 before = hwm()
 merge_models(base_dir=root / "base", partitions=parts, method=method, out_dir=root / method,
              shard_size_bytes=1 << 30, chunk_elements=1 << 16)

@@ -1,0 +1,213 @@
+"""OTA through the fused kernels (`fusedota`) against the torch pass.
+
+The same merge runs twice on a tiny model with real second-moment files, once through each
+pass (the torch pass forced by making `fusedmerge.unsupported` give a reason), and the
+output shards are compared. Rank-1 files (2-D and 3-D tensors factored, 1-D and scalar ones
+stored) and `full` files (every moment stored); a tensor whose moments are all zero (with
+epsilon 0 its weights sum to 0: the base is taken). Units of 1000 elements leave tails and
+cross rows (67 and 63 columns).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from support.experts import save_state
+
+from merit_merger import fusedmerge
+from merit_merger.engine import MergeOutputError, merge_models
+from merit_merger.moments import MomentsFormatError
+from merit_merger.sources import PartitionSource
+from merit_trainer.moments import save_second_moments, write_moment_file
+
+SHAPES = {"embed.weight": (1031, 67), "layer.weight": (5, 7, 9), "quiet.weight": (40, 63),
+          "layer.bias": (97,), "scale": ()}
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+
+def write_models(root: Path, dtypes: list[torch.dtype], *, kind: str = "rank1",
+                 nan_in: int | None = None) -> tuple[Path, list[PartitionSource]]:
+    """A base (dtypes[0]) and experts (dtypes[1:]) with second moments over orders of
+    magnitude; quiet.weight never had a gradient (v = 0)."""
+    g = torch.Generator().manual_seed(len(dtypes))
+    base = {n: torch.randn(s, generator=g) * 0.02 for n, s in SHAPES.items()}
+    save_state(root / "base", {**{n: t.to(dtypes[0]) for n, t in base.items()},
+                               "positions": torch.arange(7)}, shard_bytes=100_000)
+    parts = []
+    for k, dtype in enumerate(dtypes[1:]):
+        state = {n: (t + 0.01 * (k + 1) * torch.randn(t.shape, generator=g)).to(dtype)
+                 for n, t in base.items()}
+        if nan_in == k:
+            state["layer.bias"][3] = float("nan")
+        save_state(root / f"e{k}", {**state, "positions": torch.arange(7)})
+        v = {n: torch.exp(torch.randn(s, generator=g) * 2 - 12) for n, s in SHAPES.items()}
+        v["quiet.weight"].zero_()
+        moments = save_second_moments(root / f"v{k}.safetensors", v, kind=kind, beta2=0.999,
+                                      step=10)
+        parts.append(PartitionSource(f"e{k}", root / f"e{k}", 1000 * (k + 1), moments=moments))
+    return root / "base", parts
+
+
+def run(base: Path, parts, out: Path, *, torch_pass: bool, monkeypatch, **kwargs):
+    with monkeypatch.context() as m:
+        if torch_pass:
+            m.setattr(fusedmerge, "unsupported", lambda *a, **k: "forced by the test")
+        return merge_models(base_dir=base, partitions=parts, method="ota", out_dir=out,
+                            shard_size_bytes=60_000, chunk_elements=1000, **kwargs)
+
+
+def outputs(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {n: t for p in sorted(out.glob("*.safetensors")) for n, t in load_file(p).items()}
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+def both(tmp_path: Path, monkeypatch, dtypes, params, *, kind="rank1", output=None):
+    base, parts = write_models(tmp_path, dtypes, kind=kind)
+    fused = run(base, parts, tmp_path / "fused", params=params, output_dtype=output,
+                torch_pass=False, monkeypatch=monkeypatch)
+    plain = run(base, parts, tmp_path / "torch", params=params, output_dtype=output,
+                torch_pass=True, monkeypatch=monkeypatch)
+    assert (fused.kernel, plain.kernel) == ("fused", "torch")
+    assert fused.bytes_written == plain.bytes_written
+    assert fused.bytes_read == plain.bytes_read
+    return fused, plain
+
+
+@pytest.mark.parametrize("dtypes,output", [
+    ([BF16] * 4, None), ([F16] * 4, None), ([F32] * 4, None), ([F32, BF16, BF16, BF16], BF16),
+    ([BF16, F16, F32], F16), ([BF16] * 3, F32),
+])
+@pytest.mark.parametrize("kind", ["rank1", "full"])
+@pytest.mark.parametrize("params", [{"power": 1.0}, {"power": 2.0, "epsilon": 1e-3},
+                                    {"power": 1.0, "epsilon": 0.0}])
+def test_fused_ota_equals_the_torch_pass_bit_for_bit(tmp_path, monkeypatch, dtypes, output,
+                                                     kind, params):
+    """p = 1 and 2 (torch's shortcuts: a copy, x * x), epsilon 0 (the base where no expert
+    has a weight: quiet.weight): the same bytes."""
+    both(tmp_path, monkeypatch, dtypes, params, kind=kind, output=output)
+    assert shard_bytes(tmp_path / "fused") == shard_bytes(tmp_path / "torch")
+    if params.get("epsilon") == 0.0:
+        base = outputs(tmp_path / "torch")["quiet.weight"]
+        assert torch.equal(outputs(tmp_path / "fused")["quiet.weight"], base)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+@pytest.mark.parametrize("kind", ["rank1", "full"])
+@pytest.mark.parametrize("params", [{}, {"power": 0.3, "epsilon": 1e-30}, {"power": 1.7},
+                                    {"epsilon": 0.0}])
+def test_fused_ota_with_a_root_or_other_power_is_within_an_ulp(tmp_path, monkeypatch, dtype,
+                                                                kind, params):
+    """Not bit for bit. torch's sqrt (p = 0.5, the default) on x86 is MKL's vsSqrt in its
+    high-accuracy mode, within an ulp but not correctly rounded (measured: 17% of random fp32
+    values an ulp off numpy's IEEE sqrt), and a power other than 0.5, 1, 2, 3 is Sleef's pow
+    there and powf here, each within an ulp. A weight an ulp apart moves the weighted mean by
+    at most a few fp32 ulps of the largest input: fp32 outputs agree to 1e-6 of the largest
+    |theta_k| at the element, 16-bit ones to one ulp (a sum across a rounding boundary)."""
+    both(tmp_path, monkeypatch, [dtype] * 4, params, kind=kind)
+    got, want = outputs(tmp_path / "fused"), outputs(tmp_path / "torch")
+    experts = [outputs(tmp_path / f"e{k}") for k in range(3)]
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        if not w.is_floating_point():
+            assert torch.equal(got[name], w)
+        elif dtype == F32:
+            scale = torch.stack([e[name].abs() for e in experts]).amax(0)
+            assert bool(((got[name] - w).abs() <= 1e-6 * scale).all()), name
+        else:
+            ulps = (got[name].view(torch.int16).int() - w.view(torch.int16).int()).abs()
+            assert int(ulps.max()) <= 1, name
+
+
+def test_the_report_names_the_fused_kernel_and_density_keeps_the_torch_pass(tmp_path,
+                                                                             monkeypatch):
+    base, parts = write_models(tmp_path, [BF16] * 3)
+    fused = merge_models(base_dir=base, partitions=parts, method="ota", out_dir=tmp_path / "a",
+                         shard_size_bytes=10**9)
+    ffg = merge_models(base_dir=base, partitions=parts, method="ota", out_dir=tmp_path / "b",
+                       params={"density": 0.5}, shard_size_bytes=10**9)
+    assert (fused.kernel, ffg.kernel) == ("fused", "torch")
+
+
+@pytest.mark.parametrize("torch_pass", [False, True])
+def test_a_non_finite_ota_output_is_refused_naming_the_tensor(tmp_path, monkeypatch,
+                                                              torch_pass):
+    base, parts = write_models(tmp_path, [BF16] * 3, nan_in=1)
+    with pytest.raises(MergeOutputError, match="layer.bias"):
+        run(base, parts, tmp_path / "out", torch_pass=torch_pass, monkeypatch=monkeypatch)
+    assert not list((tmp_path / "out").glob("*safetensors*"))
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
+@pytest.mark.parametrize("factor", ["row", "col", "total"])
+def test_a_bad_rank1_factor_is_refused_as_the_moments_reader_refuses_it(tmp_path, monkeypatch,
+                                                                        bad, factor):
+    """The fused pass reads the factors itself (numpy) and checks them as
+    MomentReader.check does, with its error; verification refuses the partition with it."""
+    base, parts = write_models(tmp_path, [BF16] * 3)
+    from merit_trainer.moments import load_second_moments
+
+    _, entries, _ = load_second_moments(parts[1].moments)
+    tensors = {}
+    for name, e in entries.items():
+        if isinstance(e, tuple):
+            for f, t in zip(("row", "col", "total"), e, strict=True):
+                tensors[f"{name}::{f}"] = t.clone()
+        else:
+            tensors[name] = e
+    tensors[f"embed.weight::{factor}"].view(-1)[0] = bad
+    write_moment_file(parts[1].moments, tensors, kind="rank1", beta2=0.999, step=10)
+    from merit_merger.moments import MomentReader
+
+    reader = MomentReader(parts[1].moments)
+    with pytest.raises(MomentsFormatError) as want:
+        reader.check("embed.weight", SHAPES["embed.weight"])
+    with pytest.raises(MomentsFormatError) as got:
+        merge_models(base_dir=base, partitions=parts, method="ota", out_dir=tmp_path / "out",
+                     shard_size_bytes=10**9)
+    assert str(got.value) == str(want.value)
+    assert "embed.weight" in str(got.value)
+    assert not list((tmp_path / "out").glob("*safetensors*"))
+
+
+MERGE = """
+import json, sys
+from pathlib import Path
+from merit_merger import fusedmerge, fusedota
+from merit_merger.engine import merge_models
+from merit_merger.sources import PartitionSource
+
+fusedmerge.warm()
+args = json.loads(sys.argv[1])
+parts = [PartitionSource(n, Path(d), t, moments=Path(v)) for n, d, t, v in args["parts"]]
+result = merge_models(base_dir=Path(args["base"]), partitions=parts, method="ota",
+                      out_dir=Path(args["out"]), shard_size_bytes=10**9, threads=2)
+kernels = (fusedota.merge_factored, fusedota.merge_stored, fusedota.power)
+print(json.dumps({"kernel": result.kernel, "torch": "torch" in sys.modules,
+                  "compiled": [len(k.signatures) for k in kernels]}))
+"""
+
+
+def test_a_fused_ota_merge_never_imports_torch_nor_compiles(tmp_path):
+    """As test_merge_without_torch: the moments are read and raised to p with numpy. And
+    the merge calls the kernels with the types warm() compiled them for (one signature
+    each), so a merge never compiles."""
+    base, parts = write_models(tmp_path, [BF16] * 3)
+    args = {"base": str(base), "out": str(tmp_path / "out"),
+            "parts": [(p.name, str(p.model_dir), p.tokens, str(p.moments)) for p in parts]}
+    done = subprocess.run([sys.executable, "-c", MERGE, json.dumps(args)], env=os.environ,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "kernel": "fused", "torch": False, "compiled": [1, 1, 1]}
