@@ -23,14 +23,11 @@ from typing import Any
 
 import torch
 
-from .io import ModelReader, TensorMeta
+from .io import Item, ModelReader, Rows
 from .methods import Moment, Rank1Moment
 from .moments import MomentReader
 from .pieces import TRIM_EVERY, trim_heaps
 from .sources import ExpertReader
-
-Rows = tuple[int, int] | None
-Item = tuple[str, Rows]
 
 
 @dataclass
@@ -51,14 +48,6 @@ class RawBlock:
     base: torch.Tensor | None
     experts: list[torch.Tensor | None]  # None: a LoRA expert (built in the main thread)
     moments: list[torch.Tensor | None] | None  # None: rank-1 factors (handed out as such)
-
-
-def block_rows(meta: TensorMeta, chunk_elements: int, *, elementwise: bool) -> list[Rows]:
-    """Row ranges covering a tensor, each at most chunk_elements (one row at least)."""
-    if not elementwise or not meta.shape or meta.numel <= chunk_elements:
-        return [None]
-    per = max(1, chunk_elements // max(1, meta.numel // meta.rows))
-    return [(a, min(a + per, meta.rows)) for a in range(0, meta.rows, per)]
 
 
 class Buffers:

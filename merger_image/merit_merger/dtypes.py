@@ -77,5 +77,6 @@ def to_float32(raw: np.ndarray, dtype: Dtype) -> np.ndarray:
     raise ValueError(f"{dtype} has no numpy conversion to float32")
 
 
+WIDENED = {"F32", "BF16", "F16", "F64"}  # the floats `to_float32` takes
 _NUMPY = {"F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32,
           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

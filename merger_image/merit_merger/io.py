@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 _MAX_HEADER = 100 << 20
+Rows = tuple[int, int] | None  # rows [start, stop) of dim 0, or None: the whole tensor
+Item = tuple[str, Rows]  # a block: a tensor's name and rows
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,14 @@ class TensorMeta:
     @property
     def row_bytes(self) -> int:
         return self.nbytes // self.rows if self.rows else 0
+
+
+def block_rows(meta: TensorMeta, chunk_elements: int, *, elementwise: bool) -> list[Rows]:
+    """Row ranges covering a tensor, each at most chunk_elements (one row at least)."""
+    if not elementwise or not meta.shape or meta.numel <= chunk_elements:
+        return [None]
+    per = max(1, chunk_elements // max(1, meta.numel // meta.rows))
+    return [(a, min(a + per, meta.rows)) for a in range(0, meta.rows, per)]
 
 
 class HeaderError(StorageError):
@@ -263,6 +274,7 @@ class ModelReader:
                     raise StorageError(f"{self.model_dir}: tensor {name} is in two files")
                 self._metas[name] = meta
         self._fds: dict[Path, int] = {}
+        self._opening = threading.Lock()  # `valuescan` reads on several threads
         self.bytes_read = 0
 
     def __enter__(self) -> ModelReader:
@@ -295,12 +307,13 @@ class ModelReader:
         self._pread(meta, meta.offset + start * meta.row_bytes, buf.numpy())
         return buf.view(meta.dtype.torch).reshape(shape)
 
-    def read_array(self, name: str) -> np.ndarray:
-        """The stored bytes of tensor `name`, whole, as a fresh uint8 array (no torch; see
-        `dtypes.to_float32`)."""
+    def read_array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The stored bytes of tensor `name` (or rows [start, stop) of dim 0) as a fresh
+        uint8 array: `read` without torch (see `dtypes.to_float32`)."""
         meta = self._metas[name]
-        buf = np.empty(meta.nbytes, np.uint8)
-        self._pread(meta, meta.offset, buf)
+        start, stop = rows if rows is not None else (0, meta.rows)
+        buf = np.empty((stop - start) * meta.row_bytes, np.uint8)
+        self._pread(meta, meta.offset + start * meta.row_bytes, buf)
         return buf
 
     def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -337,7 +350,10 @@ class ModelReader:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = open_regular(path)
+            with self._opening:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = open_regular(path)
         return fd
 
     def _pread(self, meta: TensorMeta, offset: int, buf: np.ndarray) -> None:

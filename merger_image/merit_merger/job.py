@@ -62,11 +62,14 @@ class MergeSettings:
     output_dtype: str | None = None
     device: str = "cpu"
     strict_dtype: bool = False
+    threads: int | None = None  # CPU threads of the scan and the merge (None: one per core)
 
 
 def merge_device(requested: str) -> str:
     """The torch device of a merge: `cuda` needs one (else a SpecError naming the field),
-    `auto` takes one when present, anything else is `cpu`."""
+    `auto` takes one when present, anything else is `cpu` (without importing torch)."""
+    if requested not in ("cuda", "auto"):
+        return "cpu"
     import torch
 
     available = torch.cuda.is_available()
@@ -77,7 +80,8 @@ def merge_device(requested: str) -> str:
 
 
 def settings_from_spec(spec: MergeSpec, *, device: str | None = None,
-                       planned: int | None = None, required: int | None = None) -> MergeSettings:
+                       planned: int | None = None, required: int | None = None,
+                       threads: int | None = None) -> MergeSettings:
     """MergeSettings from the MeritRun spec's merge section (density from ota or merge;
     the device from merge.device unless given)."""
     ota = spec.ota
@@ -94,6 +98,7 @@ def settings_from_spec(spec: MergeSpec, *, device: str | None = None,
         planned=planned, required=required, outlier_factor=spec.outlier_factor,
         refuse_outliers=spec.refuse_outliers,
         shard_size_bytes=spec.shard_size_mb * MB, device=device or merge_device(spec.device),
+        threads=threads,
     )
 
 
@@ -133,7 +138,7 @@ def run_merge_job(
         list(sources.values()), base_dir=base_dir, method=method,
         outlier_factor=settings.outlier_factor, refuse_outliers=settings.refuse_outliers,
         hashes_verified=hashes_verified, strict_dtype=settings.strict_dtype,
-        expected=expected, run=run, streamed=streamed)
+        expected=expected, run=run, streamed=streamed, threads=settings.threads)
     refused += verification.refused
     timings["verify"] = verification.seconds
     base_info = {"uri": base_uri or str(base_dir), "fingerprint": model_fingerprint(base_dir)}
@@ -158,7 +163,8 @@ def run_merge_job(
             base_dir=base_dir, partitions=verification.accepted, method=method.key,
             params=settings.params, out_dir=out_dir / "model",
             shard_size_bytes=settings.shard_size_bytes, output_dtype=settings.output_dtype,
-            device=settings.device, progress=progress, observe=observe)
+            device=settings.device, progress=progress, observe=observe,
+            threads=settings.threads)
 
     quorum()
     result = None

@@ -67,6 +67,11 @@ class MomentReader:
         self._reader.close()
 
     @property
+    def reader(self) -> ModelReader:
+        """The reader of the file's tensors as stored (factors under their own keys)."""
+        return self._reader
+
+    @property
     def bytes_read(self) -> int:
         return self._reader.bytes_read
 
@@ -127,6 +132,13 @@ class MomentReader:
         if len(shape) < 2 and t.numel() == math.prod(shape):
             t = t.reshape(shape)
         return t
+
+    def stored_array(self, name: str, shape: tuple[int, ...],
+                     rows: tuple[int, int] | None = None) -> np.ndarray:
+        """`read_stored` as a flat fp32 numpy array (no torch)."""
+        whole = rows is None or len(shape) < 1
+        raw = self._reader.read_array(name, None if whole else rows)
+        return to_float32(raw, self._reader.meta(name).dtype)
 
     def factors(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None
                 ) -> Rank1Moment:

@@ -65,12 +65,17 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
 
     storage, workdir = open_stage_storage(params), Path(workdir)
     where = {"endpoint": params.storage.endpoint, "region": params.storage.region}
-    if os.environ.get("MERITRUN_TORCH_THREADS"):  # as the trainer: the backend shares cores
-        import torch
-
-        torch.set_num_threads(int(os.environ["MERITRUN_TORCH_THREADS"]))
     # scoring base and partitions on a held-out file loads them with transformers, from files
     streamed = inputs_mode() == "stream" and not params.held_out
+    # as the trainer: the backend shares cores. The scan and the merge take the count; torch,
+    # imported only where it is needed, is told up front where it surely is (scores, the
+    # streamed checks)
+    threads = int(os.environ["MERITRUN_TORCH_THREADS"]) if os.environ.get(
+        "MERITRUN_TORCH_THREADS") else None
+    if threads and (params.held_out or streamed):
+        import torch
+
+        torch.set_num_threads(threads)
     mounts: dict = {}
     if streamed:
         base_dir, mounts = open_base(params.base_model, workdir / "cache", **where)
@@ -98,7 +103,7 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
             outcome = run_merge_job(
                 base_dir=base_dir, candidates=candidates,
                 settings=settings_from_spec(params.merge, planned=params.planned,
-                                            required=params.required),
+                                            required=params.required, threads=threads),
                 out_dir=out_dir, base_uri=params.base_model, locations=locations,
                 hashes_verified=frozenset(verified),
                 expected={part.name: part for part in params.partitions}, run=params.run,

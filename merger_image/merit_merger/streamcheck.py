@@ -14,8 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from meritrun.artifacts import fingerprint_of, sha256_file
 from meritrun.errors import ContributionRejected, StorageError
@@ -23,6 +22,9 @@ from meritrun.errors import ContributionRejected, StorageError
 from .io import HeaderError, read_header
 from .remote import SequentialReader, mounted_in, remote_file
 from .sources import PartitionSource
+
+if TYPE_CHECKING:
+    import torch
 
 # No trained weight comes near this; K of them (or their squares) stay finite in fp32/fp64,
 # so a contribution above it is refused rather than allowed to overflow a merge.
@@ -32,15 +34,23 @@ MAX_MAGNITUDE = 1e15
 def value_problem(name: str, t: torch.Tensor, *, moments: bool = False
                   ) -> tuple[str, str] | None:
     """(check, detail) when the values of `t` (tensor `name`) may not be merged, else None."""
+    import torch  # the torch pass's blocks (`bounds_problem` is the rule, without torch)
+
     if not t.numel():
         return None
+    low, high = map(float, torch.aminmax(t))  # NaN propagates; one pass (10x a bf16 sum)
+    return bounds_problem(name, low, high, moments=moments)
+
+
+def bounds_problem(name: str, low: float, high: float, *, moments: bool = False
+                   ) -> tuple[str, str] | None:
+    """`value_problem` of values whose least and greatest are low and high (NaN when any
+    value is NaN)."""
     if moments:
-        low, high = map(float, torch.aminmax(t))  # NaN compares false: refused
-        if not (low >= 0 and high <= MAX_MAGNITUDE):
+        if not (low >= 0 and high <= MAX_MAGNITUDE):  # NaN compares false: refused
             return "second-moments", (f"{name}: moments in [{low:.3g}, {high:.3g}] (negative, "
                                       f"non-finite or above {MAX_MAGNITUDE:.0e})")
         return None
-    low, high = map(float, torch.aminmax(t))  # NaN propagates; one pass (10x a bf16 sum)
     if not (math.isfinite(low) and math.isfinite(high)):
         return "non-finite", f"NaN/Inf in {name}"
     peak = max(abs(low), abs(high))
@@ -57,6 +67,8 @@ def stream_file(path: Path, *, moments: bool = False, chunk: int | None = None
     A safetensors file's tensors are checked as they pass (its header was validated by
     `read_header`, so they tile the data area); any other file is only hashed.
     """
+    import torch  # a streamed merge takes the torch pass anyway
+
     metas = read_header(path)[0] if path.name.endswith(".safetensors") else None
     problem = None
     with SequentialReader(path, **({"chunk": chunk} if chunk else {})) as reader:

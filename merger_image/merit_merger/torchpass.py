@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .blocks import Block, BlockLoader, Buffers, Item, block_rows
+from .blocks import Block, BlockLoader, Buffers, Item
 from .dtypes import Dtype
-from .io import ModelReader
+from .io import ModelReader, block_rows
 from .methods import MergeInputs, MergeMethod, TensorStats
 from .moments import MomentReader
 from .pieces import PieceRunner, all_finite

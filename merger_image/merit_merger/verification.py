@@ -26,21 +26,27 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from meritrun.errors import ContributionRejected, StageFailed
 from meritrun.pipeline import quorum as quorum_rule
 from meritrun.stages import PartitionInput
 
-from .blocks import Block, BlockLoader, block_rows
+from . import valuescan
 from .checks import check_files, check_identity, check_plan, check_static
 from .engine import DEFAULT_CHUNK_ELEMENTS
-from .io import ModelReader
-from .methods import MergeMethod
+from .io import ModelReader, block_rows
+from .methods import MergeMethod, Rank1Moment
 from .moments import MomentReader
 from .sources import ExpertReader, PartitionSource
-from .streamcheck import check_stream, model_fingerprint, value_problem
+from .streamcheck import check_stream, model_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+
+    from .blocks import Block
 
 log = logging.getLogger(__name__)
 
@@ -88,50 +94,69 @@ class NormScan:
     def __call__(self, block: Block) -> None:
         if block.raw is not None or block.base is None:
             return
-        base = block.base.float()
+        base = _flat(block.base)
         for i, p in enumerate(self.names):
             if p in self.refused:
                 continue
-            theta = block.experts[i]
             v = block.moments[i] if block.moments is not None else None
-            problem = value_problem(block.name, theta)
-            if problem is None and isinstance(v, torch.Tensor):
-                problem = value_problem(block.name, v, moments=True)
+            stored = None if v is None or isinstance(v, Rank1Moment) else _flat(v)
+            problem, sq = valuescan.judge_block(block.name, base, _flat(block.experts[i]),
+                                                stored)
             if problem is not None:
                 self.refused[p] = ContributionRejected(p, *problem)
                 if self.raise_refusals:
                     raise self.refused[p]
                 continue
-            # |theta|, |theta0| <= MAX_MAGNITUDE, so a block's fp32 sum of squares stays
-            # finite (4e30 x 1e6 elements < 3.4e38); blocks add up in Python floats
-            d = (theta.float() - base).reshape(-1)
             per = self.sq.setdefault(block.name, {})
-            per[p] = per.get(p, 0.0) + float(torch.dot(d, d))
+            per[p] = per.get(p, 0.0) + sq
 
     def norms(self) -> dict[str, dict[str, float]]:
         return {t: {p: math.sqrt(v) for p, v in per.items() if p not in self.refused}
                 for t, per in self.sq.items()}
 
 
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """A torch block as a flat fp32 array for `valuescan.judge_block` (the same sums, bit for
+    bit, as the numpy scan's: a streamed merge's report equals a staged one's)."""
+    return t.detach().float().cpu().reshape(-1).numpy()
+
+
 def scan_tensors(sources: Sequence[PartitionSource], base: ModelReader, *, moments: bool,
-                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, threads: int | None = None
                  ) -> tuple[dict[str, dict[str, float]], list[ContributionRejected]]:
-    """One streaming pass: NaN/Inf in weights (and stored second moments), update norms."""
+    """One streaming pass: NaN/Inf in weights (and stored second moments), update norms;
+    with numpy (`valuescan`) where it covers the inputs, else on torch blocks."""
     experts = [ExpertReader(s, base) for s in sources]
     readers = [MomentReader(s.moments) for s in sources] if moments else None
     if readers is not None and all(r.kind == "rank1" for r in readers):
         for r in readers:  # rank-1 factors were checked whole in check_static
             r.close()
         readers = None
+    names = [s.name for s in sources]
+    try:
+        if valuescan.scannable(base, [e.model for e in experts], readers):
+            return valuescan.scan(names, base, [e.model for e in experts], readers,
+                                  chunk_elements=chunk_elements, threads=threads)
+        return _scan_blocks(names, base, experts, readers, chunk_elements=chunk_elements)
+    finally:
+        for reader in [base, *experts, *(readers or [])]:
+            reader.close()
+
+
+def _scan_blocks(names: list[str], base: ModelReader, experts: list[ExpertReader],
+                 readers: list[MomentReader] | None, *, chunk_elements: int
+                 ) -> tuple[dict[str, dict[str, float]], list[ContributionRejected]]:
+    """`scan_tensors` on torch blocks (LoRA partitions, fp8 weights)."""
+    import torch
+
+    from .blocks import BlockLoader
+
     loader = BlockLoader(base, experts, readers, need_base=True)
-    scan = NormScan([s.name for s in sources])
+    scan = NormScan(names)
     items = [(m.name, r) for m in map(base.meta, base.names) if m.dtype.is_floating_point
              for r in block_rows(m, chunk_elements, elementwise=True)]
-    try:
-        for block in loader.blocks(items, torch.device("cpu")):
-            scan(block)
-    finally:
-        loader.close()
+    for block in loader.blocks(items, torch.device("cpu")):
+        scan(block)
     return scan.norms(), list(scan.refused.values())
 
 
@@ -190,7 +215,7 @@ def verify_partitions(
     hashes_verified: Collection[str] = (),
     strict_dtype: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     expected: Mapping[str, PartitionInput] | None = None, run: str | None = None,
-    streamed: bool = False,
+    streamed: bool = False, threads: int | None = None,
 ) -> Verification:
     """Run every check; the result lists accepted and refused partitions and outliers.
 
@@ -201,6 +226,7 @@ def verify_partitions(
     `streamed`: each file is read once, front to back (`streamcheck`: sha256 and stored
     values) instead of hashed and then scanned; the update norms and outlier flags are left
     to the merge pass (`NormScan`, `judge_norms`), so a merge reads each input twice at most.
+    `threads`: of the scan (default one per core).
     """
     started, result = time.monotonic(), Verification()
     base_fp = model_fingerprint(Path(base_dir))
@@ -223,7 +249,7 @@ def verify_partitions(
         norms, scan_refused = {}, []
         if not streamed:
             norms, scan_refused = scan_tensors(survivors, base, moments=method.needs_moments,
-                                               chunk_elements=chunk_elements)
+                                               chunk_elements=chunk_elements, threads=threads)
     result.refused += scan_refused
     bad = {r.partition for r in scan_refused}
     result.accepted = [s for s in survivors if s.name not in bad]

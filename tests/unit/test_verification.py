@@ -239,3 +239,39 @@ def test_a_moments_file_that_is_not_safetensors_is_refused(parts, tiny_base):
     v.write_bytes(b"\x00" * 3)
     refresh_manifest(parts[0])
     only_refusal(verify_artifacts(parts, tiny_base, "ota")[0], "p0", "safetensors-header")
+
+
+@pytest.mark.parametrize("kind", ["rank1", "full"])
+def test_the_numpy_scan_finds_what_the_torch_scan_finds(tiny_base, tmp_path, monkeypatch, kind):
+    """Full weights are scanned by `valuescan` reading them itself (a fused merge imports no
+    torch), LoRA on torch blocks (`NormScan`): the same refusals, each partition's first
+    problem, and the same update norms bit for bit (the same blocks judged the same way)."""
+    from safetensors.torch import load_file, save_file
+
+    from merit_merger import valuescan
+    from merit_merger.io import ModelReader
+    from merit_merger.sources import PartitionSource
+    from merit_merger.verification import scan_tensors
+
+    artifacts = make_experts(tmp_path, tiny_base, 4, moments_kind=kind).artifacts
+    names = list(load_state(tiny_base))
+    edit_tensor(artifacts[1], lambda s: s[names[-1]].view(-1).__setitem__(-1, float("inf")))
+    edit_tensor(artifacts[2], lambda s: s[names[1]].view(-1).__setitem__(0, 3e16))
+    sources = [PartitionSource.from_artifact(a) for a in artifacts]
+    if kind == "full":  # a negative second moment in p3
+        v = load_file(sources[3].moments)
+        v[names[0]].view(-1)[5] = -1.0
+        save_file(v, sources[3].moments, metadata={"kind": "full"})
+
+    def scan() -> tuple[dict, list]:
+        norms, refused = scan_tensors(sources, ModelReader(tiny_base), moments=True,
+                                      chunk_elements=100)
+        return norms, [(r.partition, r.check, r.detail) for r in refused]
+
+    norms, refused = scan()
+    monkeypatch.setattr(valuescan, "scannable", lambda *a: False)
+    torch_norms, torch_refused = scan()
+    assert refused == torch_refused and len(refused) == (3 if kind == "full" else 2)
+    assert {p for p, *_ in refused} == ({"p1", "p2", "p3"} if kind == "full" else {"p1", "p2"})
+    assert norms.keys() == set(names) and norms == torch_norms
+    assert all(norms[t].keys() == ({"p0"} if kind == "full" else {"p0", "p3"}) for t in names)
