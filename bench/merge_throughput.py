@@ -156,8 +156,8 @@ def child(args: argparse.Namespace) -> None:
                           shard_size_bytes=args.shard_mb * 1_000_000, device=args.device,
                           threads=args.threads)
     shutil.rmtree(args.out, ignore_errors=True)
-    print(json.dumps({"bytes_read": result.bytes_read, "seconds": result.seconds}),
-          file=sys.stderr)
+    print(json.dumps({"kernel": result.kernel, "bytes_read": result.bytes_read,
+                      "seconds": result.seconds}), file=sys.stderr)
 
 
 def mergekit_recipe(root: Path, k: int, method: str) -> dict:

@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from numba import njit
+from numba import carray, njit
 
-from .fused import CHUNK, CODES, _fma, _narrow, _widen
+from .fused import CHUNK, CODES, _fma, _narrow, _pointer, _widen
 from .fusedmerge import FusedMethod, Merge, Plan, Tensor
 from .io import TensorMeta
 from .moments import SEP, MomentReader
@@ -60,28 +60,34 @@ def power(x, n, p, out):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _add(k, n, w, x, num, den):
-    """Expert k's weights w and values x into the sums, in the torch pass's order."""
+def _add(k, n, row, col, eps, x, num, den):
+    """Expert k into the sums, in the torch pass's order, its weights w = row * col[i] + eps
+    made on the way (a stored moment's v^p is col with row 1: the same bits). One loop, so
+    that it vectorises with nothing stored between (measured: 0.9 against 0.55 G elements/s
+    for a loop making w, then one adding it)."""
     if k == 0:
         for i in range(n):
-            num[i] = w[i] * x[i]
-            den[i] = w[i]
+            w = row * col[i] + eps
+            num[i] = w * x[i]
+            den[i] = w
     else:
         for i in range(n):
-            num[i] = _fma(w[i], x[i], num[i])
-            den[i] = den[i] + w[i]
+            w = row * col[i] + eps
+            num[i] = _fma(w, x[i], num[i])
+            den[i] = den[i] + w
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _divide(n, num, den, use_base, address, code, start, b):
     """num[:n] = num / den, or the base where den = 0 (when the merge reads the base)."""
-    for i in range(n):
-        num[i] = num[i] / den[i]
     if use_base:
         _widen(address, code, start, n, b)
         for i in range(n):
-            if den[i] == 0:
-                num[i] = b[i]
+            q = num[i] / den[i]
+            num[i] = b[i] if den[i] == 0 else q
+    else:
+        for i in range(n):
+            num[i] = num[i] / den[i]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")  # x / 0 is IEEE's, no raise
@@ -89,14 +95,14 @@ def merge_factored(addresses, codes, rows, cols, eps, use_base, lo, hi):
     """Elements [lo, hi) of a tensor with rank-1 moments; True when an output is not finite.
 
     addresses / codes: the K experts, the base, the output (see `fused.merge_range`).
-    rows: fp32 [K, R], (row / total)^p; cols: fp32 [K, C], col^p; eps: fp32."""
+    rows: fp32 [K, R], (row / total)^p; cols: fp32 [K, C], col^p (both C-contiguous);
+    eps: fp32."""
     k_count = len(addresses) - 2
     base, out = k_count, k_count + 1
     n_cols = cols.shape[1]
     num = np.empty(CHUNK, np.float32)
     den = np.empty(CHUNK, np.float32)
     x = np.empty(CHUNK, np.float32)
-    w = np.empty(CHUNK, np.float32)
     bad = False
     start = lo
     while start < hi:  # a piece never crosses a row: one row factor per piece
@@ -105,10 +111,9 @@ def merge_factored(addresses, codes, rows, cols, eps, use_base, lo, hi):
         n = min(CHUNK, hi - start, n_cols - c)
         for k in range(k_count):
             _widen(addresses[k], codes[k], start, n, x)
-            row_k, col_k = rows[k, r], cols[k, c:c + n]
-            for i in range(n):
-                w[i] = row_k * col_k[i] + eps
-            _add(k, n, w, x, num, den)
+            # the columns as an array from 0 at their address (see fused: it vectorises)
+            col = carray(_pointer(cols.ctypes.data + 4 * (k * n_cols + c)), n, np.float32)
+            _add(k, n, rows[k, r], col, eps, x, num, den)
         _divide(n, num, den, use_base, addresses[base], codes[base], start, x)
         bad |= _narrow(num, n, addresses[out], codes[out], start)
         start += n
@@ -133,10 +138,8 @@ def merge_stored(addresses, codes, p, eps, use_base, lo, hi):
             v = base + 1 + k
             _widen(addresses[v], codes[v], start, n, x)
             power(x, n, p, w)
-            for i in range(n):
-                w[i] = w[i] + eps
             _widen(addresses[k], codes[k], start, n, x)
-            _add(k, n, w, x, num, den)
+            _add(k, n, np.float32(1.0), w, eps, x, num, den)
         _divide(n, num, den, use_base, addresses[base], codes[base], start, x)
         bad |= _narrow(num, n, addresses[out], codes[out], start)
     return bad
