@@ -95,10 +95,14 @@ class Merge:
     moments: Sequence[Any] | None = None  # the experts' MomentReaders, when the method has them
     # a tensor of at most this many elements is one unit (its kernel sees all of it at once)
     unit_elements: int = UNIT_ELEMENTS
-    # scan(tensor, kernel): a pass over the tensor's experts and base before its units are
-    # merged (TIES counts its thresholds so), unit by unit on the pool's threads, the kernel
-    # accumulating what it counts itself; returns when every unit is done
-    scan: Callable[[Tensor, Kernel], None] | None = None
+    # scan(tensor, kernel, held=None): a pass over the tensor's experts and base before its
+    # units are merged (TIES counts its thresholds so), unit by unit on the pool's threads,
+    # the kernel accumulating what it counts itself; returns when every unit is done. With
+    # `held` (hold's arrays) the units read nothing: the kernel gets the arrays' addresses
+    scan: Callable[..., None] | None = None
+    # hold(tensor): its experts and base read whole into memory, unit by unit on the pool
+    # (a plan that reads them once for several passes: Plan.held)
+    hold: Callable[[Tensor], list[np.ndarray]] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # the scans' wall time, "prepass"
 
 
@@ -127,6 +131,9 @@ class Plan:
     # counted in `counters`, the reader whose bytes_read it adds to)
     extra: tuple[TensorMeta, ...] = ()
     counters: tuple[Any, ...] = ()
+    # the experts and the base are in the kernel's closure (Merge.hold read them): the units
+    # read neither, and their addresses there are not theirs
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,12 +252,15 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
     try:
         unit_elements = min(unit_elements, UNIT_ELEMENTS)
 
-        def scan(t: Tensor, kernel: Kernel) -> None:
+        def scan(t: Tensor, kernel: Kernel, held: list[np.ndarray] | None = None) -> None:
             _scan(pool, buffers, t, kernel, files, [*experts, base], unit_elements,
-                  merge.seconds)
+                  merge.seconds, held)
+
+        def hold(t: Tensor) -> list[np.ndarray]:
+            return _hold(pool, t, files, [*experts, base], unit_elements, merge.seconds)
 
         merge = Merge(method, params, weights, len(experts), files, moments,
-                      unit_elements=unit_elements, scan=scan)
+                      unit_elements=unit_elements, scan=scan, hold=hold)
         plan = _methods()[method].prepare(merge)
         units = _units(plan, base, experts, files, writer, out_dtypes, unit_elements)
         for unit in units:
@@ -290,14 +300,14 @@ def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequen
             continue
         metas = tuple(e.meta(name) for e in experts)
         plan = plan_of(Tensor(name, meta, metas, out_dtypes[name]))
-        read = [*zip(experts, metas, strict=True), *zip(plan.counters, plan.extra, strict=True)]
-        if plan.reads_base:
-            read.append((base, meta))
+        read = list(zip(plan.counters, plan.extra, strict=True))
+        if not plan.held:  # else counted by Merge.hold
+            read += [*zip(experts, metas, strict=True), *([(base, meta)] * plan.reads_base)]
         for reader, m in read:  # counted as the torch pass counts
             reader.bytes_read += m.nbytes
         base_place = files.place(meta)
-        places = (*(files.place(m) for m in metas),
-                  base_place if plan.reads_base else (base_place[0], base_place[1], 0),
+        places = (*(_unread(files.place(m), plan.held) for m in metas),
+                  _unread(base_place, plan.held or not plan.reads_base),
                   *(files.place(m) for m in plan.extra),
                   (out_fd, out_offset, nbytes // meta.numel))
         paths = tuple(m.path for m in (*metas, meta, *plan.extra))
@@ -307,20 +317,14 @@ def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequen
                         last=hi == meta.numel)
 
 
-def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel: Kernel,
-          files: _Files, readers: Sequence[ModelReader], unit_elements: int,
-          seconds: dict[str, float]) -> None:
-    """Merge.scan: the tensor's experts and base (read by `readers`), unit by unit on the
-    pool (after the units already queued), waited for; its wall time adds to "prepass"."""
-    started = time.monotonic()
-    metas = (*t.experts, t.base)
-    for reader, m in zip(readers, metas, strict=True):
-        reader.bytes_read += m.nbytes
-    places = (*(files.place(m) for m in metas), (-1, 0, 0))  # no output
-    paths = tuple(m.path for m in metas)
-    jobs = [pool.submit(_run, _Unit(t.name, kernel, lo, min(lo + unit_elements, t.base.numel),
-                                    places, paths, writes=False), buffers)
-            for lo in range(0, t.base.numel, unit_elements)]
+def _unread(place: tuple[int, int, int], unread: bool) -> tuple[int, int, int]:
+    """A unit's place of an input it does not read (itemsize 0), or the place as it is."""
+    return (place[0], place[1], 0) if unread else place
+
+
+def _wait(jobs: list[Future], seconds: dict[str, float], started: float) -> None:
+    """Every job's result (the first error raised, the rest cancelled); the wall time since
+    `started` adds to seconds["prepass"]."""
     try:
         for job in jobs:
             job.result()
@@ -328,6 +332,44 @@ def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel:
         for job in jobs:
             job.cancel()
     seconds["prepass"] = seconds.get("prepass", 0.0) + time.monotonic() - started
+
+
+def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel: Kernel,
+          files: _Files, readers: Sequence[ModelReader], unit_elements: int,
+          seconds: dict[str, float], held: list[np.ndarray] | None) -> None:
+    """Merge.scan: the tensor's experts and base (read by `readers`, or `held`), unit by
+    unit on the pool (after the units already queued), waited for."""
+    started, numel = time.monotonic(), t.base.numel
+    spans = [(lo, min(lo + unit_elements, numel)) for lo in range(0, numel, unit_elements)]
+    if held is not None:
+        addresses = np.array([a.ctypes.data for a in held], np.int64)
+        return _wait([pool.submit(kernel, addresses, lo, hi) for lo, hi in spans], seconds,
+                     started)
+    metas = (*t.experts, t.base)
+    for reader, m in zip(readers, metas, strict=True):
+        reader.bytes_read += m.nbytes
+    places = (*(files.place(m) for m in metas), (-1, 0, 0))  # no output
+    paths = tuple(m.path for m in metas)
+    _wait([pool.submit(_run, _Unit(t.name, kernel, lo, hi, places, paths, writes=False), buffers)
+           for lo, hi in spans], seconds, started)
+
+
+def _hold(pool: ThreadPoolExecutor, t: Tensor, files: _Files, readers: Sequence[ModelReader],
+          unit_elements: int, seconds: dict[str, float]) -> list[np.ndarray]:
+    """Merge.hold: the tensor's experts and base, each read whole (bytes as stored) by units
+    of the pool straight into its array."""
+    started, metas = time.monotonic(), (*t.experts, t.base)
+    arrays = [np.empty(m.nbytes, np.uint8) for m in metas]
+    jobs = []
+    for reader, m, array in zip(readers, metas, arrays, strict=True):
+        reader.bytes_read += m.nbytes
+        fd, offset, size = files.place(m)
+        step = unit_elements * size
+        for at in range(0, m.nbytes, step):
+            view = memoryview(array[at:at + step])
+            jobs.append(pool.submit(pread_into, fd, view, offset + at, path=m.path, name=t.name))
+    _wait(jobs, seconds, started)
+    return arrays
 
 
 def _run(unit: _Unit, buffers: threading.local) -> bool:

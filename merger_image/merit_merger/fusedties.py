@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 
 HI_BINS = 1 << 15  # the high 16 bits of |tau|: the sign bit is 0 (selection.HI_BINS)
 LO_BINS = 1 << 16
+# A tensor whose inputs (K experts and the base, as stored) take at most this is held in
+# memory while its thresholds are counted and it is merged, so it is read once, not three
+# times (1B parameters, K = 4: every tensor but the embedding; 12 GB read instead of 30).
+# Held tensors of at least two units each: the one being counted, and those of the merge
+# units in flight (2 x threads) at most, so they take at most (threads + 2) x HOLD_BYTES.
+HOLD_BYTES = 64 << 20
 _MAGNITUDE = np.uint32(0x7FFFFFFF)  # abs(): the sign bit cleared, NaN included
 
 
@@ -242,7 +248,8 @@ class _Tally:
 def streamed_thresholds(scan: Callable, tensor: Tensor, codes: np.ndarray, keep: int,
                         local: threading.local) -> np.ndarray:
     """Each expert's keep-th largest |tau| over a tensor of many units (fp32, one per
-    expert): two scans of its experts and base, pass 1's histograms between them."""
+    expert): two scans (Merge.scan's, of its experts and base read or held), pass 1's
+    histograms between them."""
     k_count = len(tensor.experts)
     high = _Tally(local, (k_count, HI_BINS))
     scan(tensor, lambda a, lo, hi: count_high(a[:k_count + 1], codes, lo, hi, high.mine()))
@@ -257,9 +264,30 @@ def streamed_thresholds(scan: Callable, tensor: Tensor, codes: np.ndarray, keep:
                        for k in range(k_count)], np.float32)
 
 
+def _plan(codes: np.ndarray, thresholds: np.ndarray, scale: np.float32,
+          held: list[np.ndarray] | None = None) -> Plan:
+    """The merge of a tensor's units given its thresholds (inputs read by the units, or
+    held: the kernel puts their arrays' addresses in)."""
+    from .fusedmerge import Plan
+
+    if held is None:
+        def kernel(addresses: np.ndarray, lo: int, hi: int) -> bool:
+            return ties_range(addresses, codes, thresholds, scale, lo, hi)
+        return Plan(kernel, reads_base=True)
+    inputs = np.array([a.ctypes.data for a in held], np.int64)
+
+    def from_held(addresses: np.ndarray, lo: int, hi: int, held: list = held) -> bool:
+        addresses = addresses.copy()  # `held` in the closure keeps the arrays alive
+        addresses[:len(inputs)] = inputs
+        return ties_range(addresses, codes, thresholds, scale, lo, hi)
+    return Plan(from_held, reads_base=True, held=True)
+
+
 def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
     """fusedmerge's FusedMethod.prepare for TIES: each tensor's plan, its thresholds found
-    first (by scans of the tensor, or in its one unit's kernel)."""
+    first: in its one unit's kernel; from the tensor held in memory when its inputs take at
+    most HOLD_BYTES (read once for the counts and the merge); else by two scans before the
+    merge's (each input read three times)."""
     from .fusedmerge import Plan
 
     density = float(merge.params.density)
@@ -267,20 +295,21 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
     local = threading.local()  # the pool threads' histograms
 
     def plan(t: Tensor) -> Plan:
-        numel, codes = t.base.numel, t.codes()
+        numel, codes, inputs = t.base.numel, t.codes(), len(t.experts) + 1
         keep = keep_count(numel, density) if density < 1 else 0
         if keep and numel <= merge.unit_elements:
             def whole(addresses: np.ndarray, lo: int, hi: int) -> bool:
                 return ties_whole(addresses, codes, keep, scale, numel)
             return Plan(whole, reads_base=True)
-        thresholds = np.zeros(len(t.experts), np.float32)  # 0 trims nothing: density 1
-        if keep:
-            thresholds = streamed_thresholds(merge.scan, t, codes[:len(t.experts) + 1], keep,
-                                             local)
-
-        def kernel(addresses: np.ndarray, lo: int, hi: int) -> bool:
-            return ties_range(addresses, codes, thresholds, scale, lo, hi)
-        return Plan(kernel, reads_base=True)
+        if not keep:  # density 1: a threshold of 0 trims nothing
+            return _plan(codes, np.zeros(inputs - 1, np.float32), scale)
+        if sum(m.nbytes for m in (*t.experts, t.base)) > HOLD_BYTES:
+            return _plan(codes, streamed_thresholds(merge.scan, t, codes[:inputs], keep, local),
+                         scale)
+        held = merge.hold(t)
+        thresholds = streamed_thresholds(lambda t, k: merge.scan(t, k, held), t,
+                                         codes[:inputs], keep, local)
+        return _plan(codes, thresholds, scale, held)
 
     return plan
 
