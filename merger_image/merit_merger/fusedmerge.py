@@ -100,9 +100,11 @@ class Merge:
     # the kernel accumulating what it counts itself; returns when every unit is done. With
     # `held` (hold's arrays) the units read nothing: the kernel gets the arrays' addresses
     scan: Callable[..., None] | None = None
-    # hold(tensor): its experts and base read whole into memory, unit by unit on the pool
-    # (a plan that reads them once for several passes: Plan.held)
-    hold: Callable[[Tensor], list[np.ndarray]] | None = None
+    # hold(tensor, into=None, kernel=None): its experts and base read whole into memory,
+    # unit by unit on the pool (a plan that reads them once for several passes: Plan.held),
+    # into the starts of `into`'s arrays (uint8, large enough; reused) or new ones; each
+    # unit then given to `kernel` (the held arrays' addresses) on the thread that read it
+    hold: Callable[..., list[np.ndarray]] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # the scans' wall time, "prepass"
 
 
@@ -256,8 +258,10 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
             _scan(pool, buffers, t, kernel, files, [*experts, base], unit_elements,
                   merge.seconds, held)
 
-        def hold(t: Tensor) -> list[np.ndarray]:
-            return _hold(pool, t, files, [*experts, base], unit_elements, merge.seconds)
+        def hold(t: Tensor, into: list[np.ndarray] | None = None,
+                 kernel: Kernel | None = None) -> list[np.ndarray]:
+            return _hold(pool, t, files, [*experts, base], unit_elements, merge.seconds, into,
+                         kernel)
 
         merge = Merge(method, params, weights, len(experts), files, moments,
                       unit_elements=unit_elements, scan=scan, hold=hold)
@@ -355,20 +359,27 @@ def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel:
 
 
 def _hold(pool: ThreadPoolExecutor, t: Tensor, files: _Files, readers: Sequence[ModelReader],
-          unit_elements: int, seconds: dict[str, float]) -> list[np.ndarray]:
+          unit_elements: int, seconds: dict[str, float], into: list[np.ndarray] | None,
+          kernel: Kernel | None) -> list[np.ndarray]:
     """Merge.hold: the tensor's experts and base, each read whole (bytes as stored) by units
-    of the pool straight into its array."""
-    started, metas = time.monotonic(), (*t.experts, t.base)
-    arrays = [np.empty(m.nbytes, np.uint8) for m in metas]
-    jobs = []
-    for reader, m, array in zip(readers, metas, arrays, strict=True):
+    of the pool straight into its array, each unit then given to `kernel` while it is in
+    the thread's cache."""
+    started, metas, numel = time.monotonic(), (*t.experts, t.base), t.base.numel
+    arrays = ([a[:m.nbytes] for a, m in zip(into, metas, strict=True)] if into is not None
+              else [np.empty(m.nbytes, np.uint8) for m in metas])
+    addresses = np.array([a.ctypes.data for a in arrays], np.int64)
+    places = [files.place(m) for m in metas]
+    for reader, m in zip(readers, metas, strict=True):
         reader.bytes_read += m.nbytes
-        fd, offset, size = files.place(m)
-        step = unit_elements * size
-        for at in range(0, m.nbytes, step):
-            view = memoryview(array[at:at + step])
-            jobs.append(pool.submit(pread_into, fd, view, offset + at, path=m.path, name=t.name))
-    _wait(jobs, seconds, started)
+
+    def unit(lo: int, hi: int) -> None:
+        for (fd, offset, size), m, array in zip(places, metas, arrays, strict=True):
+            pread_into(fd, memoryview(array[lo * size:hi * size]), offset + lo * size,
+                       path=m.path, name=t.name)
+        if kernel is not None:
+            kernel(addresses, lo, hi)
+    _wait([pool.submit(unit, lo, min(lo + unit_elements, numel))
+           for lo in range(0, numel, unit_elements)], seconds, started)
     return arrays
 
 

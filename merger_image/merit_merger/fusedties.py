@@ -33,7 +33,7 @@ from .fused import BF16, CHUNK, F16, F32, _narrow, _widen
 from .methods import keep_count
 
 if TYPE_CHECKING:
-    from .fusedmerge import Merge, Plan, Tensor
+    from .fusedmerge import Kernel, Merge, Plan, Tensor
 
 HI_BINS = 1 << 15  # the high 16 bits of |tau|: the sign bit is 0 (selection.HI_BINS)
 LO_BINS = 1 << 16
@@ -245,29 +245,57 @@ class _Tally:
         return np.sum(self.arrays, axis=0) if self.arrays else np.zeros(self.shape, np.int64)
 
 
-def streamed_thresholds(scan: Callable, tensor: Tensor, codes: np.ndarray, keep: int,
-                        local: threading.local) -> np.ndarray:
+Scan = Callable[[Callable[[np.ndarray, int, int], None]], object]
+
+
+def streamed_thresholds(first: Scan, second: Scan, k_count: int, codes: np.ndarray,
+                        keep: int, local: threading.local) -> np.ndarray:
     """Each expert's keep-th largest |tau| over a tensor of many units (fp32, one per
-    expert): two scans (Merge.scan's, of its experts and base read or held), pass 1's
+    expert): two scans of its experts and base (first(kernel), second(kernel): the kernel
+    on every unit, read or held, on the pool; Merge.scan's or Merge.hold's), pass 1's
     histograms between them."""
-    k_count = len(tensor.experts)
     high = _Tally(local, (k_count, HI_BINS))
-    scan(tensor, lambda a, lo, hi: count_high(a[:k_count + 1], codes, lo, hi, high.mine()))
+    first(lambda a, lo, hi: count_high(a[:k_count + 1], codes, lo, hi, high.mine()))
     total = high.total()
     bins, ranks = np.empty(k_count, np.int64), np.empty(k_count, np.int64)
     for k in range(k_count):
         bins[k], ranks[k] = locate(total[k], keep)
     low = _Tally(local, (k_count, LO_BINS))
-    scan(tensor, lambda a, lo, hi: count_low(a[:k_count + 1], codes, lo, hi, bins, low.mine()))
+    second(lambda a, lo, hi: count_low(a[:k_count + 1], codes, lo, hi, bins, low.mine()))
     total = low.total()
     return np.asarray([threshold(int(bins[k]), int(locate(total[k], int(ranks[k]))[0]))
                        for k in range(k_count)], np.float32)
 
 
+class _Spares:
+    """Held arrays given back once their tensor is merged, for the next tensor to hold: a
+    fresh array of tens of MB costs a page fault and the zeroing of each 4 KiB page on first
+    touch (7% of the samples of a 1B merge, when every held tensor had new arrays)."""
+
+    def __init__(self) -> None:
+        self.free: list[list[np.ndarray]] = []
+        self.lock = threading.Lock()
+
+    def take(self, sizes: list[int]) -> list[np.ndarray] | None:
+        """A set of arrays at least `sizes` bytes each (the smaller sets dropped), or None."""
+        with self.lock:
+            while self.free:
+                arrays = self.free.pop()
+                if all(a.size >= n for a, n in zip(arrays, sizes, strict=True)):
+                    return arrays
+        return None
+
+    def give(self, arrays: list[np.ndarray]) -> None:
+        with self.lock:
+            self.free.append(arrays)
+
+
 def _plan(codes: np.ndarray, thresholds: np.ndarray, scale: np.float32,
-          held: list[np.ndarray] | None = None) -> Plan:
+          held: list[np.ndarray] | None = None, numel: int = 0,
+          done: Callable[[], None] | None = None) -> Plan:
     """The merge of a tensor's units given its thresholds (inputs read by the units, or
-    held: the kernel puts their arrays' addresses in)."""
+    held: the kernel puts their arrays' addresses in, and calls `done` once all `numel`
+    elements are merged)."""
     from .fusedmerge import Plan
 
     if held is None:
@@ -275,11 +303,18 @@ def _plan(codes: np.ndarray, thresholds: np.ndarray, scale: np.float32,
             return ties_range(addresses, codes, thresholds, scale, lo, hi)
         return Plan(kernel, reads_base=True)
     inputs = np.array([a.ctypes.data for a in held], np.int64)
+    merged, lock = [0], threading.Lock()
 
     def from_held(addresses: np.ndarray, lo: int, hi: int, held: list = held) -> bool:
         addresses = addresses.copy()  # `held` in the closure keeps the arrays alive
         addresses[:len(inputs)] = inputs
-        return ties_range(addresses, codes, thresholds, scale, lo, hi)
+        bad = ties_range(addresses, codes, thresholds, scale, lo, hi)
+        with lock:
+            merged[0] += hi - lo
+            last = merged[0] == numel
+        if last and done is not None:
+            done()
+        return bad
     return Plan(from_held, reads_base=True, held=True)
 
 
@@ -293,6 +328,7 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
     density = float(merge.params.density)
     scale = np.float32(merge.params.scale)  # torch rounds the Python scalar to fp32 too
     local = threading.local()  # the pool threads' histograms
+    spares = _Spares()
 
     def plan(t: Tensor) -> Plan:
         numel, codes, inputs = t.base.numel, t.codes(), len(t.experts) + 1
@@ -303,13 +339,22 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
             return Plan(whole, reads_base=True)
         if not keep:  # density 1: a threshold of 0 trims nothing
             return _plan(codes, np.zeros(inputs - 1, np.float32), scale)
-        if sum(m.nbytes for m in (*t.experts, t.base)) > HOLD_BYTES:
-            return _plan(codes, streamed_thresholds(merge.scan, t, codes[:inputs], keep, local),
-                         scale)
-        held = merge.hold(t)
-        thresholds = streamed_thresholds(lambda t, k: merge.scan(t, k, held), t,
-                                         codes[:inputs], keep, local)
-        return _plan(codes, thresholds, scale, held)
+        sizes = [m.nbytes for m in (*t.experts, t.base)]
+        if sum(sizes) > HOLD_BYTES:
+            def scan(kernel: Kernel) -> None:
+                merge.scan(t, kernel)
+            return _plan(codes, streamed_thresholds(scan, scan, inputs - 1, codes[:inputs],
+                                                    keep, local), scale)
+        arrays = spares.take(sizes) or [np.empty(n, np.uint8) for n in sizes]
+        held: list[np.ndarray] = []
+
+        def read(kernel: Kernel) -> None:  # pass 1 as the units are read in
+            held.extend(merge.hold(t, arrays, kernel))
+
+        def again(kernel: Kernel) -> None:
+            merge.scan(t, kernel, held)
+        thresholds = streamed_thresholds(read, again, inputs - 1, codes[:inputs], keep, local)
+        return _plan(codes, thresholds, scale, held, numel, lambda: spares.give(arrays))
 
     return plan
 

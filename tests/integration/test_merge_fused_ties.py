@@ -171,12 +171,12 @@ def test_thresholds_equal_the_torch_pre_pass(dtype, n, density):
     fusedties.held_thresholds(addresses, codes, n, keep, held)
     assert held.tolist() == want
 
-    def scan(tensor, kernel):  # units of 3000 in reverse order, as a pool might finish them
+    def scan(kernel):  # units of 3000 in reverse order, as a pool might finish them
         for lo in reversed(range(0, n, 3000)):
             kernel(addresses, lo, min(lo + 3000, n))
 
     import threading
 
-    tensor = type("T", (), {"experts": experts})()
-    streamed = fusedties.streamed_thresholds(scan, tensor, codes, keep, threading.local())
+    streamed = fusedties.streamed_thresholds(scan, scan, len(experts), codes, keep,
+                                             threading.local())
     assert streamed.tolist() == want
