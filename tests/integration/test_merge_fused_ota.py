@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.experts import save_state
+from support.experts import make_experts, refresh_manifest, save_state
 
 from merit_merger import fusedmerge
+from merit_merger.cli_merge import main as merge_main
 from merit_merger.engine import MergeOutputError, merge_models
-from merit_merger.moments import MomentsFormatError
+from merit_merger.moments import FACTORS, MomentReader, MomentsFormatError
 from merit_merger.sources import PartitionSource
-from merit_trainer.moments import save_second_moments, write_moment_file
+from merit_trainer.moments import load_second_moments, save_second_moments, write_moment_file
 
 SHAPES = {"embed.weight": (1031, 67), "layer.weight": (5, 7, 9), "quiet.weight": (40, 63),
           "layer.bias": (97,), "scale": ()}
@@ -71,6 +72,19 @@ def outputs(out: Path) -> dict[str, torch.Tensor]:
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+def spoil_factor(path: Path, name: str, factor: str, value: float) -> None:
+    """Rewrite a rank-1 moments file with one value of name's `factor` replaced."""
+    _, entries, _ = load_second_moments(path)
+    tensors = {}
+    for n, e in entries.items():
+        if isinstance(e, tuple):
+            tensors |= {f"{n}::{f}": t.clone() for f, t in zip(FACTORS, e, strict=True)}
+        else:
+            tensors[n] = e
+    tensors[f"{name}::{factor}"].view(-1)[0] = value
+    write_moment_file(path, tensors, kind="rank1", beta2=0.999, step=10)
 
 
 def both(tmp_path: Path, monkeypatch, dtypes, params, *, kind="rank1", output=None):
@@ -156,20 +170,7 @@ def test_a_bad_rank1_factor_is_refused_as_the_moments_reader_refuses_it(tmp_path
     """The fused pass reads the factors itself (numpy) and checks them as
     MomentReader.check does, with its error; verification refuses the partition with it."""
     base, parts = write_models(tmp_path, [BF16] * 3)
-    from merit_trainer.moments import load_second_moments
-
-    _, entries, _ = load_second_moments(parts[1].moments)
-    tensors = {}
-    for name, e in entries.items():
-        if isinstance(e, tuple):
-            for f, t in zip(("row", "col", "total"), e, strict=True):
-                tensors[f"{name}::{f}"] = t.clone()
-        else:
-            tensors[name] = e
-    tensors[f"embed.weight::{factor}"].view(-1)[0] = bad
-    write_moment_file(parts[1].moments, tensors, kind="rank1", beta2=0.999, step=10)
-    from merit_merger.moments import MomentReader
-
+    spoil_factor(parts[1].moments, "embed.weight", factor, bad)
     reader = MomentReader(parts[1].moments)
     with pytest.raises(MomentsFormatError) as want:
         reader.check("embed.weight", SHAPES["embed.weight"])
@@ -211,3 +212,25 @@ def test_a_fused_ota_merge_never_imports_torch_nor_compiles(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {
         "kernel": "fused", "torch": False, "compiled": [1, 1, 1]}
+
+
+def test_meritrun_merge_reports_the_fused_kernel_and_refuses_a_bad_moment_file(
+        tiny_base, tmp_path, capsys):
+    """Through `meritrun merge` (verification, then the merge): the report's io.kernel is
+    fused; a partition whose rank-1 factor is negative is refused by verification
+    (`second-moments`, as before the fused pass) and the others still merge fused."""
+    ex = make_experts(tmp_path / "parts", tiny_base, 3)
+    _, entries, _ = load_second_moments(ex.artifacts[1] / "optimizer_v.safetensors")
+    name = next(n for n, e in entries.items() if isinstance(e, tuple))
+    spoil_factor(ex.artifacts[1] / "optimizer_v.safetensors", name, "col", -1.0)
+    refresh_manifest(ex.artifacts[1])
+    out = tmp_path / "out"
+    code = merge_main(["--method", "ota", "--quorum", "0.5", "--base", str(tiny_base), "--out",
+                 str(out), *map(str, ex.artifacts)])
+    capsys.readouterr()
+    assert code == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["io"]["kernel"] == "fused"
+    refused = {r["partition"]: r for r in report["refused"]}
+    assert list(refused) == ["p1"] and refused["p1"]["check"] == "second-moments"
+    assert "negative or not finite" in refused["p1"]["detail"]
