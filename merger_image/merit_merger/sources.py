@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from meritrun.artifacts import MANIFEST_NAME, PartitionManifest, read_manifest
-
 from .io import ModelReader
 from .lora import LoraAdapter
 from .moments import MomentReader
 
 if TYPE_CHECKING:
     import torch
+
+    from meritrun.artifacts import PartitionManifest
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class PartitionSource:
     @classmethod
     def from_artifact(cls, artifact_dir: Path, *, name: str | None = None) -> PartitionSource:
         """Read manifest.json of a partition artifact dir (raises if absent or invalid)."""
+        from meritrun.artifacts import read_manifest  # pydantic: 0.2 s a plain merge skips
+
         artifact_dir = Path(artifact_dir)
         manifest = read_manifest(artifact_dir)
         moments = None
@@ -47,6 +49,8 @@ class PartitionSource:
 
 
 def has_manifest(path: Path) -> bool:
+    from meritrun.artifacts import MANIFEST_NAME
+
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
