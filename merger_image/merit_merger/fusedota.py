@@ -12,13 +12,15 @@ is 0 (only where the method reads the base: `OtaMerge.uses_base`, an epsilon fp3
 - Stored moments (1-D tensors', or a `full` file's) are read unit by unit beside the experts
   (the plan's further inputs) and raised to p element by element.
 
-Bit for bit the torch pass's arithmetic, in its order: the division by total and sqrt
-(p = 0.5) are correctly rounded in both; outer() is one multiply, then + eps; the first
-expert gives num = w * theta, den = w, the next num = fma(w, theta, num) (torch's vectorised
-addcmul_ is a fused multiply-add, as add_ with alpha is) and den += w; then num / den.
-p = 1, 2, 3 take torch's shortcuts (a copy, x*x, x*x*x). Any other p goes through powf here
-and Sleef's pow in torch, each within an ulp of the true power, so outputs may differ by an
-ulp there (tested to 1e-6 relative in fp32, one ulp in bf16).
+The torch pass's arithmetic in its order: the division by total; outer() is one multiply,
+then + eps; the first expert gives num = w * theta, den = w, the next num = fma(w, theta,
+num) (torch's vectorised addcmul_ is a fused multiply-add, as add_ with alpha is) and
+den += w; then num / den. Bit for bit for p = 1, 2, 3 (torch's shortcuts: a copy, x*x,
+x*x*x). Not for p = 0.5: torch's sqrt on x86 is MKL's vsSqrt (high-accuracy mode), within
+an ulp but not correctly rounded (17% of random fp32 values an ulp off), where numba's and
+numpy's sqrt are IEEE's; nor for another p: Sleef's pow in torch, powf here, each within an
+ulp. So outputs may differ by an ulp of a weight there (tested: fp32 to 1e-6 of the
+largest input, 16-bit outputs to one ulp).
 """
 
 from __future__ import annotations
@@ -198,17 +200,18 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
 
 
 def unsupported(params: Any, moments: Sequence[MomentReader] | None) -> str | None:
+    """Why this OTA merge takes the torch pass, or None."""
     if getattr(params, "density", None) is not None:
         return "OTA with FFG masks (density) has no fused kernel"
     if not moments:
         return "OTA without second moments"
+    if len({r.kind for r in moments}) > 1:  # a tensor's kernel takes one kind for all
+        return "second moments of both kinds (rank-1 and full)"
     for reader in moments:
         for key in reader.keys:
             if SEP not in key and reader.file.meta(key).dtype.name not in CODES:
                 return f"second moments of {key}: a dtype the fused kernels do not take"
     return None
-
-
 
 
 def warm() -> None:

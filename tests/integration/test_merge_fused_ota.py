@@ -105,11 +105,11 @@ def both(tmp_path: Path, monkeypatch, dtypes, params, *, kind="rank1", output=No
 ])
 @pytest.mark.parametrize("kind", ["rank1", "full"])
 @pytest.mark.parametrize("params", [{"power": 1.0}, {"power": 2.0, "epsilon": 1e-3},
-                                    {"power": 1.0, "epsilon": 0.0}])
+                                    {"power": 3.0}, {"power": 1.0, "epsilon": 0.0}])
 def test_fused_ota_equals_the_torch_pass_bit_for_bit(tmp_path, monkeypatch, dtypes, output,
                                                      kind, params):
-    """p = 1 and 2 (torch's shortcuts: a copy, x * x), epsilon 0 (the base where no expert
-    has a weight: quiet.weight): the same bytes."""
+    """p = 1, 2 and 3 (torch's shortcuts: a copy, x * x, x * x * x), epsilon 0 (the base
+    where no expert has a weight: quiet.weight): the same bytes."""
     both(tmp_path, monkeypatch, dtypes, params, kind=kind, output=output)
     assert shard_bytes(tmp_path / "fused") == shard_bytes(tmp_path / "torch")
     if params.get("epsilon") == 0.0:
@@ -144,14 +144,16 @@ def test_fused_ota_with_a_root_or_other_power_is_within_an_ulp(tmp_path, monkeyp
             assert int(ulps.max()) <= 1, name
 
 
-def test_the_report_names_the_fused_kernel_and_density_keeps_the_torch_pass(tmp_path,
-                                                                             monkeypatch):
-    base, parts = write_models(tmp_path, [BF16] * 3)
+def test_density_and_mixed_moment_kinds_keep_the_torch_pass(tmp_path):
+    base, parts = write_models(tmp_path / "rank1", [BF16] * 3)
     fused = merge_models(base_dir=base, partitions=parts, method="ota", out_dir=tmp_path / "a",
                          shard_size_bytes=10**9)
     ffg = merge_models(base_dir=base, partitions=parts, method="ota", out_dir=tmp_path / "b",
                        params={"density": 0.5}, shard_size_bytes=10**9)
-    assert (fused.kernel, ffg.kernel) == ("fused", "torch")
+    _, full = write_models(tmp_path / "full", [BF16] * 3, kind="full")
+    mixed = merge_models(base_dir=base, partitions=[parts[0], full[1]], method="ota",
+                         out_dir=tmp_path / "c", shard_size_bytes=10**9)
+    assert (fused.kernel, ffg.kernel, mixed.kernel) == ("fused", "torch", "torch")
 
 
 @pytest.mark.parametrize("torch_pass", [False, True])
