@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 from support.experts import make_experts, make_lora_adapter, save_state, write_partition
 
 from merit_merger.sources import PartitionSource
+from meritrun.api import MergeSpec
+from meritrun.stages import MergeParams, PartitionInput, StorageParams
 
 SHAPES = {"embed.weight": (301, 40), "layer.weight": (64, 48), "layer.bias": (65,)}
 
@@ -33,6 +36,8 @@ args = json.loads(sys.argv[1])
 from merit_merger import fusedmerge
 from merit_merger.engine import merge_models
 from merit_merger.sources import PartitionSource
+from meritrun.api import MergeSpec
+from meritrun.stages import MergeParams, PartitionInput, StorageParams
 
 if args["force_torch"]:
     fusedmerge.unsupported = lambda *a, **k: "forced by the test"
@@ -54,6 +59,17 @@ from meritrun.cli import main
 if args["force_torch"]:
     fusedmerge.unsupported = lambda *a, **k: "forced by the test"
 code = main(["merge", *args["argv"]])
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+STAGE = """
+import json, sys
+
+args = json.loads(sys.argv[1])
+from merit_merger.stage import main
+
+code = main(["merge", "--params", args["params"], "--workdir", args["workdir"]])
 print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
 """
 
@@ -146,3 +162,25 @@ def test_the_merge_cli_takes_torch_for_a_lora_partition(tiny_base, tmp_path):
     assert ran == {"code": 0, "torch": True}
     report = json.loads((out / "merge_report.json").read_text())
     assert report["included"] == ["lora"] and report["io"]["kernel"] == "torch"
+
+
+def test_the_merge_stage_with_staged_inputs_merges_without_torch(tiny_base, tmp_path,
+                                                                 monkeypatch):
+    """MERITRUN_INPUTS=stage: downloaded (here: copied from a file:// root), sha256-checked,
+    scanned, merged and uploaded; streamed inputs take the torch pass (the merge pass judges
+    the update norms there)."""
+    root = tmp_path / "store"
+    shutil.copytree(tiny_base, root / "base")
+    for a in make_experts(tmp_path / "parts", tiny_base, 2, moments_kind=None).artifacts:
+        shutil.copytree(a, root / "parts" / a.name)
+    params = MergeParams(
+        run="r1", run_uid="u1", attempt=1, storage=StorageParams(uri=root.as_uri()),
+        base_model=(root / "base").as_uri(), output="merged", merge=MergeSpec(),
+        partitions=[PartitionInput(name=p, prefix=f"parts/{p}") for p in ("p0", "p1")])
+    (tmp_path / "params.json").write_text(params.model_dump_json())
+    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
+    ran = in_a_process(STAGE, {"params": str(tmp_path / "params.json"),
+                               "workdir": str(tmp_path / "work")})
+    assert ran == {"code": 0, "torch": False}
+    report = json.loads((root / "merged" / "merge_report.json").read_text())
+    assert report["included"] == ["p0", "p1"] and report["io"]["kernel"] == "fused"
