@@ -95,6 +95,7 @@ class Merge:
     moments: Sequence[Any] | None = None  # the experts' MomentReaders, when the method has them
     # a tensor of at most this many elements is one unit (its kernel sees all of it at once)
     unit_elements: int = UNIT_ELEMENTS
+    block_elements: int = UNIT_ELEMENTS  # the engine's block size (the torch pass's blocks)
     # scan(tensor, kernel, held=None): a pass over the tensor's experts and base before its
     # units are merged (TIES counts its thresholds so), unit by unit on the pool's threads,
     # the kernel accumulating what it counts itself; returns when every unit is done. With
@@ -252,7 +253,7 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
     pool = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused")
     buffers = threading.local()  # each pool thread's own, reused unit after unit
     try:
-        unit_elements = min(unit_elements, UNIT_ELEMENTS)
+        block_elements, unit_elements = unit_elements, min(unit_elements, UNIT_ELEMENTS)
 
         def scan(t: Tensor, kernel: Kernel, held: list[np.ndarray] | None = None) -> None:
             _scan(pool, buffers, t, kernel, files, [*experts, base], unit_elements,
@@ -264,7 +265,8 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
                          kernel)
 
         merge = Merge(method, params, weights, len(experts), files, moments,
-                      unit_elements=unit_elements, scan=scan, hold=hold)
+                      unit_elements=unit_elements, block_elements=block_elements, scan=scan,
+                      hold=hold)
         plan = _methods()[method].prepare(merge)
         units = _units(plan, base, experts, files, writer, out_dtypes, unit_elements)
         for unit in units:

@@ -37,12 +37,14 @@ if TYPE_CHECKING:
 
 HI_BINS = 1 << 15  # the high 16 bits of |tau|: the sign bit is 0 (selection.HI_BINS)
 LO_BINS = 1 << 16
-# A tensor whose inputs (K experts and the base, as stored) take at most this is held in
-# memory while its thresholds are counted and it is merged, so it is read once, not three
-# times (1B parameters, K = 4: every tensor but the embedding; 12 GB read instead of 30).
-# Held tensors of at least two units each: the one being counted, and those of the merge
-# units in flight (2 x threads) at most, so they take at most (threads + 2) x HOLD_BYTES.
-HOLD_BYTES = 64 << 20
+# A tensor of at most HOLD_BLOCKS of the engine's blocks (the torch pre-pass's rule, which
+# keeps such a tensor's K fp32 saliencies) has its K + 1 inputs held in memory as stored
+# while its thresholds are counted and it is merged, so it is read once, not three times
+# (1B parameters, K = 4: every tensor but the embedding; 12.7 GB read instead of 29.8). At
+# most HELD tensors are held at once (one counted while the one before is merged): at most
+# HELD x (K + 1) x HOLD_BLOCKS x block x itemsize (100 MB for K = 4 bf16, 1M-element blocks).
+HOLD_BLOCKS = 5
+HELD = 2
 _MAGNITUDE = np.uint32(0x7FFFFFFF)  # abs(): the sign bit cleared, NaN included
 
 
@@ -86,18 +88,28 @@ def count_high(addresses, codes, lo, hi, hist):
 @njit(cache=True, nogil=True)
 def count_low(addresses, codes, lo, hi, bins, hist):
     """Pass 2 over elements [lo, hi): hist[k] += the low 16 bits of each |tau_k| whose high
-    16 bits are bins[k]."""
+    16 bits are bins[k]. Few are (the bin is 1/128 of an octave): a vectorised loop marks
+    them, and only the 8-element words with a mark are looked into (a branch per element
+    cost 2.4x as much)."""
     k_count = len(addresses) - 1
     b = np.empty(CHUNK, np.float32)
     xs = np.empty((k_count, CHUNK), np.float32)
+    marks = np.zeros(CHUNK, np.uint8)  # CHUNK is a multiple of 8
+    words = marks.view(np.uint64)
     for start in range(lo, hi, CHUNK):
         n = min(CHUNK, hi - start)
         bits = _magnitudes(addresses, codes, start, n, b, xs)
         for k in range(k_count):
             h, u, chosen = hist[k], bits[k], np.uint32(bins[k])
             for i in range(n):
-                if ((u[i] & _MAGNITUDE) >> np.uint32(16)) == chosen:
-                    h[u[i] & np.uint32(0xFFFF)] += 1
+                marks[i] = np.uint8(((u[i] & _MAGNITUDE) >> np.uint32(16)) == chosen)
+            for i in range(n, CHUNK):
+                marks[i] = 0
+            for w in range((n + 7) // 8):
+                if words[w]:
+                    for i in range(8 * w, 8 * w + 8):
+                        if marks[i]:
+                            h[u[i] & np.uint32(0xFFFF)] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -268,26 +280,30 @@ def streamed_thresholds(first: Scan, second: Scan, k_count: int, codes: np.ndarr
 
 
 class _Spares:
-    """Held arrays given back once their tensor is merged, for the next tensor to hold: a
+    """The held tensors' arrays: at most HELD sets in use (`take` waits for a tensor being
+    merged to give its set back), and a set given back is reused by the next tensor held: a
     fresh array of tens of MB costs a page fault and the zeroing of each 4 KiB page on first
     touch (7% of the samples of a 1B merge, when every held tensor had new arrays)."""
 
     def __init__(self) -> None:
         self.free: list[list[np.ndarray]] = []
-        self.lock = threading.Lock()
+        self.slots = threading.Semaphore(HELD)
 
-    def take(self, sizes: list[int]) -> list[np.ndarray] | None:
-        """A set of arrays at least `sizes` bytes each (the smaller sets dropped), or None."""
-        with self.lock:
-            while self.free:
-                arrays = self.free.pop()
-                if all(a.size >= n for a, n in zip(arrays, sizes, strict=True)):
-                    return arrays
-        return None
+    def take(self, sizes: list[int]) -> list[np.ndarray]:
+        """A set of arrays of at least `sizes` bytes each (reused, or new: a smaller set is
+        dropped). Waits for a slot: the units of the tensors holding them are all queued
+        on the pool before the next plan is made, so a slot comes free."""
+        self.slots.acquire()
+        while self.free:
+            arrays = self.free.pop()
+            if all(a.size >= n for a, n in zip(arrays, sizes, strict=True)):
+                return arrays
+        return [np.empty(n, np.uint8) for n in sizes]
 
     def give(self, arrays: list[np.ndarray]) -> None:
-        with self.lock:
-            self.free.append(arrays)
+        """A tensor's set back (all its units merged, or a failure: the slot is freed)."""
+        self.free.append(arrays)
+        self.slots.release()
 
 
 def _plan(codes: np.ndarray, thresholds: np.ndarray, scale: np.float32,
@@ -308,21 +324,22 @@ def _plan(codes: np.ndarray, thresholds: np.ndarray, scale: np.float32,
     def from_held(addresses: np.ndarray, lo: int, hi: int, held: list = held) -> bool:
         addresses = addresses.copy()  # `held` in the closure keeps the arrays alive
         addresses[:len(inputs)] = inputs
-        bad = ties_range(addresses, codes, thresholds, scale, lo, hi)
-        with lock:
-            merged[0] += hi - lo
-            last = merged[0] == numel
-        if last and done is not None:
-            done()
-        return bad
+        try:
+            return ties_range(addresses, codes, thresholds, scale, lo, hi)
+        finally:  # a unit that fails is done too: the set goes back whatever happened
+            with lock:
+                merged[0] += hi - lo
+                last = merged[0] == numel
+            if last and done is not None:
+                done()
     return Plan(from_held, reads_base=True, held=True)
 
 
 def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
     """fusedmerge's FusedMethod.prepare for TIES: each tensor's plan, its thresholds found
-    first: in its one unit's kernel; from the tensor held in memory when its inputs take at
-    most HOLD_BYTES (read once for the counts and the merge); else by two scans before the
-    merge's (each input read three times)."""
+    first: in its one unit's kernel; from the tensor held in memory when it has at most
+    HOLD_BLOCKS blocks (read once for the counts and the merge); else by two scans before
+    the merge's (each input read three times)."""
     from .fusedmerge import Plan
 
     density = float(merge.params.density)
@@ -340,12 +357,12 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
         if not keep:  # density 1: a threshold of 0 trims nothing
             return _plan(codes, np.zeros(inputs - 1, np.float32), scale)
         sizes = [m.nbytes for m in (*t.experts, t.base)]
-        if sum(sizes) > HOLD_BYTES:
+        if numel > HOLD_BLOCKS * merge.block_elements:
             def scan(kernel: Kernel) -> None:
                 merge.scan(t, kernel)
             return _plan(codes, streamed_thresholds(scan, scan, inputs - 1, codes[:inputs],
                                                     keep, local), scale)
-        arrays = spares.take(sizes) or [np.empty(n, np.uint8) for n in sizes]
+        arrays = spares.take(sizes)
         held: list[np.ndarray] = []
 
         def read(kernel: Kernel) -> None:  # pass 1 as the units are read in
