@@ -16,11 +16,11 @@ The torch pass's arithmetic in its order: the division by total; outer() is one 
 then + eps; the first expert gives num = w * theta, den = w, the next num = fma(w, theta,
 num) (torch's vectorised addcmul_ is a fused multiply-add, as add_ with alpha is) and
 den += w; then num / den. Bit for bit for p = 1, 2, 3 (torch's shortcuts: a copy, x*x,
-x*x*x). Not for p = 0.5: torch's sqrt on x86 is MKL's vsSqrt (high-accuracy mode), within
-an ulp but not correctly rounded (17% of random fp32 values an ulp off), where numba's and
-numpy's sqrt are IEEE's; nor for another p: Sleef's pow in torch, powf here, each within an
-ulp. So outputs may differ by an ulp of a weight there (tested: fp32 to 1e-6 of the
-largest input, 16-bit outputs to one ulp).
+x*x*x). Not for p = 0.5: torch's CPU sqrt (this build has USE_MKL=ON: MKL's vector math)
+is within an ulp but not correctly rounded (a fifth of random fp32 values an ulp off; fp64
+too), where numba's and numpy's sqrt are IEEE's; nor for another p: Sleef's pow in torch,
+powf here, each within an ulp. So outputs may differ by an ulp of a weight there (tested:
+fp32 to 1e-6 of the largest input, 16-bit outputs to one ulp).
 """
 
 from __future__ import annotations

@@ -123,8 +123,8 @@ def test_fused_ota_equals_the_torch_pass_bit_for_bit(tmp_path, monkeypatch, dtyp
                                     {"epsilon": 0.0}])
 def test_fused_ota_with_a_root_or_other_power_is_within_an_ulp(tmp_path, monkeypatch, dtype,
                                                                 kind, params):
-    """Not bit for bit. torch's sqrt (p = 0.5, the default) on x86 is MKL's vsSqrt in its
-    high-accuracy mode, within an ulp but not correctly rounded (measured: 17% of random fp32
+    """Not bit for bit. torch's CPU sqrt (p = 0.5, the default; MKL's vector math in this
+    build) is within an ulp but not correctly rounded (measured: a fifth of random fp32
     values an ulp off numpy's IEEE sqrt), and a power other than 0.5, 1, 2, 3 is Sleef's pow
     there and powf here, each within an ulp. A weight an ulp apart moves the weighted mean by
     at most a few fp32 ulps of the largest input: fp32 outputs agree to 1e-6 of the largest
