@@ -21,9 +21,10 @@ import pytest
 import torch
 from support.experts import make_experts, refresh_manifest, save_state
 
-from merit_merger import fusedmerge
+from merit_merger import fusedmerge, fusedota
 from merit_merger.cli_merge import main as merge_main
 from merit_merger.engine import MergeOutputError, merge_models
+from merit_merger.methods import get_method
 from merit_merger.moments import FACTORS, MomentReader, MomentsFormatError
 from merit_merger.sources import PartitionSource
 from merit_trainer.moments import load_second_moments, save_second_moments, write_moment_file
@@ -144,7 +145,7 @@ def test_fused_ota_with_a_root_or_other_power_is_within_an_ulp(tmp_path, monkeyp
             assert int(ulps.max()) <= 1, name
 
 
-def test_density_and_mixed_moment_kinds_keep_the_torch_pass(tmp_path):
+def test_density_mixed_moment_kinds_and_fp64_moments_are_left_to_the_torch_pass(tmp_path):
     base, parts = write_models(tmp_path / "rank1", [BF16] * 3)
     fused = merge_models(base_dir=base, partitions=parts, method="ota", out_dir=tmp_path / "a",
                          shard_size_bytes=10**9)
@@ -153,7 +154,15 @@ def test_density_and_mixed_moment_kinds_keep_the_torch_pass(tmp_path):
     _, full = write_models(tmp_path / "full", [BF16] * 3, kind="full")
     mixed = merge_models(base_dir=base, partitions=[parts[0], full[1]], method="ota",
                          out_dir=tmp_path / "c", shard_size_bytes=10**9)
+    v = load_second_moments(full[1].moments)[1]
+    write_moment_file(full[1].moments, {n: t.double() for n, t in v.items()}, kind="full",
+                      beta2=0.999, step=10)
     assert (fused.kernel, ffg.kernel, mixed.kernel) == ("fused", "torch", "torch")
+    # asked directly: the torch pass's moment buffers are fp32-sized (the trainer writes
+    # fp32), so an fp64 file does not merge there either
+    why = fusedota.unsupported(get_method("ota").parse_params({}),
+                               [MomentReader(full[1].moments)])
+    assert "a dtype the fused kernels do not take" in why
 
 
 @pytest.mark.parametrize("torch_pass", [False, True])
