@@ -36,8 +36,6 @@ args = json.loads(sys.argv[1])
 from merit_merger import fusedmerge
 from merit_merger.engine import merge_models
 from merit_merger.sources import PartitionSource
-from meritrun.api import MergeSpec
-from meritrun.stages import MergeParams, PartitionInput, StorageParams
 
 if args["force_torch"]:
     fusedmerge.unsupported = lambda *a, **k: "forced by the test"
