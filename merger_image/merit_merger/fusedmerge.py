@@ -176,11 +176,11 @@ def _linear(merge: Merge) -> Callable[[Tensor], Plan]:
 
 def _methods() -> dict[str, FusedMethod]:
     """The methods with kernels (imported here: their modules import this one)."""
-    from . import fusedota, fusedties
+    from . import fusedota, fusedties, fusedtiesplan
 
     linear = FusedMethod(_linear, warm=fused.warm)
     return {"token-weighted": linear, "uniform": linear, "task-arithmetic": linear,
-            "ota": fusedota.METHOD, "ties": FusedMethod(fusedties.prepare, warm=fusedties.warm)}
+            "ota": fusedota.METHOD, "ties": FusedMethod(fusedtiesplan.prepare, warm=fusedties.warm)}
 
 
 def warm() -> None:

@@ -1,4 +1,4 @@
-"""TIES through the fused pass (fusedties' kernels) against the torch pass, bit for bit.
+"""TIES through the fused pass (fusedties, fusedtiesplan) against the torch pass, bit for bit.
 
 The same merge runs through each pass (the torch pass forced by making
 `fusedmerge.unsupported` give a reason) on a tiny model cut into units of 1000 elements:
@@ -19,7 +19,7 @@ import pytest
 import torch
 from support.experts import save_state
 
-from merit_merger import fused, fusedmerge, fusedties
+from merit_merger import fused, fusedmerge, fusedties, fusedtiesplan
 from merit_merger.engine import MergeOutputError, merge_models
 from merit_merger.methods.ties import trim_thresholds
 from merit_merger.selection import KthLargest, keep_count
@@ -78,7 +78,7 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
 ])
 def test_fused_ties_equals_the_torch_pass_bit_for_bit(tmp_path, monkeypatch, dtypes, output,
                                                       params, hold):
-    monkeypatch.setattr(fusedties, "HOLD_BLOCKS", 100 if hold else 0)  # all held, or none
+    monkeypatch.setattr(fusedtiesplan, "HOLD_BLOCKS", 100 if hold else 0)  # all held, or none
     base, parts = write_models(tmp_path, dtypes)
     fused_run = run(base, parts, tmp_path / "fused", params=params, output_dtype=output,
                     torch_pass=False, monkeypatch=monkeypatch)
@@ -125,7 +125,7 @@ def test_a_non_finite_output_is_refused_by_both_passes(tmp_path, monkeypatch, dt
     every magnitude), or a mean beyond fp16's range (60000 x lambda 2), fails the merge
     naming the tensor and leaves no shard behind (the tensor streamed or held: a held
     tensor's failed unit still gives its arrays back, so nothing waits for them)."""
-    monkeypatch.setattr(fusedties, "HOLD_BLOCKS", 100 if hold else 0)
+    monkeypatch.setattr(fusedtiesplan, "HOLD_BLOCKS", 100 if hold else 0)
     base, parts = write_models(tmp_path, [dtype] * 3, nan_in=1 if case == "nan" else None,
                                big=case == "overflow")
     want = "embed.weight" if case == "nan" else "layer.weight"
@@ -178,6 +178,6 @@ def test_thresholds_equal_the_torch_pre_pass(dtype, n, density):
 
     import threading
 
-    streamed = fusedties.streamed_thresholds(scan, scan, len(experts), codes, keep,
+    streamed = fusedtiesplan.streamed_thresholds(scan, scan, len(experts), codes, keep,
                                              threading.local())
     assert streamed.tolist() == want
