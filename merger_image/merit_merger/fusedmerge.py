@@ -25,24 +25,24 @@ Each method with kernels has a `FusedMethod` in `METHODS`: once per merge its `p
 takes the `Merge` and returns what makes each tensor's `Plan` (the kernel as a callable
 over a unit's addresses, whether the unit reads the base, and any further input streamed
 like the experts); per-tensor arrays a kernel needs (factors, thresholds) live in its
-closure. This module does the units, the files and the threads, and knows no arithmetic.
+closure. This module makes the units and runs them on the threads (`fusedunits`: where
+a unit's inputs are read from, and one unit's read, kernel and write); it knows no arithmetic.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .io import ModelReader, TensorMeta, open_regular, pread_into
+from .fusedunits import Files, Kernel, Unit, read, run, unread
+from .io import ModelReader, TensorMeta
 from .methods import normalized
 from .remote import remote_file
 from .writer import ShardedWriter, pwrite_all
@@ -59,30 +59,6 @@ except Exception as e:  # noqa: BLE001 - numba missing, or no cache dir it can w
 # (1B parameters, K = 4: 1.9 s of system time at 2^18 against 4-6 s at 2^20, load 4-5)
 UNIT_ELEMENTS = 1 << 18
 
-Kernel = Callable[[np.ndarray, int, int], bool]
-"""(addresses, lo, hi) -> True when an output of elements [lo, hi) is not finite. addresses:
-where element 0 of each array would lie: the experts, the base (a dummy when the plan does
-not read it), the plan's further inputs, then the output."""
-
-
-class _Files:
-    """Input files opened once each (no symlink followed, regular files only)."""
-
-    def __init__(self) -> None:
-        self.fds: dict[Path, int] = {}
-
-    def place(self, meta: TensorMeta) -> tuple[int, int, int]:
-        fd = self.fds.get(meta.path)
-        if fd is None:
-            fd = self.fds[meta.path] = open_regular(meta.path)
-        return fd, meta.offset, meta.dtype.itemsize
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
 @dataclass(frozen=True)
 class Merge:
     """What a method's kernels are prepared from, once per merge."""
@@ -91,7 +67,7 @@ class Merge:
     params: Any
     weights: Sequence[float]  # the token weights, renormalised over the experts
     k: int
-    files: _Files  # fds of the inputs, closed after the pass
+    files: Files  # fds of the inputs, closed after the pass
     moments: Sequence[Any] | None = None  # the experts' MomentReaders, when the method has them
     # a tensor of at most this many elements is one unit (its kernel sees all of it at once)
     unit_elements: int = UNIT_ELEMENTS
@@ -223,22 +199,6 @@ def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | 
     return None
 
 
-@dataclass(frozen=True)
-class _Unit:
-    """Elements [lo, hi) of one tensor, and the kernel that merges them."""
-
-    name: str
-    kernel: Kernel
-    lo: int
-    hi: int
-    # the inputs (see Kernel), then the output: (fd, file offset of the tensor's element 0,
-    # itemsize); itemsize 0 for an input not read (the base, where the plan does not read it)
-    places: tuple[tuple[int, int, int], ...]
-    paths: tuple[Path, ...]  # of the inputs, for errors
-    last: bool = False  # the tensor's last unit
-    writes: bool = True  # False: a scan's unit (no output; the kernel counts)
-
-
 def merge_pass(method: str, params: Any, *, base: ModelReader,
                experts: Sequence[ModelReader], weights: Sequence[float], writer: ShardedWriter,
                out_dtypes: dict[str, Any], threads: int, unit_elements: int,
@@ -248,8 +208,8 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
     """Write every output of `writer` at its place (the readers count the bytes read). A
     non-finite output raises on_non_finite(tensor name); the caller aborts the writer.
     Returns the seconds of the method's scans ({"prepass": s}, TIES's thresholds) or {}."""
-    files = _Files()
-    pending: deque[tuple[_Unit, Future]] = deque()
+    files = Files()
+    pending: deque[tuple[Unit, Future]] = deque()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused")
     buffers = threading.local()  # each pool thread's own, reused unit after unit
     try:
@@ -273,7 +233,7 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
             if isinstance(unit, str):  # done without the kernel
                 writer.filled(unit)
                 continue
-            pending.append((unit, pool.submit(_run, unit, buffers)))
+            pending.append((unit, pool.submit(run, unit, buffers)))
             while len(pending) > 2 * threads:
                 _finish(*pending.popleft(), writer, on_non_finite)
                 if progress is not None:
@@ -289,8 +249,8 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
 
 
 def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequence[ModelReader],
-           files: _Files, writer: ShardedWriter, out_dtypes: dict[str, Any],
-           unit_elements: int) -> Iterator[_Unit | str]:
+           files: Files, writer: ShardedWriter, out_dtypes: dict[str, Any],
+           unit_elements: int) -> Iterator[Unit | str]:
     """The units of work in tensor order; a tensor done without one (not a float: copied
     as stored here; empty) comes as its name."""
     for name in base.names:
@@ -298,34 +258,29 @@ def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequen
         out_fd, out_offset, nbytes = writer.place(name)
         if not meta.dtype.is_floating_point or meta.numel == 0:  # copied as stored
             raw = np.empty(nbytes, np.uint8)
-            fd, offset, _ = files.place(meta)
-            pread_into(fd, memoryview(raw), offset, path=meta.path, name=name)
+            source, offset, _ = files.place(meta)
+            read(source, memoryview(raw), offset, path=meta.path, name=name)
             base.bytes_read += nbytes
             pwrite_all(out_fd, memoryview(raw), out_offset)
             yield name
             continue
         metas = tuple(e.meta(name) for e in experts)
         plan = plan_of(Tensor(name, meta, metas, out_dtypes[name]))
-        read = list(zip(plan.counters, plan.extra, strict=True))
+        counted = list(zip(plan.counters, plan.extra, strict=True))
         if not plan.held:  # else counted by Merge.hold
-            read += [*zip(experts, metas, strict=True), *([(base, meta)] * plan.reads_base)]
-        for reader, m in read:  # counted as the torch pass counts
+            counted += [*zip(experts, metas, strict=True), *([(base, meta)] * plan.reads_base)]
+        for reader, m in counted:  # counted as the torch pass counts
             reader.bytes_read += m.nbytes
         base_place = files.place(meta)
-        places = (*(_unread(files.place(m), plan.held) for m in metas),
-                  _unread(base_place, plan.held or not plan.reads_base),
+        places = (*(unread(files.place(m), plan.held) for m in metas),
+                  unread(base_place, plan.held or not plan.reads_base),
                   *(files.place(m) for m in plan.extra),
                   (out_fd, out_offset, nbytes // meta.numel))
         paths = tuple(m.path for m in (*metas, meta, *plan.extra))
         for lo in range(0, meta.numel, unit_elements):
             hi = min(lo + unit_elements, meta.numel)
-            yield _Unit(name, plan.kernel, lo=lo, hi=hi, places=places, paths=paths,
+            yield Unit(name, plan.kernel, lo=lo, hi=hi, places=places, paths=paths,
                         last=hi == meta.numel)
-
-
-def _unread(place: tuple[int, int, int], unread: bool) -> tuple[int, int, int]:
-    """A unit's place of an input it does not read (itemsize 0), or the place as it is."""
-    return (place[0], place[1], 0) if unread else place
 
 
 def _wait(jobs: list[Future], seconds: dict[str, float], started: float) -> None:
@@ -341,7 +296,7 @@ def _wait(jobs: list[Future], seconds: dict[str, float], started: float) -> None
 
 
 def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel: Kernel,
-          files: _Files, readers: Sequence[ModelReader], unit_elements: int,
+          files: Files, readers: Sequence[ModelReader], unit_elements: int,
           seconds: dict[str, float], held: list[np.ndarray] | None) -> None:
     """Merge.scan: the tensor's experts and base (read by `readers`, or `held`), unit by
     unit on the pool (after the units already queued), waited for."""
@@ -356,11 +311,11 @@ def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel:
         reader.bytes_read += m.nbytes
     places = (*(files.place(m) for m in metas), (-1, 0, 0))  # no output
     paths = tuple(m.path for m in metas)
-    _wait([pool.submit(_run, _Unit(t.name, kernel, lo, hi, places, paths, writes=False), buffers)
+    _wait([pool.submit(run, Unit(t.name, kernel, lo, hi, places, paths, writes=False), buffers)
            for lo, hi in spans], seconds, started)
 
 
-def _hold(pool: ThreadPoolExecutor, t: Tensor, files: _Files, readers: Sequence[ModelReader],
+def _hold(pool: ThreadPoolExecutor, t: Tensor, files: Files, readers: Sequence[ModelReader],
           unit_elements: int, seconds: dict[str, float], into: list[np.ndarray] | None,
           kernel: Kernel | None) -> list[np.ndarray]:
     """Merge.hold: the tensor's experts and base, each read whole (bytes as stored) by units
@@ -375,9 +330,9 @@ def _hold(pool: ThreadPoolExecutor, t: Tensor, files: _Files, readers: Sequence[
         reader.bytes_read += m.nbytes
 
     def unit(lo: int, hi: int) -> None:
-        for (fd, offset, size), m, array in zip(places, metas, arrays, strict=True):
-            pread_into(fd, memoryview(array[lo * size:hi * size]), offset + lo * size,
-                       path=m.path, name=t.name)
+        for (source, offset, size), m, array in zip(places, metas, arrays, strict=True):
+            read(source, memoryview(array[lo * size:hi * size]), offset + lo * size,
+                 path=m.path, name=t.name)
         if kernel is not None:
             kernel(addresses, lo, hi)
     _wait([pool.submit(unit, lo, min(lo + unit_elements, numel))
@@ -385,33 +340,7 @@ def _hold(pool: ThreadPoolExecutor, t: Tensor, files: _Files, readers: Sequence[
     return arrays
 
 
-def _run(unit: _Unit, buffers: threading.local) -> bool:
-    """One unit on a pool thread: read its rows, merge, write; True if an output is not
-    finite (nothing is written then)."""
-    count = unit.hi - unit.lo
-    if not hasattr(buffers, "arrays"):
-        buffers.arrays = []
-    while len(buffers.arrays) < len(unit.places):
-        buffers.arrays.append(np.empty(0, np.uint8))
-    addresses = np.empty(len(unit.places), np.int64)
-    for i, (fd, offset, size) in enumerate(unit.places):
-        if buffers.arrays[i].size < count * size:
-            buffers.arrays[i] = np.empty(count * size, np.uint8)
-        buf = buffers.arrays[i][:count * size]
-        if size and i < len(unit.places) - 1:
-            pread_into(fd, memoryview(buf), offset + unit.lo * size, path=unit.paths[i],
-                       name=unit.name)
-        # the kernel indexes elements [lo, hi) from the tensor's element 0
-        addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
-    bad = unit.kernel(addresses, unit.lo, unit.hi)
-    if not bad and unit.writes:
-        out = len(unit.places) - 1  # the thread may hold more buffers (another plan's)
-        fd, offset, size = unit.places[out]
-        pwrite_all(fd, memoryview(buffers.arrays[out][:count * size]), offset + unit.lo * size)
-    return bool(bad)
-
-
-def _finish(unit: _Unit, job: Future, writer: ShardedWriter,
+def _finish(unit: Unit, job: Future, writer: ShardedWriter,
             on_non_finite: Callable[[str], Exception]) -> None:
     """Wait for a unit; after a tensor's last unit, mark it filled."""
     if job.result():
