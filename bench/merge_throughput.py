@@ -6,7 +6,8 @@ expert copies with rank-1 second moments. Then, for each K, it runs whole proces
 alternation, A B A B ..., for --rounds rounds (a machine's speed drifts; only pairs taken
 side by side compare), one process per merge, and reports per pair the median wall time,
 the median of the per-round ratios, and each tool's peak RSS (the kernel's VmHWM of the
-process). The pairs (A vs B):
+process; it starts from this bench's own, about 15 MiB, so the inputs are built in a process of
+their own). The pairs (A vs B):
   token-weighted   vs mergekit linear (the same weights, normalize false)
   task-arithmetic  vs mergekit task_arithmetic (lambda 1)
   ties             vs mergekit ties (density 0.2, normalize true = the disjoint mean)
@@ -258,6 +259,7 @@ def main() -> None:
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--shard-mb", type=int, default=500)
     c.add_argument("--device", default="cpu")
+    sub.add_parser("build", help="build the inputs (reused when present)")
     show = sub.add_parser("cmd", help="print one tool's command line (shell-quoted)")
     show.add_argument("tool", help="cat, mergekit:METHOD or a MeritRun method")
     parser.add_argument("--params", type=float, default=1e9)
@@ -277,7 +279,13 @@ def main() -> None:
     if args.cmd == "child":
         return child(args)
     ks = [int(k) for k in args.k.split(",")]
-    build_inputs(args.workdir, args.params, max(ks), 256_000_000)
+    if args.cmd == "build":
+        build_inputs(args.workdir, args.params, max(ks), 256_000_000)
+        return None
+    # built in a process of its own: a child's peak RSS as wait4 reports it starts from this
+    # process's (exec keeps the larger high-water mark), so this one must stay small (no torch)
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--params", str(args.params),
+                    "--k", args.k, "--workdir", str(args.workdir), "build"], check=True)
     if args.cmd == "cmd":
         print(shlex.join(command(args.tool, args.workdir, ks[0], args)))
         return None
