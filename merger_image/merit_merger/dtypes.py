@@ -65,16 +65,23 @@ def parse_dtype(value: Any) -> Dtype | None:
     return dtype
 
 
-def to_float32(raw: np.ndarray, dtype: Dtype) -> np.ndarray:
+def to_float32(raw: np.ndarray, dtype: Dtype, out: np.ndarray | None = None) -> np.ndarray:
     """The elements stored in `raw` (bytes, as read) as fp32, as torch's `.float()` gives
-    them; a view when they are fp32 already."""
+    them: a view when they are fp32 already, else written into `out` (fp32, at least that
+    many elements; reused by the caller) or a fresh array."""
     if dtype.name == "F32":
         return raw.view(np.float32)
+    if dtype.name not in _NUMPY and dtype.name != "BF16":
+        raise ValueError(f"{dtype} has no numpy conversion to float32")
+    count = raw.size // dtype.itemsize
+    out = np.empty(count, np.float32) if out is None else out[:count]
     if dtype.name == "BF16":  # the high half of an fp32: exact
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if dtype.name in _NUMPY:
-        return raw.view(_NUMPY[dtype.name]).astype(np.float32)
-    raise ValueError(f"{dtype} has no numpy conversion to float32")
+        bits = out.view(np.uint32)
+        np.copyto(bits, raw.view(np.uint16))
+        np.left_shift(bits, 16, out=bits)
+    else:
+        np.copyto(out, raw.view(_NUMPY[dtype.name]), casting="unsafe")
+    return out
 
 
 WIDENED = {"F32", "BF16", "F16", "F64"}  # the floats `to_float32` takes

@@ -136,12 +136,15 @@ class ModelReader:
         self._pread(meta, meta.offset + start * meta.row_bytes, buf.numpy())
         return buf.view(meta.dtype.torch).reshape(shape)
 
-    def read_array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """The stored bytes of tensor `name` (or rows [start, stop) of dim 0) as a fresh
-        uint8 array: `read` without torch (see `dtypes.to_float32`)."""
+    def read_array(self, name: str, rows: tuple[int, int] | None = None, *,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """The stored bytes of tensor `name` (or rows [start, stop) of dim 0) as uint8, in
+        `out` (at least that large, reused by the caller) or a fresh array: `read` without
+        torch (see `dtypes.to_float32`)."""
         meta = self._metas[name]
         start, stop = rows if rows is not None else (0, meta.rows)
-        buf = np.empty((stop - start) * meta.row_bytes, np.uint8)
+        nbytes = (stop - start) * meta.row_bytes
+        buf = np.empty(nbytes, np.uint8) if out is None else out[:nbytes]
         self._pread(meta, meta.offset + start * meta.row_bytes, buf)
         return buf
 

@@ -39,6 +39,8 @@ def test_to_float32_equals_torchs_float(name):
     values[:4] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40])
     t = values.to(DTYPES[name].torch)
     raw = t.view(torch.uint8).numpy().copy()
+    want = t.float().numpy().tobytes()
     got = to_float32(raw, DTYPES[name])
-    want = t.float().numpy()
-    assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+    assert got.dtype == np.float32 and got.tobytes() == want
+    reused = np.full(1500, 7.0, np.float32)  # a caller's buffer, larger than needed
+    assert to_float32(raw, DTYPES[name], out=reused).tobytes() == want
