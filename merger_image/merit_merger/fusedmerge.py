@@ -21,7 +21,7 @@ same refusal of a non-finite output, the same output files. `unsupported` says w
 takes the torch pass instead: another method, a GPU, LoRA partitions, inputs read from
 storage, a dtype the kernels do not take, or a merge pass that also scans the update norms.
 
-Each method with kernels has a `FusedMethod` in `METHODS`: once per merge its `prepare`
+Each method with kernels has a `FusedMethod` (`fusedplan`): once per merge its `prepare`
 takes the `Merge` and returns what makes each tensor's `Plan` (the kernel as a callable
 over a unit's addresses, whether the unit reads the base, and any further input streamed
 like the experts); per-tensor arrays a kernel needs (factors, thresholds) live in its
@@ -36,94 +36,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .fusedplan import UNIT_ELEMENTS, FusedMethod, Merge, Plan, Tensor
 from .fusedunits import Files, Kernel, Unit, read, run, unread
-from .io import ModelReader, TensorMeta
+from .io import ModelReader
 from .methods import normalized
 from .remote import remote_file
 from .writer import ShardedWriter, pwrite_all
 
 try:  # the merger's extra installs numba; without it every merge takes the torch pass
-    from . import fused
+    from . import fused, fusedota, fusedties, fusedtiesplan
 
     _NO_KERNELS = ""
 except Exception as e:  # noqa: BLE001 - numba missing, or no cache dir it can write
     fused = None  # type: ignore[assignment]
     _NO_KERNELS = f"the fused kernels are unavailable ({type(e).__name__}: {str(e)[:120]})"
-
-# elements per unit at most: 512 KiB per bf16 input, so a unit's buffers stay near the core
-# (1B parameters, K = 4: 1.9 s of system time at 2^18 against 4-6 s at 2^20, load 4-5)
-UNIT_ELEMENTS = 1 << 18
-
-@dataclass(frozen=True)
-class Merge:
-    """What a method's kernels are prepared from, once per merge."""
-
-    method: str
-    params: Any
-    weights: Sequence[float]  # the token weights, renormalised over the experts
-    k: int
-    files: Files  # fds of the inputs, closed after the pass
-    moments: Sequence[Any] | None = None  # the experts' MomentReaders, when the method has them
-    # a tensor of at most this many elements is one unit (its kernel sees all of it at once)
-    unit_elements: int = UNIT_ELEMENTS
-    block_elements: int = UNIT_ELEMENTS  # the engine's block size (the torch pass's blocks)
-    # scan(tensor, kernel, held=None): a pass over the tensor's experts and base before its
-    # units are merged (TIES counts its thresholds so), unit by unit on the pool's threads,
-    # the kernel accumulating what it counts itself; returns when every unit is done. With
-    # `held` (hold's arrays) the units read nothing: the kernel gets the arrays' addresses
-    scan: Callable[..., None] | None = None
-    # hold(tensor, into=None, kernel=None): its experts and base read whole into memory,
-    # unit by unit on the pool (a plan that reads them once for several passes: Plan.held),
-    # into the starts of `into`'s arrays (uint8, large enough; reused) or new ones; each
-    # unit then given to `kernel` (the held arrays' addresses) on the thread that read it
-    hold: Callable[..., list[np.ndarray]] | None = None
-    seconds: dict[str, float] = field(default_factory=dict)  # the scans' wall time, "prepass"
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One floating-point tensor to merge: its inputs as stored and its output's dtype."""
-
-    name: str
-    base: TensorMeta
-    experts: tuple[TensorMeta, ...]
-    out_dtype: Any
-
-    def codes(self, *metas: TensorMeta) -> np.ndarray:
-        """The kernels' dtype codes of the experts, the base, `metas`, then the output."""
-        dtypes = [m.dtype for m in (*self.experts, self.base, *metas)] + [self.out_dtype]
-        return np.asarray([fused.CODES[d.name] for d in dtypes], np.int64)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How one tensor's units are merged."""
-
-    kernel: Kernel
-    reads_base: bool
-    # further stored inputs of the tensor's shape, read unit by unit after the base (each
-    # counted in `counters`, the reader whose bytes_read it adds to)
-    extra: tuple[TensorMeta, ...] = ()
-    counters: tuple[Any, ...] = ()
-    # the experts and the base are in the kernel's closure (Merge.hold read them): the units
-    # read neither, and their addresses there are not theirs
-    held: bool = False
-
-
-@dataclass(frozen=True)
-class FusedMethod:
-    """A method's fused kernels: `prepare(merge)` -> the per-tensor plan maker; `unsupported`
-    (params, moment readers or None) -> why this merge takes the torch pass, or None; `warm`
-    compiles the kernels (see `warm` below)."""
-
-    prepare: Callable[[Merge], Callable[[Tensor], Plan]]
-    unsupported: Callable[[Any, Sequence[Any] | None], str | None] = lambda p, m: None
-    warm: Callable[[], None] = lambda: None
 
 
 def _linear(merge: Merge) -> Callable[[Tensor], Plan]:
@@ -151,9 +81,7 @@ def _linear(merge: Merge) -> Callable[[Tensor], Plan]:
 
 
 def _methods() -> dict[str, FusedMethod]:
-    """The methods with kernels (imported here: their modules import this one)."""
-    from . import fusedota, fusedties, fusedtiesplan
-
+    """The methods with kernels."""
     linear = FusedMethod(_linear, warm=fused.warm)
     return {"token-weighted": linear, "uniform": linear, "task-arithmetic": linear,
             "ota": fusedota.METHOD, "ties": FusedMethod(fusedtiesplan.prepare, warm=fusedties.warm)}

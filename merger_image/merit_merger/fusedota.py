@@ -32,7 +32,7 @@ import numpy as np
 from numba import carray, njit
 
 from .fused import CHUNK, CODES, _fma, _narrow, _pointer, _widen
-from .fusedmerge import FusedMethod, Merge, Plan, Tensor
+from .fusedplan import FusedMethod, Merge, Plan, Tensor
 from .io import TensorMeta
 from .moments import SEP, MomentReader
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .fusedplan import Kernel, Merge, Plan, Tensor
 from .fusedties import (
     HI_BINS,
     LO_BINS,
@@ -32,9 +32,6 @@ from .fusedties import (
     ties_whole,
 )
 from .methods import keep_count
-
-if TYPE_CHECKING:
-    from .fusedmerge import Kernel, Merge, Plan, Tensor
 
 # A tensor of at most HOLD_BLOCKS of the engine's blocks (the torch pre-pass's rule, which
 # keeps such a tensor's K fp32 saliencies) has its K + 1 inputs held in memory as stored
@@ -130,8 +127,6 @@ def _plan(codes: np.ndarray, thresholds: np.ndarray, scale: np.float32,
     """The merge of a tensor's units given its thresholds (inputs read by the units, or
     held: the kernel puts their arrays' addresses in, and calls `done` once all `numel`
     elements are merged)."""
-    from .fusedmerge import Plan
-
     if held is None:
         def kernel(addresses: np.ndarray, lo: int, hi: int) -> bool:
             return ties_range(addresses, codes, thresholds, scale, lo, hi)
@@ -158,8 +153,6 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
     first: in its one unit's kernel; from the tensor held in memory when it has at most
     HOLD_BLOCKS blocks (read once for the counts and the merge); else by two scans before
     the merge's (each input read three times)."""
-    from .fusedmerge import Plan
-
     density = float(merge.params.density)
     scale = np.float32(merge.params.scale)  # torch rounds the Python scalar to fp32 too
     local = threading.local()  # the pool threads' histograms
