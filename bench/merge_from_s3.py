@@ -47,9 +47,8 @@ def serve(root: Path, k: int):
 
 
 def child(args: argparse.Namespace) -> None:
-    """One streamed merge (verify pass + merge pass) of inputs in s3://bench/."""
-    import torch
-
+    """One streamed merge (verify pass + merge pass) of inputs in s3://bench/. No torch here:
+    the verify pass and a fused merge pass (the norm scan in it) never import it."""
     from merit_merger.engine import merge_models
     from merit_merger.fetch import mount_objects
     from merit_merger.remote import mounted
@@ -58,7 +57,6 @@ def child(args: argparse.Namespace) -> None:
     from merit_merger.verification import NormScan
     from meritrun.storage import open_storage
 
-    torch.set_num_threads(args.threads)
     storage = open_storage(f"s3://{BUCKET}")
     local = Path(args.scratch)  # small files only (config.json)
     shutil.rmtree(local, ignore_errors=True)
@@ -79,13 +77,14 @@ def child(args: argparse.Namespace) -> None:
         result = merge_models(base_dir=local / "base", partitions=parts, method=args.method,
                               params=params, out_dir=Path(args.out),
                               shard_size_bytes=args.shard_mb * 1_000_000,
-                              observe=NormScan([p.name for p in parts]))
+                              observe=NormScan([p.name for p in parts]), threads=args.threads)
         timings["merge"] = time.monotonic() - started - timings["verify"]
     shutil.rmtree(args.out, ignore_errors=True)
     shutil.rmtree(local, ignore_errors=True)
     inputs = sum(f.size for f in mounts.values())
     print(json.dumps({"input_bytes": inputs, "merge_bytes_read": result.bytes_read,
-                      "seconds": timings}), file=sys.stderr)
+                      "kernel": result.kernel, "seconds": timings,
+                      "torch": "torch" in sys.modules}), file=sys.stderr)
 
 
 def command(tool: str, root: Path, k: int, args: argparse.Namespace) -> list[str]:

@@ -154,6 +154,8 @@ def merge_models(
 
     `observe` sees every block (with the base) before it is merged: a streamed merge judges
     the update norms in this pass instead of in a pass of its own; what it raises aborts.
+    The fused pass gives it its units' judgments instead (`observe.judged`, see
+    verification.NormScan); an observer without `judged` takes the torch pass.
     `threads`: CPU threads of the math (default: one per core this process may run on)."""
     if not partitions:
         raise ValueError("nothing to merge: no partitions")
@@ -198,8 +200,10 @@ def _merge(impl: MergeMethod, p: Any, inputs: Inputs, result: MergeResult, *, ou
                             m.shape) for m in metas]
     out_dtypes = {o.name: o.dtype for o in outputs}
     why_not = fusedmerge.unsupported(impl.key, base, [e.model for e in inputs.experts],
-                                     device=device_type(device), observing=observe is not None,
-                                     output_dtype=dtype, params=p, moments=inputs.moments)
+                                     device=device_type(device), output_dtype=dtype, params=p,
+                                     moments=inputs.moments)
+    if why_not is None and observe is not None and not hasattr(observe, "judged"):
+        why_not = "the merge pass's observer takes torch blocks only"
     result.kernel = "fused" if why_not is None else "torch"
     log.info("merge pass: %s", "fused kernels (numba)" if why_not is None
              else f"torch ({why_not})")
@@ -212,7 +216,8 @@ def _merge(impl: MergeMethod, p: Any, inputs: Inputs, result: MergeResult, *, ou
             impl.key, p, base=base, experts=[e.model for e in inputs.experts],
             weights=weights, writer=writer, out_dtypes=out_dtypes,
             threads=threads or len(os.sched_getaffinity(0)), unit_elements=chunk_elements,
-            progress=progress, moments=inputs.moments, on_non_finite=on_non_finite)),
+            progress=progress, moments=inputs.moments, on_non_finite=on_non_finite,
+            observe=observe)),
                **write)
         stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}
     else:

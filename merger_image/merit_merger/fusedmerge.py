@@ -48,12 +48,16 @@ from .remote import remote_file
 from .writer import ShardedWriter, pwrite_all
 
 try:  # the merger's extra installs numba; without it every merge takes the torch pass
-    from . import fused, fusedota, fusedties, fusedtiesplan
+    from . import fused, fusedbounds, fusedota, fusedscan, fusedties, fusedtiesplan
 
     _NO_KERNELS = ""
 except Exception as e:  # noqa: BLE001 - numba missing, or no cache dir it can write
-    fused = None  # type: ignore[assignment]
+    fused = fusedscan = None  # type: ignore[assignment]
     _NO_KERNELS = f"the fused kernels are unavailable ({type(e).__name__}: {str(e)[:120]})"
+
+# elements per unit at most when an input is read from storage: each ranged GET costs a
+# round trip and a request (2 MiB per bf16 input at the engine's default block of 2^20)
+REMOTE_UNIT_ELEMENTS = 1 << 21
 
 
 def _linear(merge: Merge) -> Callable[[Tensor], Plan]:
@@ -92,10 +96,12 @@ def warm() -> None:
     for it: scripts/setup.sh and the merger image's build run this."""
     for compile_kernels in dict.fromkeys(m.warm for m in _methods().values()):
         compile_kernels()
+    fusedscan.warm()
+    fusedbounds.warm()
 
 
 def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | None], *,
-                device: str, observing: bool, output_dtype: Any,
+                device: str, output_dtype: Any,
                 params: Any = None, moments: Sequence[Any] | None = None) -> str | None:
     """Why this merge cannot take the fused path, or None when it can."""
     if fused is None:
@@ -108,8 +114,6 @@ def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | 
         return why
     if device != "cpu":
         return f"the merge runs on {device}"
-    if observing:
-        return "the merge pass also scans the update norms (streamed inputs)"
     if any(e is None for e in experts):
         return "a LoRA partition"
     for name in base.names:
@@ -117,8 +121,6 @@ def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | 
         metas = [meta, *(e.meta(name) if name in e else None for e in experts)]
         if any(m is None or m.shape != meta.shape for m in metas):
             return f"tensor {name} differs between the inputs"
-        if any(remote_file(m.path) is not None for m in metas):
-            return "inputs are read from storage"
         if not meta.dtype.is_floating_point:
             continue
         dtypes = [m.dtype for m in metas] + [output_dtype or meta.dtype]
@@ -132,20 +134,27 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
                out_dtypes: dict[str, Any], threads: int, unit_elements: int,
                on_non_finite: Callable[[str], Exception],
                progress: Callable[[int, int], None] | None = None,
-               moments: Sequence[Any] | None = None) -> dict[str, float]:
+               moments: Sequence[Any] | None = None, observe: Any = None) -> dict[str, float]:
     """Write every output of `writer` at its place (the readers count the bytes read). A
     non-finite output raises on_non_finite(tensor name); the caller aborts the writer.
+    `observe` (verification.NormScan): each unit's experts are judged and their update norms
+    summed (`fusedscan`), given to observe.judged(tensor, judgments) in unit order before
+    the unit's output is checked; what it raises aborts the pass.
     Returns the seconds of the method's scans ({"prepass": s}, TIES's thresholds) or {}."""
     files = Files()
     pending: deque[tuple[Unit, Future]] = deque()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused")
     buffers = threading.local()  # each pool thread's own, reused unit after unit
+    remote = any(remote_file(p) is not None for r in (base, *experts) for p in r.files)
+    fetch = (ThreadPoolExecutor(threads * (len(experts) + 2), thread_name_prefix="merge-get")
+             if remote else None)
     try:
-        block_elements, unit_elements = unit_elements, min(unit_elements, UNIT_ELEMENTS)
+        block_elements = unit_elements
+        unit_elements = min(unit_elements, REMOTE_UNIT_ELEMENTS if remote else UNIT_ELEMENTS)
 
         def scan(t: Tensor, kernel: Kernel, held: list[np.ndarray] | None = None) -> None:
             _scan(pool, buffers, t, kernel, files, [*experts, base], unit_elements,
-                  merge.seconds, held)
+                  merge.seconds, held, fetch)
 
         def hold(t: Tensor, into: list[np.ndarray] | None = None,
                  kernel: Kernel | None = None) -> list[np.ndarray]:
@@ -156,31 +165,38 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
                       unit_elements=unit_elements, block_elements=block_elements, scan=scan,
                       hold=hold)
         plan = _methods()[method].prepare(merge)
-        units = _units(plan, base, experts, files, writer, out_dtypes, unit_elements)
+        units = _units(plan, base, experts, files, writer, out_dtypes, unit_elements,
+                       judging=observe is not None, fetch=fetch)
         for unit in units:
             if isinstance(unit, str):  # done without the kernel
+                if observe is not None and base.meta(unit).dtype.is_floating_point:
+                    observe.judged(unit, fusedscan.judge_empty(len(experts)))
                 writer.filled(unit)
                 continue
             pending.append((unit, pool.submit(run, unit, buffers)))
             while len(pending) > 2 * threads:
-                _finish(*pending.popleft(), writer, on_non_finite)
+                _finish(*pending.popleft(), writer, on_non_finite, observe)
                 if progress is not None:
                     progress(writer.bytes_written, writer.total_bytes)
         while pending:
-            _finish(*pending.popleft(), writer, on_non_finite)
+            _finish(*pending.popleft(), writer, on_non_finite, observe)
         return {key: round(value, 3) for key, value in merge.seconds.items()}
     finally:
         for _, job in pending:
             job.cancel()
         pool.shutdown(wait=True)  # no unit may write into a file being removed
+        if fetch is not None:
+            fetch.shutdown(wait=True)
         files.close()
 
 
 def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequence[ModelReader],
            files: Files, writer: ShardedWriter, out_dtypes: dict[str, Any],
-           unit_elements: int) -> Iterator[Unit | str]:
+           unit_elements: int, judging: bool = False,
+           fetch: ThreadPoolExecutor | None = None) -> Iterator[Unit | str]:
     """The units of work in tensor order; a tensor done without one (not a float: copied
-    as stored here; empty) comes as its name."""
+    as stored here; empty) comes as its name. `judging`: each unit reads the base too, and
+    scans its experts (`fusedscan`) before the kernel runs."""
     for name in base.names:
         meta = base.meta(name)
         out_fd, out_offset, nbytes = writer.place(name)
@@ -193,22 +209,27 @@ def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequen
             yield name
             continue
         metas = tuple(e.meta(name) for e in experts)
-        plan = plan_of(Tensor(name, meta, metas, out_dtypes[name]))
+        t = Tensor(name, meta, metas, out_dtypes[name])
+        plan = plan_of(t)
+        reads_base = plan.reads_base or judging
         counted = list(zip(plan.counters, plan.extra, strict=True))
         if not plan.held:  # else counted by Merge.hold
-            counted += [*zip(experts, metas, strict=True), *([(base, meta)] * plan.reads_base)]
+            counted += [*zip(experts, metas, strict=True), *([(base, meta)] * reads_base)]
         for reader, m in counted:  # counted as the torch pass counts
             reader.bytes_read += m.nbytes
         base_place = files.place(meta)
         places = (*(unread(files.place(m), plan.held) for m in metas),
-                  unread(base_place, plan.held or not plan.reads_base),
+                  unread(base_place, plan.held or not reads_base),
                   *(files.place(m) for m in plan.extra),
                   (out_fd, out_offset, nbytes // meta.numel))
         paths = tuple(m.path for m in (*metas, meta, *plan.extra))
+        scan = None if not judging else fusedscan.scanner(
+            name, len(metas), t.codes(*plan.extra), stored=plan.stored_moments,
+            held=plan.held_at)
         for lo in range(0, meta.numel, unit_elements):
             hi = min(lo + unit_elements, meta.numel)
             yield Unit(name, plan.kernel, lo=lo, hi=hi, places=places, paths=paths,
-                        last=hi == meta.numel)
+                       last=hi == meta.numel, scan=scan, fetch=fetch)
 
 
 def _wait(jobs: list[Future], seconds: dict[str, float], started: float) -> None:
@@ -225,7 +246,8 @@ def _wait(jobs: list[Future], seconds: dict[str, float], started: float) -> None
 
 def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel: Kernel,
           files: Files, readers: Sequence[ModelReader], unit_elements: int,
-          seconds: dict[str, float], held: list[np.ndarray] | None) -> None:
+          seconds: dict[str, float], held: list[np.ndarray] | None,
+          fetch: ThreadPoolExecutor | None = None) -> None:
     """Merge.scan: the tensor's experts and base (read by `readers`, or `held`), unit by
     unit on the pool (after the units already queued), waited for."""
     started, numel = time.monotonic(), t.base.numel
@@ -239,7 +261,8 @@ def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel:
         reader.bytes_read += m.nbytes
     places = (*(files.place(m) for m in metas), (-1, 0, 0))  # no output
     paths = tuple(m.path for m in metas)
-    _wait([pool.submit(run, Unit(t.name, kernel, lo, hi, places, paths, writes=False), buffers)
+    _wait([pool.submit(run, Unit(t.name, kernel, lo, hi, places, paths, writes=False,
+                                            fetch=fetch), buffers)
            for lo, hi in spans], seconds, started)
 
 
@@ -269,9 +292,13 @@ def _hold(pool: ThreadPoolExecutor, t: Tensor, files: Files, readers: Sequence[M
 
 
 def _finish(unit: Unit, job: Future, writer: ShardedWriter,
-            on_non_finite: Callable[[str], Exception]) -> None:
-    """Wait for a unit; after a tensor's last unit, mark it filled."""
-    if job.result():
+            on_non_finite: Callable[[str], Exception], observe: Any) -> None:
+    """Wait for a unit (its judgments to `observe` first); after a tensor's last unit, mark
+    it filled."""
+    bad, found = job.result()
+    if found is not None:
+        observe.judged(unit.name, found)
+    if bad:
         raise on_non_finite(unit.name)
     if unit.last:
         writer.filled(unit.name)

@@ -194,7 +194,7 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
             return merge_stored(addresses, codes, p, eps, use_base, lo, hi)
 
         return Plan(stored, reads_base=use_base, extra=extra,
-                    counters=tuple(r.file for r in readers))
+                    counters=tuple(r.file for r in readers), stored_moments=True)
 
     return plan
 

@@ -76,8 +76,11 @@ class Plan:
     extra: tuple[TensorMeta, ...] = ()
     counters: tuple[Any, ...] = ()
     # the experts and the base are in the kernel's closure (Merge.hold read them): the units
-    # read neither, and their addresses there are not theirs
+    # read neither, and their addresses there are not theirs; held_at: where they are held
+    # (the experts', then the base's), for a streamed merge's norm scan (`fusedscan`)
     held: bool = False
+    held_at: np.ndarray | None = None
+    stored_moments: bool = False  # `extra` are the experts' stored second moments, in order
 
 
 @dataclass(frozen=True)

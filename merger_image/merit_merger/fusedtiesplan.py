@@ -145,7 +145,7 @@ def _plan(codes: np.ndarray, thresholds: np.ndarray, scale: np.float32,
                 last = merged[0] == numel
             if last and done is not None:
                 done()
-    return Plan(from_held, reads_base=True, held=True)
+    return Plan(from_held, reads_base=True, held=True, held_at=inputs)
 
 
 def prepare(merge: Merge) -> Callable[[Tensor], Plan]:

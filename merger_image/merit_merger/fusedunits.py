@@ -16,8 +16,10 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +32,10 @@ Kernel = Callable[[np.ndarray, int, int], bool]
 """(addresses, lo, hi) -> True when an output of elements [lo, hi) is not finite. addresses:
 where element 0 of each array would lie: the experts, the base (a dummy when the plan does
 not read it), the plan's further inputs, then the output."""
+
+Scan = Callable[[np.ndarray, int, int], Any]
+"""(addresses, lo, hi) -> what a scan of the unit's inputs found (`fusedscan`: the norm scan
+of a streamed merge), run before the kernel on the same addresses."""
 
 Source = int | RemoteFile  # a local file's descriptor, or a mounted object
 Place = tuple[Source, int, int]  # (source, offset of the tensor's element 0, itemsize)
@@ -84,29 +90,48 @@ class Unit:
     paths: tuple[Path, ...]  # of the inputs, for errors
     last: bool = False  # the tensor's last unit
     writes: bool = True  # False: a scan's unit (no output; the kernel counts)
+    scan: Scan | None = None  # run on the inputs before the kernel (a streamed merge's)
+    # reads of mounted objects: all of the unit's at once on this pool (each GET waits on
+    # the network; one after another, a unit's K + 1 would add up their latencies)
+    fetch: ThreadPoolExecutor | None = None
 
 
-def run(unit: Unit, buffers: threading.local) -> bool:
-    """One unit on a pool thread: read its rows, merge, write; True if an output is not
-    finite (nothing is written then)."""
+def run(unit: Unit, buffers: threading.local) -> tuple[bool, Any]:
+    """One unit on a pool thread: read its rows, scan, merge, write; (True if an output is
+    not finite (nothing is written then), what the scan found or None)."""
     count = unit.hi - unit.lo
     if not hasattr(buffers, "arrays"):
         buffers.arrays = []
     while len(buffers.arrays) < len(unit.places):
         buffers.arrays.append(np.empty(0, np.uint8))
     addresses = np.empty(len(unit.places), np.int64)
-    for i, (source, offset, size) in enumerate(unit.places):
-        if buffers.arrays[i].size < count * size:
-            buffers.arrays[i] = np.empty(count * size, np.uint8)
-        buf = buffers.arrays[i][:count * size]
-        if size and i < len(unit.places) - 1:
-            read(source, memoryview(buf), offset + unit.lo * size, path=unit.paths[i],
-                 name=unit.name)
-        # the kernel indexes elements [lo, hi) from the tensor's element 0
-        addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
+    fetching: list[Future] = []
+    try:
+        for i, (source, offset, size) in enumerate(unit.places):
+            if buffers.arrays[i].size < count * size:
+                buffers.arrays[i] = np.empty(count * size, np.uint8)
+            buf = buffers.arrays[i][:count * size]
+            if size and i < len(unit.places) - 1:
+                how = dict(path=unit.paths[i], name=unit.name)
+                at, view = offset + unit.lo * size, memoryview(buf)
+                if unit.fetch is not None and isinstance(source, RemoteFile):
+                    fetching.append(unit.fetch.submit(read, source, view, at, **how))
+                else:
+                    read(source, view, at, **how)
+            # the kernel indexes elements [lo, hi) from the tensor's element 0
+            addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
+        for job in fetching:
+            job.result()
+    finally:  # no read may still fill a buffer the next unit reuses
+        for job in fetching:
+            job.cancel()
+        for job in fetching:
+            if not job.cancelled():
+                job.exception()
+    found = unit.scan(addresses, unit.lo, unit.hi) if unit.scan is not None else None
     bad = unit.kernel(addresses, unit.lo, unit.hi)
     if not bad and unit.writes:
         out = len(unit.places) - 1  # the thread may hold more buffers (another plan's)
         fd, offset, size = unit.places[out]
         pwrite_all(fd, memoryview(buffers.arrays[out][:count * size]), offset + unit.lo * size)
-    return bool(bad)
+    return bool(bad), found

@@ -68,11 +68,10 @@ def run_merge_stage(params: MergeParams, *, workdir: Path) -> dict:
     # scoring base and partitions on a held-out file loads them with transformers, from files
     streamed = inputs_mode() == "stream" and not params.held_out
     # as the trainer: the backend shares cores. The scan and the merge take the count; torch,
-    # imported only where it is needed, is told up front where it surely is (scores, the
-    # streamed checks)
+    # imported only where it is needed, is told up front where it surely is (scores)
     threads = int(os.environ["MERITRUN_TORCH_THREADS"]) if os.environ.get(
         "MERITRUN_TORCH_THREADS") else None
-    if threads and (params.held_out or streamed):
+    if threads and params.held_out:
         import torch
 
         torch.set_num_threads(threads)

@@ -11,14 +11,18 @@ judged. The base's fingerprint comes from the same kind of pass over the base.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from meritrun.artifacts import fingerprint_of, sha256_file
 from meritrun.errors import ContributionRejected, StorageError
 
+from .dtypes import WIDENED, Dtype, to_float32
 from .io import HeaderError, read_header
 from .remote import SequentialReader, mounted_in, remote_file
 from .sources import PartitionSource
@@ -67,8 +71,6 @@ def stream_file(path: Path, *, moments: bool = False, chunk: int | None = None
     A safetensors file's tensors are checked as they pass (its header was validated by
     `read_header`, so they tile the data area); any other file is only hashed.
     """
-    import torch  # a streamed merge takes the torch pass anyway
-
     metas = read_header(path)[0] if path.name.endswith(".safetensors") else None
     problem = None
     with SequentialReader(path, **({"chunk": chunk} if chunk else {})) as reader:
@@ -77,11 +79,36 @@ def stream_file(path: Path, *, moments: bool = False, chunk: int | None = None
             _skip(reader, first)
             for meta in metas.values():
                 for piece in _pieces(reader, meta.nbytes, meta.dtype.itemsize):
-                    if problem is None and meta.dtype.is_floating_point:
-                        t = torch.frombuffer(piece, dtype=meta.dtype.torch) if len(piece) else None
-                        if t is not None:
-                            problem = value_problem(meta.name, t, moments=moments)
+                    if problem is None and meta.dtype.is_floating_point and len(piece):
+                        problem = _piece_problem(meta.name, piece, meta.dtype, moments)
         return reader.drain(), problem
+
+
+def _piece_problem(name: str, piece: memoryview, dtype: Dtype, moments: bool
+                   ) -> tuple[str, str] | None:
+    """`value_problem` of stored values: without torch (a compiled pass over the bits, else
+    numpy) for the dtypes the fused kernels or numpy widen; torch for the rest (fp8)."""
+    raw = np.frombuffer(piece, np.uint8)
+    compiled = _compiled_bounds()
+    bounds = compiled(raw, dtype.name) if compiled is not None else None
+    if bounds is None and dtype.name in WIDENED:
+        values = to_float32(raw, dtype)
+        bounds = float(values.min()), float(values.max())  # NaN propagates
+    if bounds is not None:
+        return bounds_problem(name, *bounds, moments=moments)
+    import torch  # fp8: the torch pass's dtypes
+
+    return value_problem(name, torch.frombuffer(piece, dtype=dtype.torch), moments=moments)
+
+
+@functools.cache
+def _compiled_bounds() -> Callable[[np.ndarray, str], tuple[float, float] | None] | None:
+    """fusedbounds.value_bounds, or None without numba (or no cache dir it can write)."""
+    try:
+        from .fusedbounds import value_bounds
+    except Exception:  # noqa: BLE001 - numba missing, or no cache dir it can write
+        return None
+    return value_bounds
 
 
 def _skip(reader: SequentialReader, n: int) -> None:

@@ -126,16 +126,27 @@ def judge_block(name: str, theta0: np.ndarray, theta: np.ndarray, v: np.ndarray 
     (the difference in `scratch` when given). |theta|, |theta0| <= MAX_MAGNITUDE, so a
     block's fp32 sum stays finite (4e30 x 1e6 elements < 3.4e38); the caller adds blocks up
     in Python floats."""
-    problem = _problem(name, theta)
-    if problem is None and v is not None:
-        problem = _problem(name, v, moments=True)
+    problem = first_problem(name, _bounds(theta), None if v is None else _bounds(v))
     if problem is not None:
         return problem, 0.0
     d = np.subtract(theta, theta0, out=None if scratch is None else scratch[:theta.size])
     return None, float(np.dot(d, d))
 
 
-def _problem(name: str, values: np.ndarray, *, moments: bool = False) -> Problem | None:
+Bounds = tuple[float, float] | None  # the least and greatest of a block's values (None: empty)
+
+
+def first_problem(name: str, theta: Bounds, v: Bounds) -> Problem | None:
+    """The rule of a block of tensor `name`, given the bounds of an expert's values and of its
+    stored second moments (None: none stored): theta's problem first, then v's. The fused
+    pass (`fusedscan`) judges its units by it too."""
+    problem = None if theta is None else bounds_problem(name, *theta)
+    if problem is None and v is not None:
+        problem = bounds_problem(name, *v, moments=True)
+    return problem
+
+
+def _bounds(values: np.ndarray) -> Bounds:
     if not values.size:
         return None
-    return bounds_problem(name, float(values.min()), float(values.max()), moments=moments)
+    return float(values.min()), float(values.max())

@@ -83,7 +83,9 @@ class NormScan:
 
     The verification scan calls it on every block; a streamed merge hands it to the merge
     pass instead (`merge_models(observe=...)`), where a refusal stops the merge at once
-    (raised) so the job can merge the others.
+    (raised) so the job can merge the others. The torch pass calls it on its blocks; the
+    fused pass judges its units itself (`fusedscan`, by the same rule) and hands over the
+    judgments (`judged`), in unit order.
     """
 
     def __init__(self, names: Sequence[str], *, raise_refusals: bool = False) -> None:
@@ -95,19 +97,31 @@ class NormScan:
         if block.raw is not None or block.base is None:
             return
         base = _flat(block.base)
+        judgments: list[tuple[tuple[str, str] | None, float] | None] = []
         for i, p in enumerate(self.names):
             if p in self.refused:
+                judgments.append(None)
                 continue
             v = block.moments[i] if block.moments is not None else None
             stored = None if v is None or isinstance(v, Rank1Moment) else _flat(v)
-            problem, sq = valuescan.judge_block(block.name, base, _flat(block.experts[i]),
-                                                stored)
+            judgments.append(valuescan.judge_block(block.name, base, _flat(block.experts[i]),
+                                                   stored))
+        self.judged(block.name, judgments)
+
+    def judged(self, tensor: str,
+               judgments: Sequence[tuple[tuple[str, str] | None, float] | None]) -> None:
+        """One block's (or fused unit's) judgment per partition, in `names` order: (problem
+        or None, its squared update norm); None: not judged."""
+        for p, judgment in zip(self.names, judgments, strict=True):
+            if p in self.refused or judgment is None:
+                continue
+            problem, sq = judgment
             if problem is not None:
                 self.refused[p] = ContributionRejected(p, *problem)
                 if self.raise_refusals:
                     raise self.refused[p]
                 continue
-            per = self.sq.setdefault(block.name, {})
+            per = self.sq.setdefault(tensor, {})
             per[p] = per.get(p, 0.0) + sq
 
     def norms(self) -> dict[str, dict[str, float]]:

@@ -1,6 +1,8 @@
 """The merge and verify stages read partition artifacts and the base from S3 in place (real
 MinIO): ranged reads pinned to the version first seen, bit-identical to the staged merge,
-every input read at most twice, a corrupted byte refused with its file named, no local copy."""
+every input read at most twice, a corrupted byte refused with its file named, no local copy.
+The streamed merge pass takes the fused kernels (`fusedscan` judges the update norms there)
+where the staged one does."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 from support.experts import make_experts, upload_to_bucket
 
-from merit_merger import fusedmerge, stage
+from merit_merger import stage
 from meritrun.api import MergeSpec, OtaSpec
 from meritrun.errors import IntegrityError
 from meritrun.stages import MergeParams, PartitionInput, StorageParams
@@ -63,29 +65,39 @@ def count_ranged_reads(monkeypatch) -> Counter:
     return counts
 
 
-@pytest.mark.parametrize("merge", [MergeSpec(method="tokenWeighted"),
-                                   MergeSpec(method="ota", ota=OtaSpec())],
-                         ids=["token-weighted", "ota"])
+def assert_same_verdicts(got: list[dict], want: list[dict]) -> None:
+    """The reports' partitions agree; the update norms (and outlier ratios) to fp32 rounding:
+    the streamed merge sums its units' squares in fp64 (fusedscan), the staged scan adds
+    fp32 dots of the engine's blocks."""
+    loose = ("update_norm", "outlier_ratio")
+    assert [{**p, **dict.fromkeys(loose)} for p in got] == [
+        {**p, **dict.fromkeys(loose)} for p in want]
+    for key in loose:
+        assert [p[key] for p in got] == [
+            None if p[key] is None else pytest.approx(p[key], rel=1e-6) for p in want]
+
+
+@pytest.mark.parametrize("merge", [
+    MergeSpec(method="tokenWeighted"), MergeSpec(method="taskArithmetic", scale=0.7),
+    MergeSpec(method="ota", ota=OtaSpec()), MergeSpec(method="ties", density=0.4)],
+    ids=["token-weighted", "task-arithmetic", "ota", "ties"])
 def test_streamed_merge_equals_the_staged_one_and_reads_each_input_twice_at_most(
         bucket, merge, tmp_path, monkeypatch):
     storage = bucket.open()
     monkeypatch.setenv("MERITRUN_INPUTS", "stage")
-    with monkeypatch.context() as m:
-        if merge.method == "ota":  # staged, it takes the fused kernels, up to an ulp from the
-            # torch pass the streamed merge takes (test_merge_fused_ota): compare one pass
-            m.setattr(fusedmerge, "unsupported", lambda *a, **k: "forced by the test")
-        staged = stage.run_merge_stage(merge_params(bucket, merge, "out/staged"),
-                                       workdir=tmp_path / "staged")
+    staged = stage.run_merge_stage(merge_params(bucket, merge, "out/staged"),
+                                   workdir=tmp_path / "staged")
     monkeypatch.setenv("MERITRUN_INPUTS", "stream")
     counts = count_ranged_reads(monkeypatch)
     work = tmp_path / "streamed"
     streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed"), workdir=work)
 
     assert streamed["included"] == staged["included"] == list(NAMES)
+    assert streamed["io"]["kernel"] == staged["io"]["kernel"] == "fused"
     want = merged_weights(storage, "out/staged")
     assert want and merged_weights(storage, "out/streamed") == want  # bit for bit
     # the report's verification is the same: norms judged in the merge pass
-    assert streamed["partitions"] == staged["partitions"]
+    assert_same_verdicts(streamed["partitions"], staged["partitions"])
     # no local copy of any input weight: only the merged model's own shards are on disk
     # (and rank-1 second moments, vectors the size of the dims, are downloaded whole)
     on_disk = sorted(p.relative_to(work).as_posix() for p in work.rglob("*.safetensors"))
@@ -190,5 +202,101 @@ def test_an_outlier_refused_after_the_merge_pass_is_merged_away_before_publishin
     for report in (staged, streamed):
         assert [(r["partition"], r["check"]) for r in report["refused"]] == [
             ("p2", "outlier-norm")]
-        assert report["included"] == ["p0", "p1"]
+        assert report["included"] == ["p0", "p1"] and report["io"]["kernel"] == "fused"
+    assert_same_verdicts(streamed["partitions"], staged["partitions"])
     assert merged_weights(storage, "out/streamed") == merged_weights(storage, "out/staged")
+
+
+def open_streamed(bucket, names, dest: Path):
+    """As the stage opens them: the base and partitions' small files downloaded, their
+    weight files mounted; (base dir, sources, mounts)."""
+    from merit_merger.fetch import open_base, open_partition
+
+    storage = bucket.open()
+    base_dir, mounts = open_base(f"{bucket.root_uri}/models/base", dest / "cache",
+                                 endpoint=bucket.endpoint, region=None)
+    sources = []
+    for name in names:
+        source, more = open_partition(storage, name, prefix(name), dest / name)
+        sources.append(source)
+        mounts |= more
+    return base_dir, sources, mounts
+
+
+def test_the_fused_pass_reads_units_from_storage_and_refuses_a_nan_by_name(
+        bucket, pristine, tiny_base, tmp_path):
+    """Many small units (chunk_elements=1000), each read with ranged GETs: the output equals
+    the merge of the same files on disk byte for byte; a NaN in one expert's tensor is
+    refused by the merge pass's own judgment (not the verify pass: merge_models is called
+    directly), naming the partition and the tensor."""
+    from support.experts import edit_state
+
+    from merit_merger.engine import merge_models
+    from merit_merger.remote import mounted
+    from merit_merger.sources import PartitionSource
+    from merit_merger.verification import NormScan
+    from meritrun.errors import ContributionRejected
+
+    spoiled = Path(shutil.copytree(pristine.artifacts[1], tmp_path / "spoiled"))
+    tensor = "model.layers.0.mlp.up_proj.weight"
+
+    def nan(state):
+        state[tensor].view(-1)[state[tensor].numel() // 2] = float("nan")
+    edit_state(spoiled, nan)
+    storage = bucket.open()
+    storage.delete_prefix(prefix("p1"))
+    storage.upload_dir(spoiled, prefix("p1"))
+    base_dir, sources, mounts = open_streamed(bucket, NAMES, tmp_path / "w")
+    run = dict(base_dir=base_dir, method="token-weighted", shard_size_bytes=300_000,
+               chunk_elements=1000, threads=2)
+    with mounted(mounts):
+        scan = NormScan([s.name for s in sources[::2]], raise_refusals=True)
+        got = merge_models(partitions=sources[::2], out_dir=tmp_path / "s3", observe=scan,
+                           **run)
+        with pytest.raises(ContributionRejected) as refused:
+            merge_models(partitions=sources, out_dir=tmp_path / "bad", **run,
+                         observe=NormScan([s.name for s in sources], raise_refusals=True))
+    assert got.kernel == "fused" and got.bytes_read > 0
+    assert (refused.value.partition, refused.value.check) == ("p1", "non-finite")
+    assert tensor in refused.value.detail
+    assert all(scan.norms()[tensor][p] > 0 for p in ("p0", "p2"))
+    local = [PartitionSource(p, a / "model", t) for p, a, t in
+             zip(NAMES, pristine.artifacts, pristine.tokens, strict=True)][::2]
+    want = merge_models(partitions=local, out_dir=tmp_path / "local", **(run | {
+        "base_dir": tiny_base}))
+    assert want.kernel == "fused"
+    shards = sorted(p.name for p in (tmp_path / "local").glob("*.safetensors*"))
+    assert len(shards) > 2 and shards == sorted(
+        p.name for p in (tmp_path / "s3").glob("*.safetensors*"))
+    for name in shards:
+        assert (tmp_path / "s3" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+STAGE = """
+import json, sys
+
+from merit_merger.stage import main
+
+code = main(["merge", "--params", sys.argv[1], "--workdir", sys.argv[2]])
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_the_streamed_stage_verifies_and_merges_without_torch(bucket, tmp_path):
+    """A fresh process: the verify pass (hash and values of every file, in ranged GETs), the
+    fused merge pass with its norm scan, the report and the upload import no torch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    params = tmp_path / "params.json"
+    params.write_text(merge_params(bucket, MergeSpec(method="tokenWeighted"),
+                                   "out/fresh").model_dump_json())
+    done = subprocess.run([sys.executable, "-c", STAGE, str(params), str(tmp_path / "w")],
+                          env=os.environ | {"MERITRUN_INPUTS": "stream"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 0, "torch": False}
+    report = json.loads(bucket.open().get_bytes("out/fresh/merge_report.json"))
+    assert report["included"] == list(NAMES) and report["io"]["kernel"] == "fused"

@@ -165,8 +165,7 @@ def test_the_merge_cli_takes_torch_for_a_lora_partition(tiny_base, tmp_path):
 def test_the_merge_stage_with_staged_inputs_merges_without_torch(tiny_base, tmp_path,
                                                                  monkeypatch):
     """MERITRUN_INPUTS=stage: downloaded (here: copied from a file:// root), sha256-checked,
-    scanned, merged and uploaded; streamed inputs take the torch pass (the merge pass judges
-    the update norms there)."""
+    scanned, merged and uploaded (streamed inputs, from S3: test_merge_streamed)."""
     root = tmp_path / "store"
     shutil.copytree(tiny_base, root / "base")
     for a in make_experts(tmp_path / "parts", tiny_base, 2, moments_kind=None).artifacts:
