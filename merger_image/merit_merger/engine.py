@@ -211,15 +211,17 @@ def _merge(impl: MergeMethod, p: Any, inputs: Inputs, result: MergeResult, *, ou
                  dtype=dtype, shard_size_bytes=shard_size_bytes)
     stats: dict[str, TensorStats] = {}
     on_non_finite = functools.partial(_non_finite, impl=impl, p=p)
-    if why_not is None:  # its scans (TIES's thresholds) are its "prepass" seconds
+    if why_not is None:  # its scans (TIES's, FFG's thresholds) are its "prepass" seconds
+        stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}
+        model_wide: list[float] = []
         _write(lambda writer: result.seconds.update(fusedmerge.merge_pass(
             impl.key, p, base=base, experts=[e.model for e in inputs.experts],
             weights=weights, writer=writer, out_dtypes=out_dtypes,
             threads=threads or len(os.sched_getaffinity(0)), unit_elements=chunk_elements,
             progress=progress, moments=inputs.moments, on_non_finite=on_non_finite,
-            observe=observe)),
-               **write)
-        stats = {m.name: TensorStats() for m in metas if m.dtype.is_floating_point}
+            observe=observe, stats=stats, thresholds=model_wide)), **write)
+        if model_wide:
+            result.thresholds = dict(zip(result.partitions, model_wide, strict=True))
     else:
         from .torchpass import TorchPass  # imports torch: only here
 

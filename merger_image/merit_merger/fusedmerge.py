@@ -48,7 +48,7 @@ from .remote import remote_file
 from .writer import ShardedWriter, pwrite_all
 
 try:  # the merger's extra installs numba; without it every merge takes the torch pass
-    from . import fused, fusedbounds, fusedota, fusedscan, fusedties, fusedtiesplan
+    from . import fused, fusedbounds, fusedffg, fusedscan, fusedties, fusedtiesplan
 
     _NO_KERNELS = ""
 except Exception as e:  # noqa: BLE001 - numba missing, or no cache dir it can write
@@ -88,7 +88,7 @@ def _methods() -> dict[str, FusedMethod]:
     """The methods with kernels."""
     linear = FusedMethod(_linear, warm=fused.warm)
     return {"token-weighted": linear, "uniform": linear, "task-arithmetic": linear,
-            "ota": fusedota.METHOD, "ties": FusedMethod(fusedtiesplan.prepare, warm=fusedties.warm)}
+            "ota": fusedffg.METHOD, "ties": FusedMethod(fusedtiesplan.prepare, warm=fusedties.warm)}
 
 
 def warm() -> None:
@@ -134,13 +134,17 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
                out_dtypes: dict[str, Any], threads: int, unit_elements: int,
                on_non_finite: Callable[[str], Exception],
                progress: Callable[[int, int], None] | None = None,
-               moments: Sequence[Any] | None = None, observe: Any = None) -> dict[str, float]:
+               moments: Sequence[Any] | None = None, observe: Any = None,
+               stats: dict[str, Any] | None = None,
+               thresholds: list[float] | None = None) -> dict[str, float]:
     """Write every output of `writer` at its place (the readers count the bytes read). A
     non-finite output raises on_non_finite(tensor name); the caller aborts the writer.
     `observe` (verification.NormScan): each unit's experts are judged and their update norms
     summed (`fusedscan`), given to observe.judged(tensor, judgments) in unit order before
     the unit's output is checked; what it raises aborts the pass.
-    Returns the seconds of the method's scans ({"prepass": s}, TIES's thresholds) or {}."""
+    Returns the seconds of the method's scans ({"prepass": s}, TIES's thresholds) or {}.
+    `stats` (TensorStats per floating tensor) and `thresholds` get what the method reports
+    (FFG's kept counts, fallbacks and model-wide thresholds)."""
     files = Files()
     pending: deque[tuple[Unit, Future]] = deque()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused")
@@ -152,9 +156,10 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
         block_elements = unit_elements
         unit_elements = min(unit_elements, REMOTE_UNIT_ELEMENTS if remote else UNIT_ELEMENTS)
 
-        def scan(t: Tensor, kernel: Kernel, held: list[np.ndarray] | None = None) -> None:
-            _scan(pool, buffers, t, kernel, files, [*experts, base], unit_elements,
-                  merge.seconds, held, fetch)
+        def scan(t: Tensor, kernel: Kernel, held: list[np.ndarray] | None = None,
+                 extra: Sequence[Any] = (), counters: Sequence[Any] = ()) -> None:
+            _scan(pool, buffers, t, kernel, files, [*experts, base, *counters], unit_elements,
+                  merge.seconds, held, fetch, tuple(extra))
 
         def hold(t: Tensor, into: list[np.ndarray] | None = None,
                  kernel: Kernel | None = None) -> list[np.ndarray]:
@@ -163,7 +168,9 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
 
         merge = Merge(method, params, weights, len(experts), files, moments,
                       unit_elements=unit_elements, block_elements=block_elements, scan=scan,
-                      hold=hold)
+                      hold=hold, tensors=_tensors(base, experts, out_dtypes),
+                      stats=stats if stats is not None else {},
+                      thresholds=thresholds if thresholds is not None else [])
         plan = _methods()[method].prepare(merge)
         units = _units(plan, base, experts, files, writer, out_dtypes, unit_elements,
                        judging=observe is not None, fetch=fetch)
@@ -232,6 +239,14 @@ def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequen
                        last=hi == meta.numel, scan=scan, fetch=fetch)
 
 
+def _tensors(base: ModelReader, experts: Sequence[ModelReader],
+             out_dtypes: dict[str, Any]) -> list[Tensor]:
+    """Merge.tensors: the floating tensors with elements, in order."""
+    metas = [base.meta(n) for n in base.names]
+    return [Tensor(m.name, m, tuple(e.meta(m.name) for e in experts), out_dtypes[m.name])
+            for m in metas if m.dtype.is_floating_point and m.numel]
+
+
 def _wait(jobs: list[Future], seconds: dict[str, float], started: float) -> None:
     """Every job's result (the first error raised, the rest cancelled); the wall time since
     `started` adds to seconds["prepass"]."""
@@ -247,16 +262,16 @@ def _wait(jobs: list[Future], seconds: dict[str, float], started: float) -> None
 def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel: Kernel,
           files: Files, readers: Sequence[ModelReader], unit_elements: int,
           seconds: dict[str, float], held: list[np.ndarray] | None,
-          fetch: ThreadPoolExecutor | None = None) -> None:
-    """Merge.scan: the tensor's experts and base (read by `readers`, or `held`), unit by
-    unit on the pool (after the units already queued), waited for."""
+          fetch: ThreadPoolExecutor | None = None, extra: tuple[Any, ...] = ()) -> None:
+    """Merge.scan: the tensor's experts, base and `extra` inputs (read by `readers`, or
+    `held`), unit by unit on the pool (after the units already queued), waited for."""
     started, numel = time.monotonic(), t.base.numel
     spans = [(lo, min(lo + unit_elements, numel)) for lo in range(0, numel, unit_elements)]
     if held is not None:
         addresses = np.array([a.ctypes.data for a in held], np.int64)
         return _wait([pool.submit(kernel, addresses, lo, hi) for lo, hi in spans], seconds,
                      started)
-    metas = (*t.experts, t.base)
+    metas = (*t.experts, t.base, *extra)
     for reader, m in zip(readers, metas, strict=True):
         reader.bytes_read += m.nbytes
     places = (*(files.place(m) for m in metas), (-1, 0, 0))  # no output

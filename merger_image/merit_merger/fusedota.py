@@ -1,8 +1,8 @@
 """OTA's merge pass through fused kernels (numba): K experts and their second moments in, the
 output dtype out, one pass, no torch.
 
-Per element, as `methods/ota.py` computes it (without FFG masks: `density` takes the torch
-pass): w_k = v_k^p + eps, theta = sum_k w_k theta_k / sum_k w_k, and the base where that sum
+Per element, as `methods/ota.py` computes it (without FFG masks: with `density`, see
+`fusedffg`): w_k = v_k^p + eps, theta = sum_k w_k theta_k / sum_k w_k, and the base where that sum
 is 0 (only where the method reads the base: `OtaMerge.uses_base`, an epsilon fp32 cannot hold).
 
 - Rank-1 moments (v = outer(row, col) / total) stay factored: per tensor and expert the row
@@ -201,8 +201,6 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
 
 def unsupported(params: Any, moments: Sequence[MomentReader] | None) -> str | None:
     """Why this OTA merge takes the torch pass, or None."""
-    if getattr(params, "density", None) is not None:
-        return "OTA with FFG masks (density) has no fused kernel"
     if not moments:
         return "OTA without second moments"
     if len({r.kind for r in moments}) > 1:  # a tensor's kernel takes one kind for all

@@ -35,10 +35,12 @@ class Merge:
     # a tensor of at most this many elements is one unit (its kernel sees all of it at once)
     unit_elements: int = UNIT_ELEMENTS
     block_elements: int = UNIT_ELEMENTS  # the engine's block size (the torch pass's blocks)
-    # scan(tensor, kernel, held=None): a pass over the tensor's experts and base before its
-    # units are merged (TIES counts its thresholds so), unit by unit on the pool's threads,
-    # the kernel accumulating what it counts itself; returns when every unit is done. With
-    # `held` (hold's arrays) the units read nothing: the kernel gets the arrays' addresses
+    # scan(tensor, kernel, held=None, extra=(), counters=()): a pass over the tensor's experts
+    # and base before its units are merged (TIES counts its thresholds so), unit by unit on
+    # the pool's threads, the kernel accumulating what it counts itself; returns when every
+    # unit is done. With
+    # `held` (hold's arrays) the units read nothing: the kernel gets the arrays' addresses.
+    # `extra`: further inputs read after the base (stored moments), counted in `counters`
     scan: Callable[..., None] | None = None
     # hold(tensor, into=None, kernel=None): its experts and base read whole into memory,
     # unit by unit on the pool (a plan that reads them once for several passes: Plan.held),
@@ -46,6 +48,12 @@ class Merge:
     # unit then given to `kernel` (the held arrays' addresses) on the thread that read it
     hold: Callable[..., list[np.ndarray]] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # the scans' wall time, "prepass"
+    # the floating tensors with elements, in order (a pre-pass over the whole model: FFG)
+    tensors: Sequence[Tensor] = ()
+    # what a method reports: its TensorStats per floating tensor (FFG's kept counts and
+    # fallbacks), its thresholds over the whole model (FFG's, one per expert)
+    stats: dict[str, Any] = field(default_factory=dict)
+    thresholds: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

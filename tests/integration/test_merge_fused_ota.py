@@ -145,7 +145,8 @@ def test_fused_ota_with_a_root_or_other_power_is_within_an_ulp(tmp_path, monkeyp
             assert int(ulps.max()) <= 1, name
 
 
-def test_density_mixed_moment_kinds_and_fp64_moments_are_left_to_the_torch_pass(tmp_path):
+def test_mixed_moment_kinds_and_fp64_moments_are_left_to_the_torch_pass(tmp_path):
+    """FFG masks (density) take the fused pass too (test_merge_fused_ffg)."""
     base, parts = write_models(tmp_path / "rank1", [BF16] * 3)
     fused = merge_models(base_dir=base, partitions=parts, method="ota", out_dir=tmp_path / "a",
                          shard_size_bytes=10**9)
@@ -157,7 +158,7 @@ def test_density_mixed_moment_kinds_and_fp64_moments_are_left_to_the_torch_pass(
     v = load_second_moments(full[1].moments)[1]
     write_moment_file(full[1].moments, {n: t.double() for n, t in v.items()}, kind="full",
                       beta2=0.999, step=10)
-    assert (fused.kernel, ffg.kernel, mixed.kernel) == ("fused", "torch", "torch")
+    assert (fused.kernel, ffg.kernel, mixed.kernel) == ("fused", "fused", "torch")
     # asked directly: the torch pass's moment buffers are fp32-sized (the trainer writes
     # fp32), so an fp64 file does not merge there either
     why = fusedota.unsupported(get_method("ota").parse_params({}),
