@@ -224,13 +224,14 @@ def open_streamed(bucket, names, dest: Path):
 
 
 def test_the_fused_pass_reads_units_from_storage_and_refuses_a_nan_by_name(
-        bucket, pristine, tiny_base, tmp_path):
-    """Many small units (chunk_elements=1000), each read with ranged GETs: the output equals
+        bucket, pristine, tiny_base, tmp_path, monkeypatch):
+    """Many small units (1000 elements), each read with ranged GETs: the output equals
     the merge of the same files on disk byte for byte; a NaN in one expert's tensor is
     refused by the merge pass's own judgment (not the verify pass: merge_models is called
     directly), naming the partition and the tensor."""
     from support.experts import edit_state
 
+    from merit_merger import fusedmerge
     from merit_merger.engine import merge_models
     from merit_merger.remote import mounted
     from merit_merger.sources import PartitionSource
@@ -247,6 +248,7 @@ def test_the_fused_pass_reads_units_from_storage_and_refuses_a_nan_by_name(
     storage.delete_prefix(prefix("p1"))
     storage.upload_dir(spoiled, prefix("p1"))
     base_dir, sources, mounts = open_streamed(bucket, NAMES, tmp_path / "w")
+    monkeypatch.setattr(fusedmerge, "REMOTE_UNIT_ELEMENTS", 1000)
     run = dict(base_dir=base_dir, method="token-weighted", shard_size_bytes=300_000,
                chunk_elements=1000, threads=2)
     with mounted(mounts):
