@@ -152,6 +152,8 @@ def child(args: argparse.Namespace) -> None:
     parts = [PartitionSource(f"e{i}", root / f"e{i}", 1000 * (i + 1),
                              moments=root / f"e{i}_v.safetensors") for i in range(args.k)]
     params = {"density": 0.2} if args.method == "ties" else {}
+    if args.density is not None:  # OTA: FFG masks
+        params = {"density": args.density}
     result = merge_models(base_dir=root / "base", partitions=parts, method=args.method,
                           params=params, out_dir=Path(args.out),
                           shard_size_bytes=args.shard_mb * 1_000_000, device=args.device,
@@ -259,6 +261,7 @@ def main() -> None:
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--shard-mb", type=int, default=500)
     c.add_argument("--device", default="cpu")
+    c.add_argument("--density", type=float, help="the density (OTA: FFG keep fraction)")
     sub.add_parser("build", help="build the inputs (reused when present)")
     show = sub.add_parser("cmd", help="print one tool's command line (shell-quoted)")
     show.add_argument("tool", help="cat, mergekit:METHOD or a MeritRun method")
