@@ -113,6 +113,28 @@ def test_streamed_merge_equals_the_staged_one_and_reads_each_input_twice_at_most
     assert not over, over
 
 
+def test_streamed_ffg_equals_the_staged_one(bucket, tmp_path, monkeypatch):
+    """OTA with FFG masks streamed: its two threshold scans (fusedffg) read from storage
+    too; the same bytes, thresholds, kept fractions and fallbacks as the staged merge."""
+    merge = MergeSpec(method="ota", ota=OtaSpec(density=0.3))
+    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
+    staged = stage.run_merge_stage(merge_params(bucket, merge, "out/staged-ffg"),
+                                   workdir=tmp_path / "staged")
+    monkeypatch.setenv("MERITRUN_INPUTS", "stream")
+    streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed-ffg"),
+                                     workdir=tmp_path / "streamed")
+    assert streamed["io"]["kernel"] == staged["io"]["kernel"] == "fused"
+    storage = bucket.open()
+    want = merged_weights(storage, "out/staged-ffg")
+    assert want and merged_weights(storage, "out/streamed-ffg") == want
+    thresholds = [p["ffg_threshold"] for p in staged["partitions"]]
+    assert all(t is not None for t in thresholds)
+    assert [p["ffg_threshold"] for p in streamed["partitions"]] == thresholds
+    masks = ("numel", "kept_fraction", "fallback_elements")
+    assert ({n: {k: t.get(k) for k in masks} for n, t in streamed["tensors"].items()}
+            == {n: {k: t.get(k) for k in masks} for n, t in staged["tensors"].items()})
+
+
 def test_a_corrupted_byte_in_a_remote_shard_is_refused_by_name_and_the_rest_merge(
         bucket, pristine, tmp_path, monkeypatch):
     storage = bucket.open()
