@@ -152,7 +152,8 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
     pool = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused")
     buffers = threading.local()  # each pool thread's own, reused unit after unit
     remote = any(remote_file(p) is not None for r in (base, *experts) for p in r.files)
-    fetch = (ThreadPoolExecutor(threads * (len(experts) + 2), thread_name_prefix="merge-get")
+    # a unit's GETs all at once: K experts, the base, K stored moments at most
+    fetch = (ThreadPoolExecutor(threads * (2 * len(experts) + 1), thread_name_prefix="merge-get")
              if remote else None)
     try:
         block_elements = unit_elements
