@@ -32,7 +32,7 @@ from . import fusedota
 from .fused import CHUNK, _fma, _narrow, _pointer, _widen
 from .fusedota import power
 from .fusedplan import FusedMethod, Merge, Plan, Tensor
-from .fusedties import HI_BINS, LO_BINS, locate, threshold
+from .fusedties import HI_BINS, LO_BINS, count_chosen, locate, threshold
 from .fusedtiesplan import _Tally
 from .methods import keep_count
 from .moments import MomentReader
@@ -97,16 +97,7 @@ def count_saliency(addresses, codes, vrows, vcols, lo, hi, first, bins, hist):
                 for i in range(n):
                     h[(bits[i] & _MAGNITUDE) >> np.uint32(16)] += 1
                 continue
-            chosen = np.uint32(bins[k])
-            for i in range(n):
-                marks[i] = np.uint8(((bits[i] & _MAGNITUDE) >> np.uint32(16)) == chosen)
-            for i in range(n, CHUNK):
-                marks[i] = 0
-            for w in range((n + 7) // 8):
-                if words[w]:
-                    for i in range(8 * w, 8 * w + 8):
-                        if marks[i]:
-                            h[bits[i] & np.uint32(0xFFFF)] += 1
+            count_chosen(bits, n, np.uint32(bins[k]), marks, words, h)
         start += n
 
 

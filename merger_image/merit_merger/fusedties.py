@@ -70,6 +70,22 @@ def count_high(addresses, codes, lo, hi, hist):
                 h0[(u0[i] & _MAGNITUDE) >> np.uint32(16)] += 1
 
 
+@njit(cache=True, nogil=True, inline="always")
+def count_chosen(u, n, chosen, marks, words, h):
+    """Into h, the low 16 bits of the |values| among u[:n] (fp32 bits) whose high 16 bits are
+    `chosen`: marked in a vectorised loop, then only the 8-element words with a mark looked
+    into. marks: CHUNK bytes; words: the same bytes as uint64."""
+    for i in range(n):
+        marks[i] = np.uint8(((u[i] & _MAGNITUDE) >> np.uint32(16)) == chosen)
+    for i in range(n, CHUNK):
+        marks[i] = 0
+    for w in range((n + 7) // 8):
+        if words[w]:
+            for i in range(8 * w, 8 * w + 8):
+                if marks[i]:
+                    h[u[i] & np.uint32(0xFFFF)] += 1
+
+
 @njit(cache=True, nogil=True)
 def count_low(addresses, codes, lo, hi, bins, hist):
     """Pass 2 over elements [lo, hi): hist[k] += the low 16 bits of each |tau_k| whose high
@@ -85,16 +101,7 @@ def count_low(addresses, codes, lo, hi, bins, hist):
         n = min(CHUNK, hi - start)
         bits = _magnitudes(addresses, codes, start, n, b, xs)
         for k in range(k_count):
-            h, u, chosen = hist[k], bits[k], np.uint32(bins[k])
-            for i in range(n):
-                marks[i] = np.uint8(((u[i] & _MAGNITUDE) >> np.uint32(16)) == chosen)
-            for i in range(n, CHUNK):
-                marks[i] = 0
-            for w in range((n + 7) // 8):
-                if words[w]:
-                    for i in range(8 * w, 8 * w + 8):
-                        if marks[i]:
-                            h[u[i] & np.uint32(0xFFFF)] += 1
+            count_chosen(bits[k], n, np.uint32(bins[k]), marks, words, hist[k])
 
 
 @njit(cache=True, nogil=True)
