@@ -19,7 +19,15 @@ import sys
 import pytest
 import torch
 from support.experts import make_experts
-from test_merge_fused_ota import BF16, F32, outputs, run, shard_bytes, write_models
+from test_merge_fused_ota import (
+    BF16,
+    F32,
+    assert_within_an_ulp,
+    outputs,
+    run,
+    shard_bytes,
+    write_models,
+)
 
 from merit_merger.cli_merge import main as merge_main
 
@@ -66,18 +74,7 @@ def test_fused_ffg_with_a_root_is_within_an_ulp(tmp_path, monkeypatch, dtype, ki
     weights an ulp apart where torch's CPU sqrt (MKL's) is not correctly rounded, as in
     test_merge_fused_ota: fp32 outputs to 1e-6 of the largest |theta_k|, bf16 to one ulp."""
     both(tmp_path, monkeypatch, [dtype] * 4, {"density": 0.3}, kind)
-    got, want = outputs(tmp_path / "fused"), outputs(tmp_path / "torch")
-    experts = [outputs(tmp_path / f"e{k}") for k in range(3)]
-    assert got.keys() == want.keys()
-    for name, w in want.items():
-        if not w.is_floating_point():
-            assert torch.equal(got[name], w)
-        elif dtype == F32:
-            scale = torch.stack([e[name].abs() for e in experts]).amax(0)
-            assert bool(((got[name] - w).abs() <= 1e-6 * scale).all()), name
-        else:
-            ulps = (got[name].view(torch.int16).int() - w.view(torch.int16).int()).abs()
-            assert int(ulps.max()) <= 1, name
+    assert_within_an_ulp(tmp_path, dtype)
 
 
 def test_density_one_keeps_every_element(tmp_path, monkeypatch):

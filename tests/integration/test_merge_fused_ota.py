@@ -118,6 +118,24 @@ def test_fused_ota_equals_the_torch_pass_bit_for_bit(tmp_path, monkeypatch, dtyp
         assert torch.equal(outputs(tmp_path / "fused")["quiet.weight"], base)
 
 
+def assert_within_an_ulp(root: Path, dtype: torch.dtype) -> None:
+    """The fused output (root/fused) against the torch pass's (root/torch): fp32 to 1e-6 of
+    the largest |theta_k| of the three experts (root/e0..e2) at the element, 16-bit outputs
+    to one ulp, other tensors equal."""
+    got, want = outputs(root / "fused"), outputs(root / "torch")
+    experts = [outputs(root / f"e{k}") for k in range(3)]
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        if not w.is_floating_point():
+            assert torch.equal(got[name], w)
+        elif dtype == F32:
+            scale = torch.stack([e[name].abs() for e in experts]).amax(0)
+            assert bool(((got[name] - w).abs() <= 1e-6 * scale).all()), name
+        else:
+            ulps = (got[name].view(torch.int16).int() - w.view(torch.int16).int()).abs()
+            assert int(ulps.max()) <= 1, name
+
+
 @pytest.mark.parametrize("dtype", [BF16, F16, F32])
 @pytest.mark.parametrize("kind", ["rank1", "full"])
 @pytest.mark.parametrize("params", [{}, {"power": 0.3, "epsilon": 1e-30}, {"power": 1.7},
@@ -131,18 +149,7 @@ def test_fused_ota_with_a_root_or_other_power_is_within_an_ulp(tmp_path, monkeyp
     at most a few fp32 ulps of the largest input: fp32 outputs agree to 1e-6 of the largest
     |theta_k| at the element, 16-bit ones to one ulp (a sum across a rounding boundary)."""
     both(tmp_path, monkeypatch, [dtype] * 4, params, kind=kind)
-    got, want = outputs(tmp_path / "fused"), outputs(tmp_path / "torch")
-    experts = [outputs(tmp_path / f"e{k}") for k in range(3)]
-    assert got.keys() == want.keys()
-    for name, w in want.items():
-        if not w.is_floating_point():
-            assert torch.equal(got[name], w)
-        elif dtype == F32:
-            scale = torch.stack([e[name].abs() for e in experts]).amax(0)
-            assert bool(((got[name] - w).abs() <= 1e-6 * scale).all()), name
-        else:
-            ulps = (got[name].view(torch.int16).int() - w.view(torch.int16).int()).abs()
-            assert int(ulps.max()) <= 1, name
+    assert_within_an_ulp(tmp_path, dtype)
 
 
 def test_mixed_moment_kinds_and_fp64_moments_are_left_to_the_torch_pass(tmp_path):
