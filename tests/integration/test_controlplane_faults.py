@@ -75,7 +75,8 @@ def outcome(tmp_path_factory, control_plane, seaweed, tiny_base, tiny_mixture) -
         return Outcome(status=status, phase_at_restart=phase_at_restart,
                        creations=cluster.created("jobs"), hits=dict(proxy.hits),
                        status_patches_after_conflict=len(patches),
-                       events=cluster.objects("v1/events"), log=operator.log(),
+                       events=cluster.events_once(RUN, "Succeeded"),
+                       log=operator.log(),
                        alive=operator.proc is not None and operator.proc.poll() is None)
     finally:
         operator.stop()

@@ -163,6 +163,19 @@ class KubeCluster:
     def objects(self, resource: str) -> list[dict[str, Any]]:
         return self.plane.api.list(resource_path(resource, self.namespace))
 
+    def events_once(self, name: str, reason: str, timeout: float = 30) -> list[dict[str, Any]]:
+        """The namespace's events, once `name` has one with `reason` (or after timeout s, for
+        the test to report): the operator posts a round's events after its status commit, so
+        a phase can be read before the event that announces it."""
+        def seen() -> list[dict[str, Any]]:
+            events = self.objects("v1/events")
+            return events if any(e["involvedObject"]["name"] == name and e["reason"] == reason
+                                 for e in events) else []
+        try:
+            return wait_until(seen, timeout=timeout, what=f"{name}'s {reason} event")
+        except AssertionError:
+            return self.objects("v1/events")
+
     def get(self, resource: str, name: str) -> dict[str, Any] | None:
         return self.plane.api.get_or_none(resource_path(resource, self.namespace, name))
 
