@@ -111,7 +111,8 @@ class BlockLoader:
                 if m.factored(name, meta.shape):
                     moments.append(None)
                 else:
-                    buf = self._ring.get((slot, "v", i), 4 * (nbytes // meta.dtype.itemsize))
+                    stored = m.reader.meta(name).dtype.itemsize  # fp32 as written; any float
+                    buf = self._ring.get((slot, "v", i), stored * (nbytes // meta.dtype.itemsize))
                     moments.append(m.read_stored(name, meta.shape, rows, out=buf))
         return RawBlock(name, rows, slot, base, experts, moments)
 

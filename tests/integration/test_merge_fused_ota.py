@@ -153,7 +153,8 @@ def test_fused_ota_with_a_root_or_other_power_is_within_an_ulp(tmp_path, monkeyp
 
 
 def test_mixed_moment_kinds_and_fp64_moments_are_left_to_the_torch_pass(tmp_path):
-    """FFG masks (density) take the fused pass too (test_merge_fused_ffg)."""
+    """FFG masks (density) take the fused pass too (test_merge_fused_ffg). An fp64 moment file
+    merges on the torch pass as its fp32 values do (fp32 -> fp64 -> fp32 is exact)."""
     base, parts = write_models(tmp_path / "rank1", [BF16] * 3)
     fused = merge_models(base_dir=base, partitions=parts, method="ota", out_dir=tmp_path / "a",
                          shard_size_bytes=10**9)
@@ -162,15 +163,17 @@ def test_mixed_moment_kinds_and_fp64_moments_are_left_to_the_torch_pass(tmp_path
     _, full = write_models(tmp_path / "full", [BF16] * 3, kind="full")
     mixed = merge_models(base_dir=base, partitions=[parts[0], full[1]], method="ota",
                          out_dir=tmp_path / "c", shard_size_bytes=10**9)
+    assert (fused.kernel, ffg.kernel, mixed.kernel) == ("fused", "fused", "torch")
     v = load_second_moments(full[1].moments)[1]
     write_moment_file(full[1].moments, {n: t.double() for n, t in v.items()}, kind="full",
                       beta2=0.999, step=10)
-    assert (fused.kernel, ffg.kernel, mixed.kernel) == ("fused", "fused", "torch")
-    # asked directly: the torch pass's moment buffers are fp32-sized (the trainer writes
-    # fp32), so an fp64 file does not merge there either
     why = fusedota.unsupported(get_method("ota").parse_params({}),
                                [MomentReader(full[1].moments)])
     assert "a dtype the fused kernels do not take" in why
+    wide = merge_models(base_dir=base, partitions=[parts[0], full[1]], method="ota",
+                        out_dir=tmp_path / "d", shard_size_bytes=10**9)
+    assert wide.kernel == "torch"
+    assert shard_bytes(tmp_path / "d") == shard_bytes(tmp_path / "c")
 
 
 @pytest.mark.parametrize("torch_pass", [False, True])
