@@ -11,7 +11,7 @@ The thresholds are found before any unit is merged (the torch pass's `ffg_thresh
 pre-pass, the same exact radix select as `selection.KthLargest` and `fusedties`): two scans
 of the whole model (`Merge.scan`, every floating tensor's experts, base and stored moments),
 pass 1 counting the high 16 bits of each expert's saliencies into per-thread histograms
-(`fusedtiesplan._Tally`), pass 2 the low 16 bits of those in the chosen bin; then the merge.
+(`fusedtiesplan.Tally`), pass 2 the low 16 bits of those in the chosen bin; then the merge.
 Each tensor's kept counts and fallbacks go to `Merge.stats` (the report's kept_fraction and
 fallback_elements), the thresholds to `Merge.thresholds`.
 
@@ -33,7 +33,7 @@ from .fused import CHUNK, _fma, _narrow, _pointer, _widen
 from .fusedota import power
 from .fusedplan import FusedMethod, Merge, Plan, Tensor
 from .fusedties import HI_BINS, LO_BINS, count_chosen, locate, threshold
-from .fusedtiesplan import _Tally
+from .fusedtiesplan import Tally
 from .methods import keep_count
 from .moments import MomentReader
 
@@ -206,7 +206,7 @@ def _thresholds(merge: Merge, moments: dict[str, _Moments]) -> np.ndarray:
     keep = keep_count(numel, float(merge.params.density))
     local = threading.local()
 
-    def scan(first: bool, bins: np.ndarray, tally: _Tally) -> np.ndarray:
+    def scan(first: bool, bins: np.ndarray, tally: Tally) -> np.ndarray:
         for t in merge.tensors:
             m, codes = moments[t.name], t.codes(*moments[t.name].extra)
 
@@ -216,11 +216,11 @@ def _thresholds(merge: Merge, moments: dict[str, _Moments]) -> np.ndarray:
             merge.scan(t, kernel, extra=m.extra, counters=m.counters)
         return tally.total()
 
-    high = scan(True, np.zeros(k_count, np.int64), _Tally(local, (k_count, HI_BINS)))
+    high = scan(True, np.zeros(k_count, np.int64), Tally(local, (k_count, HI_BINS)))
     bins, ranks = np.empty(k_count, np.int64), np.empty(k_count, np.int64)
     for k in range(k_count):
         bins[k], ranks[k] = locate(high[k], keep)
-    low = scan(False, bins, _Tally(local, (k_count, LO_BINS)))
+    low = scan(False, bins, Tally(local, (k_count, LO_BINS)))
     return np.asarray([threshold(int(bins[k]), int(locate(low[k], int(ranks[k]))[0]))
                        for k in range(k_count)], np.float32)
 

@@ -10,7 +10,7 @@ pass over the whole model before the merge, is skipped):
 - a larger one: two scans of its inputs (`Merge.scan`), then the merge: read three times
   (at 1B, K = 4 only the embedding; 12.7 GB read in all, against 29.8 GB with every tensor
   scanned).
-Each pool thread counts into its own histograms (`_Tally`), summed once a pass is done.
+Each pool thread counts into its own histograms (`Tally`), summed once a pass is done.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ HOLD_BLOCKS = 5
 HELD = 2
 
 
-class _Tally:
+class Tally:
     """One count's histograms, one per pool thread (each thread adds to its own, no lock
     per unit), summed once the count is done. A thread reuses its array count after count,
     zeroed when a new count first reaches it: a merge's counts run one after another (a
@@ -81,13 +81,13 @@ def streamed_thresholds(first: Scan, second: Scan, k_count: int, codes: np.ndarr
     expert): two scans of its experts and base (first(kernel), second(kernel): the kernel
     on every unit, read or held, on the pool; Merge.scan's or Merge.hold's), pass 1's
     histograms between them."""
-    high = _Tally(local, (k_count, HI_BINS))
+    high = Tally(local, (k_count, HI_BINS))
     first(lambda a, lo, hi: count_high(a[:k_count + 1], codes, lo, hi, high.mine()))
     total = high.total()
     bins, ranks = np.empty(k_count, np.int64), np.empty(k_count, np.int64)
     for k in range(k_count):
         bins[k], ranks[k] = locate(total[k], keep)
-    low = _Tally(local, (k_count, LO_BINS))
+    low = Tally(local, (k_count, LO_BINS))
     second(lambda a, lo, hi: count_low(a[:k_count + 1], codes, lo, hi, bins, low.mine()))
     total = low.total()
     return np.asarray([threshold(int(bins[k]), int(locate(total[k], int(ranks[k]))[0]))
