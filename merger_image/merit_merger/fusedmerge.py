@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .fusedplan import UNIT_ELEMENTS, FusedMethod, Merge, Plan, Tensor
-from .fusedunits import Files, Kernel, Unit, read, run, unread
+from .fusedunits import Files, Kernel, Unit, read, read_all, run, unread
 from .io import ModelReader
 from .methods import normalized
 from .remote import remote_file
@@ -167,7 +167,7 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
         def hold(t: Tensor, into: list[np.ndarray] | None = None,
                  kernel: Kernel | None = None) -> list[np.ndarray]:
             return _hold(pool, t, files, [*experts, base], unit_elements, merge.seconds, into,
-                         kernel)
+                         kernel, fetch)
 
         merge = Merge(method, params, weights, len(experts), files, moments,
                       unit_elements=unit_elements, block_elements=block_elements, scan=scan,
@@ -286,7 +286,7 @@ def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel:
 
 def _hold(pool: ThreadPoolExecutor, t: Tensor, files: Files, readers: Sequence[ModelReader],
           unit_elements: int, seconds: dict[str, float], into: list[np.ndarray] | None,
-          kernel: Kernel | None) -> list[np.ndarray]:
+          kernel: Kernel | None, fetch: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
     """Merge.hold: the tensor's experts and base, each read whole (bytes as stored) by units
     of the pool straight into its array, each unit then given to `kernel` while it is in
     the thread's cache."""
@@ -299,9 +299,9 @@ def _hold(pool: ThreadPoolExecutor, t: Tensor, files: Files, readers: Sequence[M
         reader.bytes_read += m.nbytes
 
     def unit(lo: int, hi: int) -> None:
-        for (source, offset, size), m, array in zip(places, metas, arrays, strict=True):
-            read(source, memoryview(array[lo * size:hi * size]), offset + lo * size,
-                 path=m.path, name=t.name)
+        read_all([(source, memoryview(array[lo * size:hi * size]), offset + lo * size, m.path)
+                  for (source, offset, size), m, array in zip(places, metas, arrays,
+                                                              strict=True)], t.name, fetch)
         if kernel is not None:
             kernel(addresses, lo, hi)
     _wait([pool.submit(unit, lo, min(lo + unit_elements, numel))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +71,29 @@ def read(source: Source, view: memoryview, offset: int, *, path: Path, name: str
         pread_into(source, view, offset, path=path, name=name)
 
 
+def read_all(reads: Sequence[tuple[Source, memoryview, int, Path]], name: str,
+             fetch: ThreadPoolExecutor | None) -> None:
+    """Fill each (source, view, offset, path) with `read`: the GETs of mounted objects all
+    at once on `fetch` (each waits on the network; one after another, a unit's K + 1 would
+    add up their latencies), local preads here. Returns when no read may still fill a view
+    (the caller reuses the buffers)."""
+    fetching: list[Future] = []
+    try:
+        for source, view, offset, path in reads:
+            if fetch is not None and isinstance(source, RemoteFile):
+                fetching.append(fetch.submit(read, source, view, offset, path=path, name=name))
+            else:
+                read(source, view, offset, path=path, name=name)
+        for job in fetching:
+            job.result()
+    finally:
+        for job in fetching:
+            job.cancel()
+        for job in fetching:
+            if not job.cancelled():
+                job.exception()
+
+
 def unread(place: Place, skip: bool) -> Place:
     """A unit's place of an input it does not read (itemsize 0), or the place as it is."""
     return (place[0], place[1], 0) if skip else place
@@ -91,9 +114,7 @@ class Unit:
     last: bool = False  # the tensor's last unit
     writes: bool = True  # False: a scan's unit (no output; the kernel counts)
     scan: Scan | None = None  # run on the inputs before the kernel (a streamed merge's)
-    # reads of mounted objects: all of the unit's at once on this pool (each GET waits on
-    # the network; one after another, a unit's K + 1 would add up their latencies)
-    fetch: ThreadPoolExecutor | None = None
+    fetch: ThreadPoolExecutor | None = None  # for reads of mounted objects (`read_all`)
 
 
 def run(unit: Unit, buffers: threading.local) -> tuple[bool, Any]:
@@ -105,29 +126,16 @@ def run(unit: Unit, buffers: threading.local) -> tuple[bool, Any]:
     while len(buffers.arrays) < len(unit.places):
         buffers.arrays.append(np.empty(0, np.uint8))
     addresses = np.empty(len(unit.places), np.int64)
-    fetching: list[Future] = []
-    try:
-        for i, (source, offset, size) in enumerate(unit.places):
-            if buffers.arrays[i].size < count * size:
-                buffers.arrays[i] = np.empty(count * size, np.uint8)
-            buf = buffers.arrays[i][:count * size]
-            if size and i < len(unit.places) - 1:
-                how = dict(path=unit.paths[i], name=unit.name)
-                at, view = offset + unit.lo * size, memoryview(buf)
-                if unit.fetch is not None and isinstance(source, RemoteFile):
-                    fetching.append(unit.fetch.submit(read, source, view, at, **how))
-                else:
-                    read(source, view, at, **how)
-            # the kernel indexes elements [lo, hi) from the tensor's element 0
-            addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
-        for job in fetching:
-            job.result()
-    finally:  # no read may still fill a buffer the next unit reuses
-        for job in fetching:
-            job.cancel()
-        for job in fetching:
-            if not job.cancelled():
-                job.exception()
+    reads: list[tuple[Source, memoryview, int, Path]] = []
+    for i, (source, offset, size) in enumerate(unit.places):
+        if buffers.arrays[i].size < count * size:
+            buffers.arrays[i] = np.empty(count * size, np.uint8)
+        if size and i < len(unit.places) - 1:
+            view = memoryview(buffers.arrays[i][:count * size])
+            reads.append((source, view, offset + unit.lo * size, unit.paths[i]))
+        # the kernel indexes elements [lo, hi) from the tensor's element 0
+        addresses[i] = buffers.arrays[i].ctypes.data - unit.lo * size
+    read_all(reads, unit.name, unit.fetch)
     found = unit.scan(addresses, unit.lo, unit.hi) if unit.scan is not None else None
     bad = unit.kernel(addresses, unit.lo, unit.hi)
     if not bad and unit.writes:

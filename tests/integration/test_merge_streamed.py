@@ -113,6 +113,42 @@ def test_streamed_merge_equals_the_staged_one_and_reads_each_input_twice_at_most
     assert not over, over
 
 
+def test_streamed_ties_holds_tensors_read_by_parallel_gets(bucket, tmp_path, monkeypatch):
+    """TIES in small units: a tensor of several units is held in memory (`Merge.hold`), its
+    experts' and base's GETs issued at once on the fetch pool like a unit's, never one after
+    another on the pass's own threads; the same bytes as the staged merge."""
+    import threading
+
+    from merit_merger import fusedmerge
+
+    merge = MergeSpec(method="ties", density=0.4)
+    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
+    stage.run_merge_stage(merge_params(bucket, merge, "out/staged-ties"),
+                          workdir=tmp_path / "staged")
+    monkeypatch.setenv("MERITRUN_INPUTS", "stream")
+    monkeypatch.setattr(fusedmerge, "REMOTE_UNIT_ELEMENTS", 1000)
+    threads: Counter = Counter()
+    real_read, real_hold = S3Storage.read_into, fusedmerge._hold
+    held: list[str] = []
+
+    def read_into(self, key, offset, buf, *, tag=None):
+        threads[threading.current_thread().name.rsplit("_", 1)[0]] += 1
+        return real_read(self, key, offset, buf, tag=tag)
+
+    def hold(pool, t, *args, **kwargs):
+        held.append(t.name)
+        return real_hold(pool, t, *args, **kwargs)
+    monkeypatch.setattr(S3Storage, "read_into", read_into)
+    monkeypatch.setattr(fusedmerge, "_hold", hold)
+    streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed-ties"),
+                                     workdir=tmp_path / "streamed")
+    assert streamed["io"]["kernel"] == "fused" and held
+    assert threads["merge-get"] > 0 and threads["merge-fused"] == 0, threads
+    storage = bucket.open()
+    want = merged_weights(storage, "out/staged-ties")
+    assert want and merged_weights(storage, "out/streamed-ties") == want
+
+
 def test_streamed_ffg_equals_the_staged_one(bucket, tmp_path, monkeypatch):
     """OTA with FFG masks streamed: its two threshold scans (fusedffg) read from storage
     too; the same bytes, thresholds, kept fractions and fallbacks as the staged merge."""
