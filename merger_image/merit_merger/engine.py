@@ -74,7 +74,8 @@ class MergeResult:
     bytes_written: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] | None = None
-    kernel: str = "torch"  # the merge pass: "fused" (fusedmerge) or "torch"
+    # the merge pass: "fused" (fusedmerge), "fused-gpu" (its units on a GPU: gpuunits), "torch"
+    kernel: str = "torch"
     tensor_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -204,9 +205,10 @@ def _merge(impl: MergeMethod, p: Any, inputs: Inputs, result: MergeResult, *, ou
                                      moments=inputs.moments)
     if why_not is None and observe is not None and not hasattr(observe, "judged"):
         why_not = "the merge pass's observer takes torch blocks only"
-    result.kernel = "fused" if why_not is None else "torch"
-    log.info("merge pass: %s", "fused kernels (numba)" if why_not is None
-             else f"torch ({why_not})")
+    on_gpu = device_type(device) != "cpu"
+    result.kernel = "torch" if why_not is not None else "fused-gpu" if on_gpu else "fused"
+    log.info("merge pass: %s", f"torch ({why_not})" if why_not is not None
+             else "fused kernels (triton, on the GPU)" if on_gpu else "fused kernels (numba)")
     write = dict(result=result, outputs=outputs, out_dir=out_dir, base_dir=base_dir,
                  dtype=dtype, shard_size_bytes=shard_size_bytes)
     stats: dict[str, TensorStats] = {}
@@ -219,7 +221,8 @@ def _merge(impl: MergeMethod, p: Any, inputs: Inputs, result: MergeResult, *, ou
             weights=weights, writer=writer, out_dtypes=out_dtypes,
             threads=threads or len(os.sched_getaffinity(0)), unit_elements=chunk_elements,
             progress=progress, moments=inputs.moments, on_non_finite=on_non_finite,
-            observe=observe, stats=stats, thresholds=model_wide)), **write)
+            observe=observe, stats=stats, thresholds=model_wide,
+            device=device_type(device))), **write)
         if model_wide:
             result.thresholds = dict(zip(result.partitions, model_wide, strict=True))
     else:

@@ -43,12 +43,11 @@ import numpy as np
 from .fusedplan import UNIT_ELEMENTS, FusedMethod, Merge, Plan, Tensor
 from .fusedunits import Files, Kernel, Unit, read, read_all, run, unread
 from .io import ModelReader
-from .methods import normalized
 from .remote import remote_file
 from .writer import ShardedWriter, pwrite_all
 
 try:  # the merger's extra installs numba; without it every merge takes the torch pass
-    from . import fused, fusedbounds, fusedffg, fusedscan, fusedties, fusedtiesplan
+    from . import fused, fusedbounds, fusedffg, fusedlinear, fusedscan, fusedties, fusedtiesplan
 
     _NO_KERNELS = ""
 except Exception as e:  # noqa: BLE001 - numba missing, or no cache dir it can write
@@ -60,35 +59,32 @@ except Exception as e:  # noqa: BLE001 - numba missing, or no cache dir it can w
 # 96 MiB object: 62 / 215 / 249 MB/s and 3.8 / 1.1 / 0.8 s of client CPU per GB in GETs of
 # 512 KiB / 2 MiB / 8 MiB; 81 / 296 / 356 MB/s ten at a time). 4 MiB per bf16 input
 REMOTE_UNIT_ELEMENTS = 1 << 21
+# on a GPU: fewer, larger launches (a launch costs microseconds; 4 MiB per bf16 input), the
+# pinned host buffers (K + 2) x 4 MiB per thread at K = 4 bf16
+_GPU_UNIT_ELEMENTS = 1 << 21
 
 
-def _linear(merge: Merge) -> Callable[[Tensor], Plan]:
-    """Token-weighted, uniform and task arithmetic through `fused.merge_range`."""
-    method, k = merge.method, merge.k
-    # as token_weighted() and task_arithmetic() compute them: weights renormalised again
-    # (uniform: equal), lambda, 1 - K lambda; all rounded to fp32 as torch's scalars are
-    w = np.asarray(normalized([1.0] * k if method == "uniform" else merge.weights), np.float32)
-    scale = float(getattr(merge.params, "scale", 1.0))
-    scale32, coefficient = np.float32(scale), np.float32(1.0 - k * scale)
+def _gpu_plans(merge: Merge) -> Callable[[Tensor], Plan]:
+    """The plans of the GPU's kernels (`gpuunits`; imports torch and triton)."""
+    from . import gpuunits
 
-    def plan(t: Tensor) -> Plan:
-        program = fused.TOKEN_WEIGHTED
-        if method == "task-arithmetic":
-            small = all(m.dtype.itemsize <= 2 for m in (t.base, *t.experts))
-            program = fused.TASK16 if small else fused.TASK32
-        codes = t.codes()
+    if merge.method == "ota":
+        return gpuunits.ota(merge)
+    return fusedlinear.gpu_prepare(merge)
 
-        def kernel(addresses: np.ndarray, lo: int, hi: int) -> bool:
-            return fused.merge_range(program, addresses, codes, w, scale32, coefficient, lo, hi)
 
-        return Plan(kernel, reads_base=program != fused.TOKEN_WEIGHTED)
+def _gpu_unsupported(method: str, params: Any, device: str) -> str | None:
+    """Why the fused pass cannot run on `device` (not the CPU), or None."""
+    if device != "cuda":
+        return f"the merge runs on {device}"
+    from . import gpuunits  # torch: only a merge on a GPU imports it
 
-    return plan
+    return gpuunits.unsupported(method, params)
 
 
 def _methods() -> dict[str, FusedMethod]:
     """The methods with kernels."""
-    linear = FusedMethod(_linear, warm=fused.warm)
+    linear = fusedlinear.METHOD
     return {"token-weighted": linear, "uniform": linear, "task-arithmetic": linear,
             "ota": fusedffg.METHOD, "ties": FusedMethod(fusedtiesplan.prepare, warm=fusedties.warm)}
 
@@ -114,8 +110,8 @@ def unsupported(method: str, base: ModelReader, experts: Sequence[ModelReader | 
     why = entry.unsupported(params, moments)
     if why is not None:
         return why
-    if device != "cpu":
-        return f"the merge runs on {device}"
+    if device != "cpu" and (why := _gpu_unsupported(method, params, device)) is not None:
+        return why
     if any(e is None for e in experts):
         return "a LoRA partition"
     for name in base.names:
@@ -138,7 +134,7 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
                progress: Callable[[int, int], None] | None = None,
                moments: Sequence[Any] | None = None, observe: Any = None,
                stats: dict[str, Any] | None = None,
-               thresholds: list[float] | None = None) -> dict[str, float]:
+               thresholds: list[float] | None = None, device: str = "cpu") -> dict[str, float]:
     """Write every output of `writer` at its place (the readers count the bytes read). A
     non-finite output raises on_non_finite(tensor name); the caller aborts the writer.
     `observe` (verification.NormScan): each unit's experts are judged and their update norms
@@ -146,7 +142,8 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
     the unit's output is checked; what it raises aborts the pass.
     Returns the seconds of the method's scans ({"prepass": s}, TIES's thresholds) or {}.
     `stats` (TensorStats per floating tensor) and `thresholds` get what the method reports
-    (FFG's kept counts, fallbacks and model-wide thresholds)."""
+    (FFG's kept counts, fallbacks and model-wide thresholds). `device` "cuda": the units'
+    kernels run on the GPU (`gpuunits`; `unsupported` said it can)."""
     files = Files()
     pending: deque[tuple[Unit, Future]] = deque()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="merge-fused")
@@ -157,7 +154,8 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
              if remote else None)
     try:
         block_elements = unit_elements
-        unit_elements = REMOTE_UNIT_ELEMENTS if remote else min(unit_elements, UNIT_ELEMENTS)
+        unit_elements = REMOTE_UNIT_ELEMENTS if remote else min(
+            unit_elements, UNIT_ELEMENTS if device == "cpu" else _GPU_UNIT_ELEMENTS)
 
         def scan(t: Tensor, kernel: Kernel, held: list[np.ndarray] | None = None,
                  extra: Sequence[Any] = (), counters: Sequence[Any] = ()) -> None:
@@ -174,7 +172,7 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
                       hold=hold, tensors=_tensors(base, experts, out_dtypes),
                       stats=stats if stats is not None else {},
                       thresholds=thresholds if thresholds is not None else [])
-        plan = _methods()[method].prepare(merge)
+        plan = _methods()[method].prepare(merge) if device == "cpu" else _gpu_plans(merge)
         units = _units(plan, base, experts, files, writer, out_dtypes, unit_elements,
                        judging=observe is not None, fetch=fetch)
         for unit in units:
@@ -239,7 +237,7 @@ def _units(plan_of: Callable[[Tensor], Plan], base: ModelReader, experts: Sequen
         for lo in range(0, meta.numel, unit_elements):
             hi = min(lo + unit_elements, meta.numel)
             yield Unit(name, plan.kernel, lo=lo, hi=hi, places=places, paths=paths,
-                       last=hi == meta.numel, scan=scan, fetch=fetch)
+                       last=hi == meta.numel, scan=scan, fetch=fetch, alloc=plan.alloc)
 
 
 def _tensors(base: ModelReader, experts: Sequence[ModelReader],

@@ -36,7 +36,7 @@ from .fusedplan import FusedMethod, Merge, Plan, Tensor
 from .io import TensorMeta
 from .moments import SEP, MomentReader
 
-_TINY32 = float(np.finfo(np.float32).tiny)
+TINY32 = float(np.finfo(np.float32).tiny)
 
 
 @njit(cache=True, nogil=True)
@@ -147,7 +147,7 @@ def merge_stored(addresses, codes, p, eps, use_base, lo, hi):
     return bad
 
 
-def _factors(reader: MomentReader, t: Tensor, p: float) -> tuple[np.ndarray, np.ndarray]:
+def factors(reader: MomentReader, t: Tensor, p: float) -> tuple[np.ndarray, np.ndarray]:
     """(row / total)^p and col^p of one expert's rank-1 moments of t, checked by the reader
     (its errors: a factor missing, misshapen, negative or not finite); zeros where total = 0
     (never had a gradient: v = 0)."""
@@ -163,7 +163,7 @@ def _factors(reader: MomentReader, t: Tensor, p: float) -> tuple[np.ndarray, np.
     return row, col
 
 
-def _stored(reader: MomentReader, t: Tensor) -> TensorMeta:
+def stored_meta(reader: MomentReader, t: Tensor) -> TensorMeta:
     """Where one expert's stored moments of t lie (element for element like t), checked by
     the reader."""
     reader.check(t.name, t.base.shape)
@@ -174,20 +174,20 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
     """Each tensor's plan: the factored kernel with its factors, or the stored one."""
     p, readers = float(merge.params.power), list(merge.moments or ())
     eps = np.float32(merge.params.epsilon)  # torch's add_(eps) on fp32 rounds it so
-    use_base = merge.params.epsilon < _TINY32  # as OtaMerge.uses_base (no density here)
+    use_base = merge.params.epsilon < TINY32  # as OtaMerge.uses_base (no density here)
 
     def plan(t: Tensor) -> Plan:
         if all(r.factored(t.name, t.base.shape) for r in readers):
-            factors = [_factors(r, t, p) for r in readers]
-            rows = np.stack([f[0] for f in factors])
-            cols = np.stack([f[1] for f in factors])
+            made = [factors(r, t, p) for r in readers]
+            rows = np.stack([f[0] for f in made])
+            cols = np.stack([f[1] for f in made])
             codes = t.codes()
 
             def factored(addresses: np.ndarray, lo: int, hi: int) -> bool:
                 return merge_factored(addresses, codes, rows, cols, eps, use_base, lo, hi)
 
             return Plan(factored, reads_base=use_base)
-        extra = tuple(_stored(r, t) for r in readers)
+        extra = tuple(stored_meta(r, t) for r in readers)
         codes = t.codes(*extra)
 
         def stored(addresses: np.ndarray, lo: int, hi: int) -> bool:

@@ -89,6 +89,8 @@ class Plan:
     held: bool = False
     held_at: np.ndarray | None = None
     stored_moments: bool = False  # `extra` are the experts' stored second moments, in order
+    # the pool threads' host buffers of its units (np.empty's when None; `gpuunits`: pinned)
+    alloc: Callable[[int], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)

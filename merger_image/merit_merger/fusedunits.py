@@ -115,6 +115,11 @@ class Unit:
     writes: bool = True  # False: a scan's unit (no output; the kernel counts)
     scan: Scan | None = None  # run on the inputs before the kernel (a streamed merge's)
     fetch: ThreadPoolExecutor | None = None  # for reads of mounted objects (`read_all`)
+    alloc: Callable[[int], np.ndarray] | None = None  # the host buffers (Plan.alloc)
+
+
+def _empty(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, np.uint8)
 
 
 def run(unit: Unit, buffers: threading.local) -> tuple[bool, Any]:
@@ -129,7 +134,7 @@ def run(unit: Unit, buffers: threading.local) -> tuple[bool, Any]:
     reads: list[tuple[Source, memoryview, int, Path]] = []
     for i, (source, offset, size) in enumerate(unit.places):
         if buffers.arrays[i].size < count * size:
-            buffers.arrays[i] = np.empty(count * size, np.uint8)
+            buffers.arrays[i] = (unit.alloc or _empty)(count * size)
         if size and i < len(unit.places) - 1:
             view = memoryview(buffers.arrays[i][:count * size])
             reads.append((source, view, offset + unit.lo * size, unit.paths[i]))

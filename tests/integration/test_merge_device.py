@@ -30,12 +30,15 @@ def experts(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     return make_experts(tmp_path_factory.mktemp("device"), tiny_base, 3)
 
 
-def merge(experts, spec: MergeSpec, out: Path, *, device: str | None = None) -> dict:
+def merge(experts, spec: MergeSpec, out: Path, *, device: str | None = None,
+          kernel: str | None = None) -> dict:
+    """The merged state; `kernel`: the pass the merge must have taken."""
     settings = settings_from_spec(spec, device=device)
     parts = [PartitionSource.from_artifact(a) for a in experts.artifacts]
-    merge_models(base_dir=experts.base_dir, partitions=parts, method=settings.method,
+    result = merge_models(base_dir=experts.base_dir, partitions=parts, method=settings.method,
                  params=settings.params, out_dir=out, shard_size_bytes=1 << 30,
                  output_dtype="float32", device=settings.device, chunk_elements=4096)
+    assert kernel is None or result.kernel == kernel
     return load_state(out)
 
 
@@ -65,13 +68,17 @@ def reference(experts, method: str) -> dict:
 def test_elementwise_merge_on_the_device_equals_float64(experts, tmp_path, device, method):
     spec = MergeSpec(method=method, scale=0.5, device=device)
     assert settings_from_spec(spec).device == device
-    assert_close(merge(experts, spec, tmp_path / "out"), reference(experts, method))
+    # on a GPU: the fused pass's units there (gpuunits, Triton kernels)
+    kernel = "fused-gpu" if device == "cuda" else "fused"
+    assert_close(merge(experts, spec, tmp_path / "out", kernel=kernel),
+                 reference(experts, method))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_ota_ffg_threshold_and_merge_on_the_device_equal_the_cpu(experts, tmp_path, device):
     spec = MergeSpec(method="ota", ota=OtaSpec(density=0.3), device=device)
-    on_device = merge(experts, spec, tmp_path / "dev")
+    on_device = merge(experts, spec, tmp_path / "dev",  # FFG masks: no GPU kernel
+                      kernel="torch" if device == "cuda" else "fused")
     on_cpu = merge(experts, spec, tmp_path / "cpu", device="cpu")
     assert_close(on_device, on_cpu)
 

@@ -115,5 +115,6 @@ def test_the_torch_pass_is_kept_for_what_the_kernels_do_not_cover(tmp_path):
                                   device="cpu", output_dtype=None) is None
     assert fusedmerge.unsupported("token-weighted", reader, [None], device="cpu",
                                   output_dtype=None) == "a LoRA partition"
-    assert fusedmerge.unsupported("token-weighted", reader, [reader], device="cuda",
-                                  output_dtype=None) == "the merge runs on cuda"
+    # a device without fused kernels (cuda's: test_merge_gpu_fused.py)
+    assert fusedmerge.unsupported("token-weighted", reader, [reader], device="mps",
+                                  output_dtype=None) == "the merge runs on mps"
