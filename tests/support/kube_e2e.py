@@ -253,6 +253,13 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory, control_plane: Any, seawee
         chart["uninstall"] = helm.run("uninstall", RELEASE, "--namespace", cluster.namespace,
                                       "--wait", "--timeout", "120s", timeout=180).stdout
         installed = False
+        # `--wait` waits for the Deployment; its pod goes afterwards (the garbage collector,
+        # then the node stops it), as on any cluster. Give it time, then look.
+        try:
+            wait_until(lambda: not cluster.plane.node.running(cluster.namespace), timeout=60,
+                       what="the node to stop the operator pod")
+        except AssertionError:
+            pass
         chart["left_after_uninstall"] = {
             "deployments": [d["metadata"]["name"] for d in cluster.objects(
                 "apps/v1/deployments")],
