@@ -1,14 +1,16 @@
 """The merge on a GPU: its math against the device's memory bandwidth, and whole merges.
 
 Two measurements, on a machine with CUDA:
-  kernel  each element-wise method's math (`method.merge` and the cast to bf16, as the
-          engine's torch pass runs it) on blocks already resident on the GPU, in GB/s of
+  kernel  each element-wise method's math on blocks already resident on the GPU, in GB/s of
           the bytes it must move (K bf16 inputs, the base when the method reads it, the
           bf16 output), against a device-to-device copy measured the same way and the
-          device's nominal bandwidth (--peak-gbs);
+          device's nominal bandwidth (--peak-gbs): the torch pass's (`method.merge` and the
+          cast to bf16) and the fused GPU pass's Triton kernel (`gpukernels`, one launch
+          over the block, "triton" rows);
   whole   whole `merge_throughput.py child` processes on the same 1B-parameter inputs, the
-          merge on the GPU against the merge on this node's CPU cores, alternated A B A B,
-          medians, in GB/s of the input bytes read.
+          merge on the GPU (`--device cuda`: the fused pass's units on the GPU, `gpuunits`,
+          for token-weighted and OTA) against the merge on this node's CPU cores,
+          alternated A B A B, medians, in GB/s of the input bytes read.
 The whole merge reads its inputs from host memory (the page cache) and copies each block to
 the GPU, so it is bounded by the host's memory and the PCIe link, not by the GPU's memory:
 the kernel rows say what the math alone would reach.
@@ -84,6 +86,43 @@ def kernel_rows(k: int, numel: int, reps: int, device: str = "cuda") -> list[dic
         if impl.needs_moments:
             moved += k * 4 * (rows_ + cols)
         rows.append({"what": key, "bytes": moved, "seconds": timed(merge, reps, dev)})
+    return rows + triton_rows(base, experts, moments, reps, dev)
+
+
+def triton_rows(base, experts, moments, reps: int, dev) -> list[dict]:
+    """GB/s of the fused GPU pass's Triton kernels on the same resident bf16 blocks: the
+    inputs laid out as `gpuunits` lays out a unit's (input i at byte i * slot)."""
+    import numpy as np
+    import torch
+
+    from merit_merger import fused, gpukernels
+
+    k, numel = len(experts), base.numel()
+    slot = numel * 2
+    src = torch.cat([t.reshape(-1).view(torch.uint8) for t in (*experts, base)])
+    out = torch.empty(numel * 2, dtype=torch.uint8, device=dev)
+    flag = torch.zeros(1, dtype=torch.int32, device=dev)
+    codes = gpukernels.pack([fused.BF16] * (k + 1))
+    w = np.full(k, 1.0 / k, np.float32)
+    params = torch.from_numpy(np.concatenate([w, [0.5, 1 - k * 0.5]]).astype(np.float32)).to(dev)
+    rows = []
+    for key, program, reads in (("token-weighted", fused.TOKEN_WEIGHTED, k),
+                                ("task-arithmetic", fused.TASK16, k + 1)):
+        def run(program=program):
+            gpukernels.launch_linear(src, out, flag, params, n=numel, slot=slot,
+                                     program=program, k=k, codes=codes, out_code=fused.BF16)
+        rows.append({"what": f"triton {key}", "bytes": (reads + 1) * base.nbytes,
+                     "seconds": timed(run, reps, dev)})
+    r = torch.stack([m.row for m in moments]).float().contiguous()
+    c = torch.stack([m.col for m in moments]).float().contiguous()
+    eps = torch.tensor([1e-26], device=dev)
+
+    def ota():
+        gpukernels.launch_ota(src, out, flag, eps, r, c, n=numel, slot=slot, lo=0,
+                              stored=False, p=gpukernels.POWERS[0.5], use_base=False, k=k,
+                              codes=codes, out_code=fused.BF16)
+    rows.append({"what": "triton ota (rank-1)", "bytes": (k + 1) * base.nbytes
+                 + k * 4 * (r.shape[1] + c.shape[1]), "seconds": timed(ota, reps, dev)})
     return rows
 
 

@@ -45,6 +45,7 @@ def pack(codes: Any) -> int:
 def _widen(src16, src32, slot, i: tl.constexpr, CODES: tl.constexpr, offs, mask):
     """fp32 of input i's elements at offs (its code: bits 2i, 2i + 1 of CODES)."""
     code: tl.constexpr = (CODES >> (2 * i)) & 3
+    slot = slot.to(tl.int64)  # i * slot may pass 2^31 (a bench's block of 2^28 elements, K = 8)
     if code == 2:
         x = tl.load(src32 + i * (slot // 4) + offs, mask=mask, other=0).to(tl.float32,
                                                                               bitcast=True)

@@ -22,6 +22,8 @@ Imports torch and triton: only a merge on a GPU imports this module.
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -54,6 +56,8 @@ def unsupported(method: str, params: Any) -> str | None:
         from . import gpukernels
     except Exception as e:  # noqa: BLE001 - triton missing (the CPU wheels) or broken
         return f"triton is not importable ({type(e).__name__}: {str(e)[:120]})"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler for triton's launcher (gcc, clang or CC)"
     if DEVICE == "cpu" and not gpukernels.triton.knobs.runtime.interpret:
         return "GPU kernels on the CPU need Triton's interpreter (TRITON_INTERPRET=1)"
     if DEVICE == "cuda" and not torch.cuda.is_available():
