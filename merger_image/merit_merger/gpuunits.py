@@ -82,14 +82,16 @@ def _host(address: int, nbytes: int) -> torch.Tensor:
 
 
 class _Device:
-    """A pool thread's stream and device buffers, grown as needed and reused."""
+    """A pool thread's stream and device buffers, grown as needed and reused; made and used
+    on that stream only (so no allocation's fill or reuse races another stream's work)."""
 
     def __init__(self) -> None:
         self.device = torch.device(DEVICE)
         self.stream = torch.cuda.Stream() if DEVICE == "cuda" else None
-        self.src = torch.empty(0, dtype=torch.uint8, device=self.device)
-        self.out = torch.empty(0, dtype=torch.uint8, device=self.device)
-        self.flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        with torch.cuda.stream(self.stream):  # None: no-op (the interpreter's CPU tensors)
+            self.src = torch.empty(0, dtype=torch.uint8, device=self.device)
+            self.out = torch.empty(0, dtype=torch.uint8, device=self.device)
+            self.flag = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.bad = torch.zeros(1, dtype=torch.int32, pin_memory=DEVICE == "cuda")
 
     def buffers(self, src_bytes: int, out_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +118,8 @@ def _unit_kernel(sizes: Sequence[int], reads: Sequence[int],
     def kernel(addresses: np.ndarray, lo: int, hi: int) -> bool:
         n, state = hi - lo, _state()
         slot = -(-n * widest // _ALIGN) * _ALIGN
-        src, out = state.buffers(slot * (len(sizes) - 1), n * out_size)
-        with torch.cuda.stream(state.stream):  # None: no-op (the interpreter's CPU tensors)
+        with torch.cuda.stream(state.stream):
+            src, out = state.buffers(slot * (len(sizes) - 1), n * out_size)
             for i in reads:  # addresses: where element 0 would lie (see fusedunits.Kernel)
                 nbytes = n * sizes[i]
                 src[i * slot:i * slot + nbytes].copy_(

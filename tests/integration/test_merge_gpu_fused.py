@@ -115,3 +115,15 @@ def test_what_the_gpu_kernels_do_not_cover_keeps_the_torch_pass_with_the_reason(
     monkeypatch.delitem(sys.modules, "merit_merger.gpukernels", raising=False)
     monkeypatch.delattr(merit_merger, "gpukernels", raising=False)
     assert why_not(base, parts, "token-weighted", {}).startswith("triton is not importable")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the torch pass on cuda needs a GPU")
+def test_without_triton_a_gpu_merge_takes_the_torch_pass_there(tmp_path, monkeypatch):
+    base, parts = linear_models.write_models(tmp_path, [F32] * 3)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "merit_merger.gpukernels", raising=False)
+    monkeypatch.delattr(merit_merger, "gpukernels", raising=False)
+    on_gpu = merge(base, parts, tmp_path / "gpu", "token-weighted", "cuda")
+    on_cpu = merge(base, parts, tmp_path / "cpu", "token-weighted", "cpu")
+    assert (on_gpu.kernel, on_cpu.kernel) == ("torch", "fused")
+    assert_same(tmp_path, F32)
