@@ -12,8 +12,10 @@ Where the bits are claimed equal: in Triton's interpreter (CPU, numpy; tested ag
 numba kernels bit for bit, given an exact fma: the interpreter's own computes a * b + c with
 two roundings, see tests/support/triton_interpreter.py). On a GPU the kernels are compiled
 with fp contraction off (`enable_fp_fusion=False`: no a * b + c turned into an fma behind
-our back), so the same bits are expected there too, but nothing here has run on one yet:
-the device tests hold them to 1e-6 relative, as `merge.device` promises.
+our back; the PTX compiled for sm_90 is checked for that without a GPU: an fma exactly
+where `tl.fma` is, `div.rn`, `sqrt.rn`), so the same bits are expected there too, but
+nothing here has run on one yet: the device tests hold them to 1e-6 relative, as
+`merge.device` promises.
 
 Memory: a unit's inputs lie in one device buffer, input i at byte i * slot (slot >= the
 unit's elements times the widest input's itemsize), the output in another; the kernel reads

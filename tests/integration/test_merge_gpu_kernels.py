@@ -4,9 +4,18 @@ Without a GPU they run in Triton's interpreter and must give the numba kernels' 
 (bf16, fp16, fp32, mixed dtypes, element counts that leave a tail of a block); on a GPU they
 run compiled and are held to 1e-6 of the largest input (the device tests' bound: see
 `gpukernels` on what is claimed where). Sizes are small: the interpreter runs numpy per op.
+Without a GPU, what a GPU would run is still checked: the kernels compiled for sm_90 (PTX
+and ptxas, in a process that does not interpret) have an fma exactly where they call
+tl.fma and IEEE division and square root.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from support.triton_interpreter import interpret
 
@@ -174,3 +183,28 @@ def test_ota_kernels_equal_the_cpu_kernels(dtypes, out, stored, power, eps, lo):
     (got, bad), (want, cpu_bad) = ota(dtypes, out, stored=stored, power=power, eps=eps, lo=lo)
     assert (bad, cpu_bad) == (False, False)
     assert_same(got, want, out, 0.02)
+
+
+def test_the_compiled_kernels_round_as_the_cpu_kernels():
+    """What a GPU would run, compiled here for sm_90 (no GPU needed; triton's ptxas): an fma
+    exactly where the kernels call tl.fma (a program's K - 1 or one per element; each thread
+    holds BLOCK / 128 elements), none contracted from a * b + c (task arithmetic's fp32
+    program: none at all; with fp fusion on, the compiler would make some), IEEE division
+    and square root."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "support.triton_ptx"], env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, check=True)
+    got = json.loads(done.stdout)
+    per_thread = gpukernels.BLOCK // 128
+    for code in (0, 1, 2):
+        assert got[f"linear 0 {code}"]["fma"] == 3 * per_thread  # K = 4: x_1..x_3
+        assert got[f"linear 1 {code}"]["fma"] == per_thread  # the base's term
+        assert got[f"linear 2 {code}"]["fma"] == 0
+    assert got["linear 2 fused"]["fma"] > 0  # the check sees a contraction
+    for stored in (False, True):
+        ota = got[f"ota {stored}"]
+        assert ota["fma"] == 3 * per_thread and ota["div_rn"] == per_thread
+        assert ota["div_inexact"] == ota["sqrt_approx"] == 0
+        assert ota["sqrt_rn"] == (4 * per_thread if stored else 0)
+    assert all(v["cubin"] for v in got.values())
