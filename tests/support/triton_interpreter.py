@@ -1,8 +1,10 @@
 """Triton's interpreter for the GPU kernels' tests on a machine without a GPU.
 
-`interpret()` must run before triton is imported (triton decides at its import whether
-`@triton.jit` compiles or interprets); the test modules of the GPU path call it at import
-time when no GPU is present, so the same tests run the compiled kernels where there is one.
+Triton decides at its import whether `@triton.jit` compiles or interprets, and some test
+modules import it indirectly (transformers), so tests/conftest.py sets TRITON_INTERPRET=1
+first where no GPU's device file exists; `interpret()`, called by the GPU path's test
+modules at import, checks that choice against torch's view of the GPU and installs the
+exact fma, so the same tests run the compiled kernels where there is a GPU.
 
 `exact_fma()`: the interpreter's `tl.fma` computes x * y + z in fp32 with two roundings
 (numpy has no fused multiply-add), so a kernel that is right would differ from the CPU's
