@@ -25,6 +25,7 @@ import ctypes
 import os
 import shutil
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -70,14 +71,29 @@ def _powers() -> tuple[float, ...]:
 
 
 def host_buffer(nbytes: int) -> np.ndarray:
-    """A pool thread's host buffer: pinned on a GPU (asynchronous copies), else plain."""
+    """A pool thread's host buffer: pinned on a GPU (asynchronous copies), else plain. The
+    pinned tensor is remembered by its address (while the array lives), so the copies use
+    it as torch allocated it (its pinned-memory bookkeeping), not a view made from the
+    address."""
     if DEVICE == "cpu":
         return np.empty(nbytes, np.uint8)
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+    array = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+    _pinned().__setitem__(array.ctypes.data, array.base)  # the tensor the array keeps alive
+    return array
+
+
+def _pinned() -> weakref.WeakValueDictionary:
+    """This thread's pinned host buffers by address (a thread allocates and uses its own)."""
+    if not hasattr(_local, "pinned"):
+        _local.pinned = weakref.WeakValueDictionary()
+    return _local.pinned
 
 
 def _host(address: int, nbytes: int) -> torch.Tensor:
     """The host bytes at address as a uint8 tensor (no copy; kept alive by the caller)."""
+    pinned = _pinned().get(address)
+    if pinned is not None and pinned.numel() >= nbytes:
+        return pinned[:nbytes]
     return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
 
 
