@@ -11,7 +11,8 @@ its copies, the others read, copy or launch: reading, copying and the math overl
 Kernels exist for the linear family and for OTA without FFG masks at p = 0.5, 1, 2, 3;
 `unsupported` names what else keeps the torch pass on a GPU (FFG masks, TIES, DARE; LoRA,
 like every fused merge). The per-tensor constants are the CPU plans' (`fusedota`'s factors,
-`fusedmerge`'s weights), uploaded once per tensor.
+`fusedlinear`'s weights), uploaded once per tensor. Units of up to 2M elements
+(`fusedmerge`): fewer launches, each moving megabytes.
 
 `DEVICE` is where the kernels run: "cuda", or for tests on a machine without a GPU "cpu",
 which needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported); there the
@@ -57,11 +58,13 @@ def unsupported(method: str, params: Any) -> str | None:
         from . import gpukernels
     except Exception as e:  # noqa: BLE001 - triton missing (the CPU wheels) or broken
         return f"triton is not importable ({type(e).__name__}: {str(e)[:120]})"
+    if DEVICE == "cpu":
+        interpreted = gpukernels.triton.knobs.runtime.interpret
+        return None if interpreted else (
+            "GPU kernels on the CPU need Triton's interpreter (TRITON_INTERPRET=1)")
     if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
         return "no C compiler for triton's launcher (gcc, clang or CC)"
-    if DEVICE == "cpu" and not gpukernels.triton.knobs.runtime.interpret:
-        return "GPU kernels on the CPU need Triton's interpreter (TRITON_INTERPRET=1)"
-    if DEVICE == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return "no CUDA device"
     return None
 

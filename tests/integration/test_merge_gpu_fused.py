@@ -110,6 +110,12 @@ def test_what_the_gpu_kernels_do_not_cover_keeps_the_torch_pass_with_the_reason(
         "OTA with FFG masks (density) has no GPU kernel")
     assert gpuunits.unsupported("ota", ota.parse_params({"power": 0.7})).startswith(
         "OTA power 0.7")
+    with monkeypatch.context() as m:  # triton's launcher is compiled at the first launch
+        m.setattr(gpuunits, "DEVICE", "cuda")
+        m.delenv("CC", raising=False)
+        m.setenv("PATH", str(tmp_path))
+        assert gpuunits.unsupported("token-weighted", None) == (
+            "no C compiler for triton's launcher (gcc, clang or CC)")
     # triton missing (the CPU-index torch wheels do not bring it): the torch pass, and why
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.delitem(sys.modules, "merit_merger.gpukernels", raising=False)
