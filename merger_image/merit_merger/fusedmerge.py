@@ -31,11 +31,15 @@ a unit's inputs are read from, and one unit's read, kernel and write); it knows 
 
 from __future__ import annotations
 
+import mmap
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,7 +173,8 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
 
         merge = Merge(method, params, weights, len(experts), files, moments,
                       unit_elements=unit_elements, block_elements=block_elements, scan=scan,
-                      hold=hold, tensors=_tensors(base, experts, out_dtypes),
+                      hold=hold, spill=partial(_spill, writer.out_dir) if remote else None,
+                      tensors=_tensors(base, experts, out_dtypes),
                       stats=stats if stats is not None else {},
                       thresholds=thresholds if thresholds is not None else [])
         plan = _methods()[method].prepare(merge) if device == "cpu" else _gpu_plans(merge)
@@ -305,6 +310,17 @@ def _hold(pool: ThreadPoolExecutor, t: Tensor, files: Files, readers: Sequence[M
     _wait([pool.submit(unit, lo, min(lo + unit_elements, numel))
            for lo in range(0, numel, unit_elements)], seconds, started)
     return arrays
+
+
+def _spill(scratch: Path, sizes: list[int]) -> list[np.ndarray]:
+    """Merge.spill: arrays of `sizes` bytes on one unnamed file in `scratch`, mapped (its
+    pages go to disk, not to the process's memory); the file is gone when its arrays are."""
+    total = max(1, sum(sizes))
+    with tempfile.TemporaryFile(dir=scratch) as f:
+        f.truncate(total)
+        whole = np.frombuffer(mmap.mmap(f.fileno(), total), np.uint8)  # holds its own fd
+    starts = np.cumsum([0, *sizes])
+    return [whole[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
 def _finish(unit: Unit, job: Future, writer: ShardedWriter,

@@ -47,6 +47,11 @@ class Merge:
     # into the starts of `into`'s arrays (uint8, large enough; reused) or new ones; each
     # unit then given to `kernel` (the held arrays' addresses) on the thread that read it
     hold: Callable[..., list[np.ndarray]] | None = None
+    # spill(sizes): arrays of these byte sizes on an unnamed scratch file (the output's disk),
+    # mapped, to hold a tensor too large for memory (into `hold`) when its inputs come from
+    # storage, so a plan of several passes GETs each byte once; None for local inputs (a
+    # pread costs no round trip to repeat)
+    spill: Callable[[list[int]], list[np.ndarray]] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # the scans' wall time, "prepass"
     # the floating tensors with elements, in order (a pre-pass over the whole model: FFG)
     tensors: Sequence[Tensor] = ()

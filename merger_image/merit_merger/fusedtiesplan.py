@@ -9,7 +9,8 @@ pass over the whole model before the merge, is skipped):
   memory: read once;
 - a larger one: two scans of its inputs (`Merge.scan`), then the merge: read three times
   (at 1B, K = 4 only the embedding; 12.7 GB read in all, against 29.8 GB with every tensor
-  scanned).
+  scanned); when its inputs come from storage, held instead on a mapped scratch file
+  (`Merge.spill`), so each byte is fetched once, not three times.
 Each pool thread counts into its own histograms (`Tally`), summed once a pass is done.
 """
 
@@ -152,7 +153,8 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
     """fusedmerge's FusedMethod.prepare for TIES: each tensor's plan, its thresholds found
     first: in its one unit's kernel; from the tensor held in memory when it has at most
     HOLD_BLOCKS blocks (read once for the counts and the merge); else by two scans before
-    the merge's (each input read three times)."""
+    the merge's (each input read three times), or held on a scratch file when read from
+    storage (fetched once)."""
     density = float(merge.params.density)
     scale = np.float32(merge.params.scale)  # torch rounds the Python scalar to fp32 too
     local = threading.local()  # the pool threads' histograms
@@ -168,12 +170,13 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
         if not keep:  # density 1: a threshold of 0 trims nothing
             return _plan(codes, np.zeros(inputs - 1, np.float32), scale)
         sizes = [m.nbytes for m in (*t.experts, t.base)]
-        if numel > HOLD_BLOCKS * merge.block_elements:
+        large = numel > HOLD_BLOCKS * merge.block_elements
+        if large and merge.spill is None:
             def scan(kernel: Kernel) -> None:
                 merge.scan(t, kernel)
             return _plan(codes, streamed_thresholds(scan, scan, inputs - 1, codes[:inputs],
                                                     keep, local), scale)
-        arrays = spares.take(sizes)
+        arrays = merge.spill(sizes) if large else spares.take(sizes)
         held: list[np.ndarray] = []
 
         def read(kernel: Kernel) -> None:  # pass 1 as the units are read in
@@ -182,6 +185,7 @@ def prepare(merge: Merge) -> Callable[[Tensor], Plan]:
         def again(kernel: Kernel) -> None:
             merge.scan(t, kernel, held)
         thresholds = streamed_thresholds(read, again, inputs - 1, codes[:inputs], keep, local)
-        return _plan(codes, thresholds, scale, held, numel, lambda: spares.give(arrays))
+        return _plan(codes, thresholds, scale, held, numel,
+                     None if large else lambda: spares.give(arrays))
 
     return plan

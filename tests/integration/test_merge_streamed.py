@@ -149,6 +149,41 @@ def test_streamed_ties_holds_tensors_read_by_parallel_gets(bucket, tmp_path, mon
     assert want and merged_weights(storage, "out/streamed-ties") == want
 
 
+def test_streamed_ties_fetches_a_large_tensor_once(bucket, tmp_path, monkeypatch):
+    """TIES reads a tensor too large to hold three times (two threshold scans, the merge);
+    from storage it is held on a mapped scratch file instead (`Merge.spill`), so every input
+    byte is still fetched at most twice (the verify pass, the merge pass), and the bytes
+    equal the staged merge's, which scans its local copies three times."""
+    from merit_merger import fusedmerge, fusedtiesplan
+
+    merge = MergeSpec(method="ties", density=0.4)
+    monkeypatch.setattr(fusedtiesplan, "HOLD_BLOCKS", 0)  # every tensor of several units
+    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
+    stage.run_merge_stage(merge_params(bucket, merge, "out/staged-big"),
+                          workdir=tmp_path / "staged")
+    monkeypatch.setenv("MERITRUN_INPUTS", "stream")
+    monkeypatch.setattr(fusedmerge, "REMOTE_UNIT_ELEMENTS", 1000)
+    counts = count_ranged_reads(monkeypatch)
+    spilled: list[int] = []
+    real_spill = fusedmerge._spill
+
+    def spill(scratch, sizes):
+        spilled.append(sum(sizes))
+        return real_spill(scratch, sizes)
+    monkeypatch.setattr(fusedmerge, "_spill", spill)
+    streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed-big"),
+                                     workdir=tmp_path / "streamed")
+    assert streamed["io"]["kernel"] == "fused" and len(spilled) > 3
+    storage = bucket.open()
+    want = merged_weights(storage, "out/staged-big")
+    assert want and merged_weights(storage, "out/streamed-big") == want
+    inputs = {k: storage.version(k).bytes for k in storage.list_keys("")
+              if k.endswith(".safetensors") and not k.startswith("out/")
+              and not k.endswith("optimizer_v.safetensors")}
+    over = {k: counts[k] / size for k, size in inputs.items() if counts[k] > 2 * size}
+    assert set(counts) >= set(inputs) and not over, over
+
+
 def test_streamed_ffg_equals_the_staged_one(bucket, tmp_path, monkeypatch):
     """OTA with FFG masks streamed: its two threshold scans (fusedffg) read from storage
     too; the same bytes, thresholds, kept fractions and fallbacks as the staged merge."""
