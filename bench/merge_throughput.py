@@ -12,6 +12,7 @@ their own). The pairs (A vs B):
   task-arithmetic  vs mergekit task_arithmetic (lambda 1)
   ties             vs mergekit ties (density 0.2, normalize true = the disjoint mean)
   ota (rank-1)     vs MeritRun token-weighted (OTA has no mergekit equivalent)
+  ffg              OTA with FFG masks (density 0.2) vs OTA without
   cat              vs token-weighted (the floor: reading the inputs from the page cache)
 mergekit runs from its own environment (--mergekit PATH/TO/mergekit-yaml), so installing it
 never changes this project's pins. Results go to bench/results/ (JSON + markdown).
@@ -197,15 +198,18 @@ def command(tool: str, root: Path, k: int, args: argparse.Namespace) -> list[str
         return ["sh", "-c", f'"$0" "$@"; rc=$?; rm -rf {out}; exit $rc', args.mergekit,
                 str(path), out, "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
                 "--out-shard-size", str(args.shard_mb * 1_000_000 // 2)]
+    method, _, masks = tool.partition("+")  # ota+ffg: OTA with FFG masks, density 0.2
     return [sys.executable, str(Path(__file__).resolve()), "child", "--root", str(root),
-            "--k", str(k), "--method", tool, "--out", out, "--threads", str(args.threads),
-            "--shard-mb", str(args.shard_mb), "--device", args.device]
+            "--k", str(k), "--method", method, "--out", out, "--threads", str(args.threads),
+            "--shard-mb", str(args.shard_mb), "--device", args.device,
+            *(["--density", "0.2"] if masks == "ffg" else [])]
 
 
 PAIRS = {"token-weighted": ("token-weighted", "mergekit:token-weighted"),
          "task-arithmetic": ("task-arithmetic", "mergekit:task-arithmetic"),
          "ties": ("ties", "mergekit:ties"),
          "ota": ("ota", "token-weighted"),
+         "ffg": ("ota+ffg", "ota"),  # FFG's two threshold scans: their cost over OTA's
          "cat": ("cat", "token-weighted"),
          "s3": ("token-weighted@s3", "token-weighted")}  # --from-s3: MinIO on loopback
 
