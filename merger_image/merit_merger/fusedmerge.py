@@ -26,26 +26,24 @@ takes the `Merge` and returns what makes each tensor's `Plan` (the kernel as a c
 over a unit's addresses, whether the unit reads the base, and any further input streamed
 like the experts); per-tensor arrays a kernel needs (factors, thresholds) live in its
 closure. This module makes the units and runs them on the threads (`fusedunits`: where
-a unit's inputs are read from, and one unit's read, kernel and write); it knows no arithmetic.
+a unit's inputs are read from, and one unit's read, kernel and write; `fusedreads`: the
+reads a plan makes of a tensor before its units, scans and holding); it knows no arithmetic.
 """
 
 from __future__ import annotations
 
-import mmap
-import tempfile
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import fusedreads
 from .fusedplan import UNIT_ELEMENTS, FusedMethod, Merge, Plan, Tensor
-from .fusedunits import Files, Kernel, Unit, read, read_all, run, unread
+from .fusedunits import Files, Kernel, Unit, read, run, unread
 from .io import ModelReader
 from .remote import remote_file
 from .writer import ShardedWriter, pwrite_all
@@ -163,17 +161,18 @@ def merge_pass(method: str, params: Any, *, base: ModelReader,
 
         def scan(t: Tensor, kernel: Kernel, held: list[np.ndarray] | None = None,
                  extra: Sequence[Any] = (), counters: Sequence[Any] = ()) -> None:
-            _scan(pool, buffers, t, kernel, files, [*experts, base, *counters], unit_elements,
-                  merge.seconds, held, fetch, tuple(extra))
+            fusedreads.scan(pool, buffers, t, kernel, files, [*experts, base, *counters],
+                            unit_elements, merge.seconds, held, fetch, tuple(extra))
 
         def hold(t: Tensor, into: list[np.ndarray] | None = None,
                  kernel: Kernel | None = None) -> list[np.ndarray]:
-            return _hold(pool, t, files, [*experts, base], unit_elements, merge.seconds, into,
-                         kernel, fetch)
+            return fusedreads.hold(pool, t, files, [*experts, base], unit_elements,
+                                   merge.seconds, into, kernel, fetch)
 
         merge = Merge(method, params, weights, len(experts), files, moments,
                       unit_elements=unit_elements, block_elements=block_elements, scan=scan,
-                      hold=hold, spill=partial(_spill, writer.out_dir) if remote else None,
+                      hold=hold,
+                      spill=partial(fusedreads.spill, writer.out_dir) if remote else None,
                       tensors=_tensors(base, experts, out_dtypes),
                       stats=stats if stats is not None else {},
                       thresholds=thresholds if thresholds is not None else [])
@@ -251,76 +250,6 @@ def _tensors(base: ModelReader, experts: Sequence[ModelReader],
     metas = [base.meta(n) for n in base.names]
     return [Tensor(m.name, m, tuple(e.meta(m.name) for e in experts), out_dtypes[m.name])
             for m in metas if m.dtype.is_floating_point and m.numel]
-
-
-def _wait(jobs: list[Future], seconds: dict[str, float], started: float) -> None:
-    """Every job's result (the first error raised, the rest cancelled); the wall time since
-    `started` adds to seconds["prepass"]."""
-    try:
-        for job in jobs:
-            job.result()
-    finally:
-        for job in jobs:
-            job.cancel()
-    seconds["prepass"] = seconds.get("prepass", 0.0) + time.monotonic() - started
-
-
-def _scan(pool: ThreadPoolExecutor, buffers: threading.local, t: Tensor, kernel: Kernel,
-          files: Files, readers: Sequence[ModelReader], unit_elements: int,
-          seconds: dict[str, float], held: list[np.ndarray] | None,
-          fetch: ThreadPoolExecutor | None = None, extra: tuple[Any, ...] = ()) -> None:
-    """Merge.scan: the tensor's experts, base and `extra` inputs (read by `readers`, or
-    `held`), unit by unit on the pool (after the units already queued), waited for."""
-    started, numel = time.monotonic(), t.base.numel
-    spans = [(lo, min(lo + unit_elements, numel)) for lo in range(0, numel, unit_elements)]
-    if held is not None:
-        addresses = np.array([a.ctypes.data for a in held], np.int64)
-        return _wait([pool.submit(kernel, addresses, lo, hi) for lo, hi in spans], seconds,
-                     started)
-    metas = (*t.experts, t.base, *extra)
-    for reader, m in zip(readers, metas, strict=True):
-        reader.bytes_read += m.nbytes
-    places = (*(files.place(m) for m in metas), (-1, 0, 0))  # no output
-    paths = tuple(m.path for m in metas)
-    _wait([pool.submit(run, Unit(t.name, kernel, lo, hi, places, paths, writes=False,
-                                            fetch=fetch), buffers)
-           for lo, hi in spans], seconds, started)
-
-
-def _hold(pool: ThreadPoolExecutor, t: Tensor, files: Files, readers: Sequence[ModelReader],
-          unit_elements: int, seconds: dict[str, float], into: list[np.ndarray] | None,
-          kernel: Kernel | None, fetch: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
-    """Merge.hold: the tensor's experts and base, each read whole (bytes as stored) by units
-    of the pool straight into its array, each unit then given to `kernel` while it is in
-    the thread's cache."""
-    started, metas, numel = time.monotonic(), (*t.experts, t.base), t.base.numel
-    arrays = ([a[:m.nbytes] for a, m in zip(into, metas, strict=True)] if into is not None
-              else [np.empty(m.nbytes, np.uint8) for m in metas])
-    addresses = np.array([a.ctypes.data for a in arrays], np.int64)
-    places = [files.place(m) for m in metas]
-    for reader, m in zip(readers, metas, strict=True):
-        reader.bytes_read += m.nbytes
-
-    def unit(lo: int, hi: int) -> None:
-        read_all([(source, memoryview(array[lo * size:hi * size]), offset + lo * size, m.path)
-                  for (source, offset, size), m, array in zip(places, metas, arrays,
-                                                              strict=True)], t.name, fetch)
-        if kernel is not None:
-            kernel(addresses, lo, hi)
-    _wait([pool.submit(unit, lo, min(lo + unit_elements, numel))
-           for lo in range(0, numel, unit_elements)], seconds, started)
-    return arrays
-
-
-def _spill(scratch: Path, sizes: list[int]) -> list[np.ndarray]:
-    """Merge.spill: arrays of `sizes` bytes on one unnamed file in `scratch`, mapped (its
-    pages go to disk, not to the process's memory); the file is gone when its arrays are."""
-    total = max(1, sum(sizes))
-    with tempfile.TemporaryFile(dir=scratch) as f:
-        f.truncate(total)
-        whole = np.frombuffer(mmap.mmap(f.fileno(), total), np.uint8)  # holds its own fd
-    starts = np.cumsum([0, *sizes])
-    return [whole[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
 def _finish(unit: Unit, job: Future, writer: ShardedWriter,

@@ -119,7 +119,7 @@ def test_streamed_ties_holds_tensors_read_by_parallel_gets(bucket, tmp_path, mon
     another on the pass's own threads; the same bytes as the staged merge."""
     import threading
 
-    from merit_merger import fusedmerge
+    from merit_merger import fusedmerge, fusedreads
 
     merge = MergeSpec(method="ties", density=0.4)
     monkeypatch.setenv("MERITRUN_INPUTS", "stage")
@@ -128,7 +128,7 @@ def test_streamed_ties_holds_tensors_read_by_parallel_gets(bucket, tmp_path, mon
     monkeypatch.setenv("MERITRUN_INPUTS", "stream")
     monkeypatch.setattr(fusedmerge, "REMOTE_UNIT_ELEMENTS", 1000)
     threads: Counter = Counter()
-    real_read, real_hold = S3Storage.read_into, fusedmerge._hold
+    real_read, real_hold = S3Storage.read_into, fusedreads.hold
     held: list[str] = []
 
     def read_into(self, key, offset, buf, *, tag=None):
@@ -139,7 +139,7 @@ def test_streamed_ties_holds_tensors_read_by_parallel_gets(bucket, tmp_path, mon
         held.append(t.name)
         return real_hold(pool, t, *args, **kwargs)
     monkeypatch.setattr(S3Storage, "read_into", read_into)
-    monkeypatch.setattr(fusedmerge, "_hold", hold)
+    monkeypatch.setattr(fusedreads, "hold", hold)
     streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed-ties"),
                                      workdir=tmp_path / "streamed")
     assert streamed["io"]["kernel"] == "fused" and held
@@ -154,7 +154,7 @@ def test_streamed_ties_fetches_a_large_tensor_once(bucket, tmp_path, monkeypatch
     from storage it is held on a mapped scratch file instead (`Merge.spill`), so every input
     byte is still fetched at most twice (the verify pass, the merge pass), and the bytes
     equal the staged merge's, which scans its local copies three times."""
-    from merit_merger import fusedmerge, fusedtiesplan
+    from merit_merger import fusedmerge, fusedreads, fusedtiesplan
 
     merge = MergeSpec(method="ties", density=0.4)
     monkeypatch.setattr(fusedtiesplan, "HOLD_BLOCKS", 0)  # every tensor of several units
@@ -165,12 +165,12 @@ def test_streamed_ties_fetches_a_large_tensor_once(bucket, tmp_path, monkeypatch
     monkeypatch.setattr(fusedmerge, "REMOTE_UNIT_ELEMENTS", 1000)
     counts = count_ranged_reads(monkeypatch)
     spilled: list[int] = []
-    real_spill = fusedmerge._spill
+    real_spill = fusedreads.spill
 
     def spill(scratch, sizes):
         spilled.append(sum(sizes))
         return real_spill(scratch, sizes)
-    monkeypatch.setattr(fusedmerge, "_spill", spill)
+    monkeypatch.setattr(fusedreads, "spill", spill)
     streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed-big"),
                                      workdir=tmp_path / "streamed")
     assert streamed["io"]["kernel"] == "fused" and len(spilled) > 3
