@@ -65,6 +65,29 @@ def count_ranged_reads(monkeypatch) -> Counter:
     return counts
 
 
+def run_stage(bucket, merge: MergeSpec, output: str, workdir: Path, monkeypatch,
+              inputs: str) -> dict:
+    """The merge stage's report, its inputs staged or streamed (MERITRUN_INPUTS=`inputs`),
+    its model written to `output`."""
+    monkeypatch.setenv("MERITRUN_INPUTS", inputs)
+    return stage.run_merge_stage(merge_params(bucket, merge, output), workdir=workdir)
+
+
+def assert_same_weights(storage, staged: str, streamed: str) -> None:
+    """The two outputs' merged shards are the same bytes (and there are some)."""
+    want = merged_weights(storage, staged)
+    assert want and merged_weights(storage, streamed) == want
+
+
+def reads_over_twice(storage, counts: Counter) -> tuple[dict[str, int], dict[str, float]]:
+    """The input weight files in storage (key -> bytes) and those read more than twice
+    (key -> times read)."""
+    inputs = {k: storage.version(k).bytes for k in storage.list_keys("")
+              if k.endswith(".safetensors") and not k.startswith("out/")
+              and not k.endswith("optimizer_v.safetensors")}
+    return inputs, {k: counts[k] / size for k, size in inputs.items() if counts[k] > 2 * size}
+
+
 def assert_same_verdicts(got: list[dict], want: list[dict]) -> None:
     """The reports' partitions agree; the update norms (and outlier ratios) to fp32 rounding:
     the streamed merge sums its units' squares in fp64 (fusedscan), the staged scan adds
@@ -84,18 +107,14 @@ def assert_same_verdicts(got: list[dict], want: list[dict]) -> None:
 def test_streamed_merge_equals_the_staged_one_and_reads_each_input_twice_at_most(
         bucket, merge, tmp_path, monkeypatch):
     storage = bucket.open()
-    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
-    staged = stage.run_merge_stage(merge_params(bucket, merge, "out/staged"),
-                                   workdir=tmp_path / "staged")
-    monkeypatch.setenv("MERITRUN_INPUTS", "stream")
+    staged = run_stage(bucket, merge, "out/staged", tmp_path / "staged", monkeypatch, "stage")
     counts = count_ranged_reads(monkeypatch)
     work = tmp_path / "streamed"
-    streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed"), workdir=work)
+    streamed = run_stage(bucket, merge, "out/streamed", work, monkeypatch, "stream")
 
     assert streamed["included"] == staged["included"] == list(NAMES)
     assert streamed["io"]["kernel"] == staged["io"]["kernel"] == "fused"
-    want = merged_weights(storage, "out/staged")
-    assert want and merged_weights(storage, "out/streamed") == want  # bit for bit
+    assert_same_weights(storage, "out/staged", "out/streamed")  # bit for bit
     # the report's verification is the same: norms judged in the merge pass
     assert_same_verdicts(streamed["partitions"], staged["partitions"])
     # no local copy of any input weight: only the merged model's own shards are on disk
@@ -105,11 +124,8 @@ def test_streamed_merge_equals_the_staged_one_and_reads_each_input_twice_at_most
     assert all(p.startswith("merged/model/") or p.endswith("/optimizer_v.safetensors")
                for p in on_disk), on_disk
     # every input weight file read from storage, none more than twice (hash pass + merge)
-    inputs = {k: storage.version(k).bytes for k in storage.list_keys("")
-              if k.endswith(".safetensors") and not k.startswith("out/")
-              and not k.endswith("optimizer_v.safetensors")}
+    inputs, over = reads_over_twice(storage, counts)
     assert set(counts) == set(inputs)
-    over = {k: counts[k] / size for k, size in inputs.items() if counts[k] > 2 * size}
     assert not over, over
 
 
@@ -122,10 +138,7 @@ def test_streamed_ties_holds_tensors_read_by_parallel_gets(bucket, tmp_path, mon
     from merit_merger import fusedmerge, fusedreads
 
     merge = MergeSpec(method="ties", density=0.4)
-    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
-    stage.run_merge_stage(merge_params(bucket, merge, "out/staged-ties"),
-                          workdir=tmp_path / "staged")
-    monkeypatch.setenv("MERITRUN_INPUTS", "stream")
+    run_stage(bucket, merge, "out/staged-ties", tmp_path / "staged", monkeypatch, "stage")
     monkeypatch.setattr(fusedmerge, "REMOTE_UNIT_ELEMENTS", 1000)
     threads: Counter = Counter()
     real_read, real_hold = S3Storage.read_into, fusedreads.hold
@@ -140,13 +153,11 @@ def test_streamed_ties_holds_tensors_read_by_parallel_gets(bucket, tmp_path, mon
         return real_hold(pool, t, *args, **kwargs)
     monkeypatch.setattr(S3Storage, "read_into", read_into)
     monkeypatch.setattr(fusedreads, "hold", hold)
-    streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed-ties"),
-                                     workdir=tmp_path / "streamed")
+    streamed = run_stage(bucket, merge, "out/streamed-ties", tmp_path / "streamed",
+                         monkeypatch, "stream")
     assert streamed["io"]["kernel"] == "fused" and held
     assert threads["merge-get"] > 0 and threads["merge-fused"] == 0, threads
-    storage = bucket.open()
-    want = merged_weights(storage, "out/staged-ties")
-    assert want and merged_weights(storage, "out/streamed-ties") == want
+    assert_same_weights(bucket.open(), "out/staged-ties", "out/streamed-ties")
 
 
 def test_streamed_ties_fetches_a_large_tensor_once(bucket, tmp_path, monkeypatch):
@@ -158,10 +169,7 @@ def test_streamed_ties_fetches_a_large_tensor_once(bucket, tmp_path, monkeypatch
 
     merge = MergeSpec(method="ties", density=0.4)
     monkeypatch.setattr(fusedtiesplan, "HOLD_BLOCKS", 0)  # every tensor of several units
-    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
-    stage.run_merge_stage(merge_params(bucket, merge, "out/staged-big"),
-                          workdir=tmp_path / "staged")
-    monkeypatch.setenv("MERITRUN_INPUTS", "stream")
+    run_stage(bucket, merge, "out/staged-big", tmp_path / "staged", monkeypatch, "stage")
     monkeypatch.setattr(fusedmerge, "REMOTE_UNIT_ELEMENTS", 1000)
     counts = count_ranged_reads(monkeypatch)
     spilled: list[int] = []
@@ -171,16 +179,12 @@ def test_streamed_ties_fetches_a_large_tensor_once(bucket, tmp_path, monkeypatch
         spilled.append(sum(sizes))
         return real_spill(scratch, sizes)
     monkeypatch.setattr(fusedreads, "spill", spill)
-    streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed-big"),
-                                     workdir=tmp_path / "streamed")
+    streamed = run_stage(bucket, merge, "out/streamed-big", tmp_path / "streamed",
+                         monkeypatch, "stream")
     assert streamed["io"]["kernel"] == "fused" and len(spilled) > 3
     storage = bucket.open()
-    want = merged_weights(storage, "out/staged-big")
-    assert want and merged_weights(storage, "out/streamed-big") == want
-    inputs = {k: storage.version(k).bytes for k in storage.list_keys("")
-              if k.endswith(".safetensors") and not k.startswith("out/")
-              and not k.endswith("optimizer_v.safetensors")}
-    over = {k: counts[k] / size for k, size in inputs.items() if counts[k] > 2 * size}
+    assert_same_weights(storage, "out/staged-big", "out/streamed-big")
+    inputs, over = reads_over_twice(storage, counts)
     assert set(counts) >= set(inputs) and not over, over
 
 
@@ -188,16 +192,12 @@ def test_streamed_ffg_equals_the_staged_one(bucket, tmp_path, monkeypatch):
     """OTA with FFG masks streamed: its two threshold scans (fusedffg) read from storage
     too; the same bytes, thresholds, kept fractions and fallbacks as the staged merge."""
     merge = MergeSpec(method="ota", ota=OtaSpec(density=0.3))
-    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
-    staged = stage.run_merge_stage(merge_params(bucket, merge, "out/staged-ffg"),
-                                   workdir=tmp_path / "staged")
-    monkeypatch.setenv("MERITRUN_INPUTS", "stream")
-    streamed = stage.run_merge_stage(merge_params(bucket, merge, "out/streamed-ffg"),
-                                     workdir=tmp_path / "streamed")
+    staged = run_stage(bucket, merge, "out/staged-ffg", tmp_path / "staged", monkeypatch,
+                       "stage")
+    streamed = run_stage(bucket, merge, "out/streamed-ffg", tmp_path / "streamed",
+                         monkeypatch, "stream")
     assert streamed["io"]["kernel"] == staged["io"]["kernel"] == "fused"
-    storage = bucket.open()
-    want = merged_weights(storage, "out/staged-ffg")
-    assert want and merged_weights(storage, "out/streamed-ffg") == want
+    assert_same_weights(bucket.open(), "out/staged-ffg", "out/streamed-ffg")
     thresholds = [p["ffg_threshold"] for p in staged["partitions"]]
     assert all(t is not None for t in thresholds)
     assert [p["ffg_threshold"] for p in streamed["partitions"]] == thresholds
@@ -286,12 +286,9 @@ def test_an_outlier_refused_after_the_merge_pass_is_merged_away_before_publishin
     storage.delete_prefix(prefix("p2"))
     storage.upload_dir(outlier, prefix("p2"))
     spec = MergeSpec(method="tokenWeighted", quorum=0.5, refuse_outliers=True)
-    monkeypatch.setenv("MERITRUN_INPUTS", "stage")
-    staged = stage.run_merge_stage(merge_params(bucket, spec, "out/staged"),
-                                   workdir=tmp_path / "staged")
-    monkeypatch.setenv("MERITRUN_INPUTS", "stream")
-    streamed = stage.run_merge_stage(merge_params(bucket, spec, "out/streamed"),
-                                     workdir=tmp_path / "streamed")
+    staged = run_stage(bucket, spec, "out/staged", tmp_path / "staged", monkeypatch, "stage")
+    streamed = run_stage(bucket, spec, "out/streamed", tmp_path / "streamed", monkeypatch,
+                         "stream")
     for report in (staged, streamed):
         assert [(r["partition"], r["check"]) for r in report["refused"]] == [
             ("p2", "outlier-norm")]
