@@ -12,9 +12,6 @@ ops in the torch pass's order, and the radix select is exact.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ from test_merge_fused_ota import (
     BF16,
     F32,
     assert_within_an_ulp,
+    merged_in_a_fresh_process,
     outputs,
     run,
     shard_bytes,
@@ -112,13 +110,7 @@ def test_a_fused_ffg_merge_never_imports_torch_nor_compiles(tmp_path):
     """As test_merge_without_torch; and the kernels are called with the types warm()
     compiled them for (count_saliency: one; merge_masked: factored and stored moments share
     one signature), so a merge never compiles."""
-    base, parts = write_models(tmp_path, [BF16] * 3)
-    args = {"base": str(base), "out": str(tmp_path / "out"),
-            "parts": [(p.name, str(p.model_dir), p.tokens, str(p.moments)) for p in parts]}
-    done = subprocess.run([sys.executable, "-c", MERGE, json.dumps(args)], env=os.environ,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+    assert merged_in_a_fresh_process(MERGE, tmp_path) == {
         "kernel": "fused", "torch": False, "compiled": [1, 1], "thresholds": 2}
 
 

@@ -226,14 +226,20 @@ def test_a_fused_ota_merge_never_imports_torch_nor_compiles(tmp_path):
     """As test_merge_without_torch: the moments are read and raised to p with numpy. And
     the merge calls the kernels with the types warm() compiled them for (one signature
     each), so a merge never compiles."""
+    assert merged_in_a_fresh_process(MERGE, tmp_path) == {
+        "kernel": "fused", "torch": False, "compiled": [1, 1, 1]}
+
+
+def merged_in_a_fresh_process(script: str, tmp_path: Path) -> dict:
+    """What `script` (a merge of write_models' bf16 base and two experts with rank-1
+    moments, given as JSON in argv[1]) prints last, as JSON, run in a fresh interpreter."""
     base, parts = write_models(tmp_path, [BF16] * 3)
     args = {"base": str(base), "out": str(tmp_path / "out"),
             "parts": [(p.name, str(p.model_dir), p.tokens, str(p.moments)) for p in parts]}
-    done = subprocess.run([sys.executable, "-c", MERGE, json.dumps(args)], env=os.environ,
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=os.environ,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
-        "kernel": "fused", "torch": False, "compiled": [1, 1, 1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_meritrun_merge_reports_the_fused_kernel_and_refuses_a_bad_moment_file(
