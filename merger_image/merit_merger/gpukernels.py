@@ -32,8 +32,9 @@ from typing import Any
 import triton
 import triton.language as tl
 
-BF16, F16, F32 = 0, 1, 2  # as fused.CODES
-TOKEN_WEIGHTED, TASK16, TASK32 = 0, 1, 2  # as fused's programs
+# Inside the kernels, codes and programs are fused's, written as literals (the branches
+# compare constexprs): dtype codes 0, 1, 2 = fused.BF16, F16, F32; programs 0, 1, 2 =
+# fused.TOKEN_WEIGHTED, TASK16, TASK32.
 POWERS = {0.5: 0, 1.0: 1, 2.0: 2, 3.0: 3}  # OTA's p the stored-moment kernel raises v to
 BLOCK = 1024  # elements per program
 
